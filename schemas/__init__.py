@@ -1,0 +1,44 @@
+"""Nexus's wire contract: Avro schemas, the single-object codec and typed records.
+
+The worker and the edges share only this package and the Kafka topics.
+"""
+
+from .codec import (
+    Codec,
+    InvalidValueError,
+    MalformedRecordError,
+    NotAvroError,
+    SchemaError,
+    UnknownSchemaError,
+)
+from .records import (
+    InferenceOptions,
+    InferenceRequest,
+    InferenceResponse,
+    ModelContext,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    new_id,
+    utcnow,
+)
+
+__all__ = [
+    "Codec",
+    "InvalidValueError",
+    "MalformedRecordError",
+    "NotAvroError",
+    "SchemaError",
+    "UnknownSchemaError",
+    "InferenceOptions",
+    "InferenceRequest",
+    "InferenceResponse",
+    "ModelContext",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "new_id",
+    "utcnow",
+]

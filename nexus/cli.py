@@ -1,0 +1,118 @@
+"""The ``nexus`` command: one entry point for every role.
+
+Roles are imported inside their command so that running one never loads the
+others (the worker and the edges meet only through Kafka).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .settings import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config).with_bootstrap(args.bootstrap)
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from .localkafka import default_data_dir, run_forever
+
+    return run_forever(args.port, Path(args.data) if args.data else default_data_dir(args.port))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+
+    run_worker(_settings(args), loglevel=args.loglevel)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from producers.gateway import serve
+
+    settings = _settings(args)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator.cli import config_from_args
+    from simulator.server import serve
+
+    try:
+        asyncio.run(serve(config_from_args(args), host=args.host, port=args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import run_stack
+
+    return run_stack(_settings(args), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nexus", description="LLM inference orchestration on Kafka."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--bootstrap",
+        help="Kafka bootstrap servers, host:port[,host:port] (default: settings, localhost:9092)",
+    )
+    common.add_argument(
+        "--config",
+        help="settings file (default: $NEXUS_CONFIG or configs/nexus.toml when present)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", parents=[common], help="run Kafka, the worker and the gateway locally")
+    p.add_argument("--kafka-port", type=int, default=9092, help="port of the embedded broker")
+    p.add_argument("--kafka-data", help="data directory of the embedded broker")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("kafka", parents=[common], help="run a local single-node Kafka (KRaft)")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--data", help="data directory, kept across restarts")
+    p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser("worker", parents=[common], help="run the Faust worker that answers requests")
+    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("gateway", parents=[common], help="run the HTTP gateway (POST /infer)")
+    p.set_defaults(func=cmd_gateway)
+
+    from simulator.cli import add_arguments
+
+    p = sub.add_parser(
+        "simulate-ollama", parents=[common], help="run a simulated Ollama server (answers are fake)"
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"nexus: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Create Nexus's topics with the configured partitions and an audit-log policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from .settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+TOPIC_CONFIG = {"cleanup.policy": "delete"}
+
+
+class KafkaUnavailableError(RuntimeError):
+    """The brokers at the bootstrap address did not answer in time."""
+
+
+def topic_names(kafka: KafkaSettings) -> list[str]:
+    return [kafka.requests_topic, kafka.responses_topic, kafka.dlq_topic]
+
+
+async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[str]:
+    """Create the missing topics; return the names created. Safe to call concurrently."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000)
+    await _start_with_retry(admin, kafka.bootstrap, timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in topic_names(kafka) if name not in existing]
+        if not missing:
+            return []
+        result = await admin.create_topics(
+            [
+                NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=TOPIC_CONFIG)
+                for name in missing
+            ]
+        )
+        created = []
+        for name, code, *_ in result.topic_errors:
+            if code == 0:
+                created.append(name)
+            elif code != TopicAlreadyExistsError.errno:
+                raise RuntimeError(f"creating topic {name!r} failed with Kafka error code {code}")
+        if created:
+            log.info("created topics %s (%d partitions)", created, kafka.partitions)
+        return created
+    finally:
+        await admin.close()
+
+
+async def _start_with_retry(admin: AIOKafkaAdminClient, bootstrap: str, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            return
+        except KafkaConnectionError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise KafkaUnavailableError(
+                    f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s ({exc}); "
+                    "start one with `nexus kafka` or pass --bootstrap"
+                ) from None
+            await asyncio.sleep(0.5)

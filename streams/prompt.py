@@ -1,0 +1,37 @@
+"""Fold a request's model context into Ollama's ``system`` prompt.
+
+The user's input goes to Ollama's ``prompt`` untouched; the session and
+metadata go to ``system`` through a configurable template. Metadata is rendered
+as JSON so a value cannot close a sentence of the template and start its own.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+
+from schemas import ModelContext
+
+_ALLOWED = {"session_id", "metadata_json"}
+
+
+class TemplateError(ValueError):
+    """The configured prompt template names a field Nexus does not provide."""
+
+
+class PromptTemplate:
+    def __init__(self, template: str) -> None:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        unknown = names - _ALLOWED
+        if unknown:
+            raise TemplateError(
+                f"prompt_template uses {{{sorted(unknown)[0]}}}; available: "
+                + ", ".join(f"{{{n}}}" for n in sorted(_ALLOWED))
+            )
+        self._template = template
+
+    def system_prompt(self, context: ModelContext) -> str:
+        return self._template.format(
+            session_id=json.dumps(context.session_id),
+            metadata_json=json.dumps(context.metadata, sort_keys=True, ensure_ascii=False),
+        )
