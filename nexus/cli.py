@@ -44,14 +44,14 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator.cli import config_from_args
-    from simulator.server import serve
+    from simulator.cli import config_from_args, run
 
     try:
-        asyncio.run(serve(config_from_args(args), host=args.host, port=args.port))
-    except KeyboardInterrupt:
-        pass
-    return 0
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"nexus simulate-ollama: {exc}", file=sys.stderr)
+        return 2
+    return run(config, args.host, args.port)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
