@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from .settings import ConfigError, Settings, load_settings
 
@@ -35,12 +38,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from producers.gateway import serve
 
-    settings = _settings(args)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(_until_signalled(serve(_settings(args))))
     return 0
+
+
+async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` until SIGINT or SIGTERM, then cancel it so its cleanup runs."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from schemas import Codec, SchemaError, decode_request, encode_response
 
 from .inference import Answer, Inference
 from .metrics import WorkerMetrics
+from .prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     dead_letters = app.topic(kafka.dlq_topic, **raw)
     codec = Codec.from_directory()
     metrics = WorkerMetrics()
+    PromptTemplate(worker.prompt_template)  # a bad template fails the start, not each request
 
     async def produce(topic: faust.TopicT, key: bytes | None, value: bytes, headers: Any = None) -> None:
         """Send one record and wait until Kafka acknowledged it, retrying until it does."""
@@ -127,4 +129,5 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
 
     asyncio.run(ensure_topics(settings.kafka))
     app = create_app(settings)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     Worker(app, loglevel=loglevel).execute_from_commandline()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import string
 
+from nexus.settings import ConfigError
 from schemas import ModelContext
 
 _ALLOWED = {"session_id", "metadata_json"}
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigError):
     """The configured prompt template names a field Nexus does not provide."""
 
 

@@ -1,0 +1,28 @@
+# Nexus: `make run` starts the whole stack locally, `make test` runs the suite on a real Kafka.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test kafka-jars check-python clean
+
+check-python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Nexus needs Python 3.11+ (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+
+$(STAMP): pyproject.toml | check-python
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+kafka-jars: $(STAMP)
+	$(BIN)/python -c 'from nexus.localkafka import fetch_kafka; print("Kafka jars in", fetch_kafka())'
+
+run: $(STAMP) kafka-jars
+	$(BIN)/nexus up
+
+test: $(STAMP) kafka-jars
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,112 @@
+"""Failures the foundation must survive: a killed worker, a model endpoint down."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import httpx
+
+from nexus.localkafka import free_port
+from nexus.settings import KafkaSettings
+from nexus.topics import ensure_topics
+from producers.client import RequestProducer
+from schemas import InferenceRequest, ModelContext, decode_response
+from tests.support import CODEC, Role, TopicReader, stack_env, start_gateway, start_simulator, wait_for_responses
+
+
+async def test_health_is_503_while_the_model_endpoint_is_down(bootstrap: str, logs_dir: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = start_gateway(stack_env(bootstrap, dead), logs_dir)
+    try:
+        async with httpx.AsyncClient() as http:
+            reply = await http.get(f"{gateway.url}/health")
+    finally:
+        gateway.stop()
+    assert reply.status_code == 503
+    checks = reply.json()["checks"]
+    assert checks["kafka"]["status"] == "ok"
+    assert checks["model:llama3.1"]["status"] == "down"
+    assert dead in checks["model:llama3.1"]["reason"]
+
+
+async def test_backend_down_answers_every_request_with_an_error(bootstrap: str, logs_dir: Path) -> None:
+    run = uuid.uuid4().hex[:8]
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = _isolated_env(bootstrap, dead, run)
+    kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
+                          responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
+                          dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=2)
+    await ensure_topics(kafka)
+    requests = [InferenceRequest(f"{run}-{i}", "llama3.1", f"q{i}", ModelContext(f"s{i}")) for i in range(10)]
+    worker = Role("worker-dead-backend", ["worker"], env, logs_dir).start()
+    try:
+        async with TopicReader(bootstrap, kafka.responses_topic) as responses, TopicReader(
+            bootstrap, kafka.dlq_topic
+        ) as dlq:
+            async with RequestProducer(kafka) as producer:
+                await producer.submit_many(requests)
+            answers = await wait_for_responses(responses, {r.id for r in requests})
+            dead_letters = await dlq.read_until(lambda records: len(records) >= 10, timeout=30)
+    finally:
+        worker.stop()
+    for request in requests:
+        [response] = answers.by_id[request.id]
+        assert response.status == "error"
+        assert dead in (response.error or "") and "unreachable" in (response.error or "")
+    assert {dict(r.headers)["nexus-error-kind"] for r in dead_letters} == {b"failed"}
+
+
+async def test_worker_killed_mid_batch_loses_nothing(bootstrap: str, logs_dir: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+    run = uuid.uuid4().hex[:8]
+    # Slow enough that a batch is in flight when the worker dies.
+    simulator = start_simulator(logs_dir, ["--ttft-ms", "150", "--tokens-per-s", "0", "--parallel", "16"])
+    env = _isolated_env(bootstrap, simulator.url, run)
+    kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
+                          responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
+                          dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=2)
+    await ensure_topics(kafka)
+    total = 160
+    requests = [
+        InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"q{i}", ModelContext(f"s{i % 5}"))
+        for i in range(total)
+    ]
+    worker = Role("worker-killed", ["worker"], env, logs_dir).start()
+    restarted = None
+    try:
+        async with TopicReader(bootstrap, kafka.responses_topic) as responses:
+            async with RequestProducer(kafka) as producer:
+                await producer.submit_many(requests)
+            # Kill once some answers are out and others are still in flight.
+            await responses.read_until(lambda records: len(records) >= 30, timeout=90)
+            worker.kill()
+            answered_before_kill = len({decode_response(CODEC, r.value).id for r in responses.records})
+            assert answered_before_kill < total, "the worker finished before it could be killed"
+            restarted = Role("worker-restarted", ["worker"], env, logs_dir).start()
+            answers = await wait_for_responses(responses, {r.id for r in requests}, timeout=120)
+    finally:
+        if restarted:
+            restarted.stop()
+        simulator.stop()
+
+    assert set(answers.by_id) == {r.id for r in requests}
+    assert all(rs[0].status == "ok" for rs in answers.by_id.values())
+    duplicates = answers.duplicates()
+    record_property("duplicates_after_sigkill", duplicates)
+    print(f"\nSIGKILL mid-run: {total} requests, {answered_before_kill} answered before the kill, "
+          f"{duplicates} answered twice after the restart")
+    # Only work done before the kill can be redone: at most what was answered by then.
+    assert duplicates <= answered_before_kill
+
+
+def _isolated_env(bootstrap: str, ollama: str, run: str) -> dict[str, str]:
+    """A worker on topics and a group of its own, so other tests' traffic doesn't mix in."""
+    return stack_env(
+        bootstrap,
+        ollama,
+        NEXUS_KAFKA_REQUESTS_TOPIC=f"t{run}.requests",
+        NEXUS_KAFKA_RESPONSES_TOPIC=f"t{run}.responses",
+        NEXUS_KAFKA_DLQ_TOPIC=f"t{run}.dlq",
+        NEXUS_KAFKA_PARTITIONS="2",
+        NEXUS_WORKER_APP_ID=f"nexus-test-{run}",
+    )

@@ -1,0 +1,173 @@
+"""End to end on the real broker: gateway -> inference.requests -> worker -> inference.responses."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from nexus.settings import KafkaSettings
+from producers.client import RequestProducer
+from schemas import InferenceRequest, ModelContext, decode_request
+from tests.support import CODEC, TopicReader, wait_for_responses
+
+SEED_BODY = {
+    "id": "test1",
+    "model_id": "llama3.1",
+    "input": "Hello, world!",
+    "context": {"session_id": "session123", "metadata": {"user": "alice", "lang": "en"}},
+}
+
+
+def simulated(model: str, prompt: str) -> str:
+    return f"[simulated {model}] You said: {prompt}"
+
+
+async def test_seed_example_is_acknowledged_then_answered_with_its_context(
+    stack: dict[str, str], gateway_url: str
+) -> None:
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    async with TopicReader(bootstrap, "inference.requests") as requests, TopicReader(
+        bootstrap, "inference.responses"
+    ) as responses:
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(f"{gateway_url}/infer", json=SEED_BODY)
+        assert reply.status_code == 202
+        assert reply.json() == {"id": "test1", "status": "submitted"}
+
+        # 202 came after the broker acknowledged: the record is already below the end offset.
+        written = [decode_request(CODEC, r.value) for r in await requests.drain()]
+        assert "test1" in [r.id for r in written]
+        record = next(r for r in requests.records if decode_request(CODEC, r.value).id == "test1")
+        assert record.key == b"llama3.1"
+
+        answers = await wait_for_responses(responses, {"test1"})
+    [response] = answers.by_id["test1"]
+    assert response.status == "ok"
+    assert response.output == simulated("llama3.1", "Hello, world!")
+    assert response.context == ModelContext("session123", {"user": "alice", "lang": "en"})
+    assert response.endpoint == stack["OLLAMA_HOST"]
+    assert response.completion_tokens > 0 and response.prompt_tokens > 0
+    key = next(r.key for r in responses.records if r.value and b"test1" in r.value)
+    assert key == b"session123"
+
+
+async def test_two_hundred_requests_over_two_models_each_answered_once(stack: dict[str, str]) -> None:
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    run = uuid.uuid4().hex[:8]
+    requests = [
+        InferenceRequest(
+            id=f"{run}-{i}",
+            model_id=("llama3.1", "mistral")[i % 2],
+            input=f"question {i}",
+            context=ModelContext(f"session-{run}-{i % 7}", {"user": f"u{i}", "n": str(i)}),
+        )
+        for i in range(200)
+    ]
+    async with TopicReader(bootstrap, "inference.responses") as responses:
+        async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
+            ids = await producer.submit_many(requests)
+        assert ids == [r.id for r in requests]
+        answers = await wait_for_responses(responses, set(ids))
+
+    assert answers.duplicates() == 0
+    for request in requests:
+        [response] = answers.by_id[request.id]
+        assert response.status == "ok", response.error
+        assert response.model_id == request.model_id
+        assert response.context == request.context
+        assert response.output == simulated(request.model_id, request.input)
+
+
+async def test_garbage_goes_to_dlq_and_unknown_model_gets_an_error_while_neighbours_are_answered(
+    stack: dict[str, str],
+) -> None:
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    run = uuid.uuid4().hex[:8]
+    garbage = b"\x00not avro at all " + run.encode()
+    before = InferenceRequest(f"{run}-before", "llama3.1", "before", ModelContext(f"s-{run}"))
+    unknown = InferenceRequest(f"{run}-unknown", "no-such-model", "hi", ModelContext(f"s-{run}"))
+    after = InferenceRequest(f"{run}-after", "llama3.1", "after", ModelContext(f"s-{run}"))
+    async with TopicReader(bootstrap, "inference.responses") as responses, TopicReader(
+        bootstrap, "inference.dlq"
+    ) as dlq:
+        # A plain Kafka client, all on one partition (same key) so the order is fixed.
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for value in (
+                CODEC.encode("InferenceRequest", before.to_avro()),
+                garbage,
+                CODEC.encode("InferenceRequest", unknown.to_avro()),
+                CODEC.encode("InferenceRequest", after.to_avro()),
+            ):
+                await producer.send_and_wait("inference.requests", value, key=b"llama3.1")
+        finally:
+            await producer.stop()
+
+        answers = await wait_for_responses(responses, {before.id, unknown.id, after.id})
+        dead = await dlq.read_until(lambda records: len(_ours(records, run)) >= 2, timeout=60)
+
+    assert answers.by_id[before.id][0].status == "ok"
+    assert answers.by_id[after.id][0].status == "ok"
+    [error] = answers.by_id[unknown.id]
+    assert error.status == "error"
+    assert "no-such-model" in (error.error or "")
+    assert error.context == unknown.context
+
+    by_value = {r.value: dict(r.headers) for r in _ours(dead, run)}
+    garbage_headers = by_value[garbage]
+    assert garbage_headers["nexus-error-kind"] == b"undecodable"
+    assert b"single-object" in garbage_headers["nexus-error"]
+    assert garbage_headers["nexus-source"].startswith(b"inference.requests/")
+    unknown_headers = by_value[CODEC.encode("InferenceRequest", unknown.to_avro())]
+    assert unknown_headers["nexus-error-kind"] == b"failed"
+    assert b"no-such-model" in unknown_headers["nexus-error"]
+
+
+def _ours(records, run: str):  # type: ignore[no-untyped-def]
+    return [r for r in records if run.encode() in r.value]
+
+
+async def test_gateway_rejects_bad_input_with_json_errors(gateway_url: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        cases = [
+            (b'{"model_id": "llama3.1", "input": ', 400, "JSON"),
+            (json.dumps({"model_id": "llama3.1"}).encode(), 400, "input"),
+            (json.dumps({"input": "x"}).encode(), 400, "model_id"),
+            (json.dumps({"model_id": "gpt-17", "input": "x"}).encode(), 404, "gpt-17"),
+            (json.dumps({"model_id": "llama3.1", "input": "x" * (1024 * 1024)}).encode(), 413, "limit"),
+        ]
+        for body, status, mentions in cases:
+            reply = await http.post("/infer", content=body, headers={"Content-Type": "application/json"})
+            assert reply.status_code == status, reply.text
+            assert mentions in reply.json()["error"]
+
+
+async def test_id_and_context_are_generated_when_absent(stack: dict[str, str], gateway_url: str) -> None:
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    async with TopicReader(bootstrap, "inference.responses") as responses:
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(f"{gateway_url}/infer", json={"model_id": "mistral", "input": "hey"})
+        assert reply.status_code == 202
+        request_id = reply.json()["id"]
+        answers = await wait_for_responses(responses, {request_id})
+    [response] = answers.by_id[request_id]
+    assert response.output == simulated("mistral", "hey")
+    assert response.context.session_id  # a fresh session was made for it
+
+
+async def test_health_metrics_and_models(stack: dict[str, str], gateway_url: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        await http.post("/infer", json={"model_id": "no-such-model", "input": "x"})
+        health = await http.get("/health")
+        models = await http.get("/models")
+        metrics = await http.get("/metrics")
+    assert health.status_code == 200
+    assert health.json()["checks"]["kafka"]["status"] == "ok"
+    assert health.json()["checks"]["model:llama3.1"]["status"] == "ok"
+    assert [m["id"] for m in models.json()["models"]] == ["llama3.1", "mistral"]
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'nexus_gateway_requests_total{code="404",model=""}' in metrics.text
