@@ -80,7 +80,9 @@ class Codec:
         try:
             return self._current[name]
         except KeyError:
-            raise UnknownSchemaError(f"no schema named {name!r} in {SCHEMA_DIR}") from None
+            raise UnknownSchemaError(
+                f"no schema named {name!r}; known: {sorted(self._current)}"
+            ) from None
 
     def encode(self, name: str, value: dict[str, Any]) -> bytes:
         """Encode ``value`` with the current version of record ``name``."""

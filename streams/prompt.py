@@ -34,5 +34,16 @@ class PromptTemplate:
     def system_prompt(self, context: ModelContext) -> str:
         return self._template.format(
             session_id=json.dumps(context.session_id),
-            metadata_json=json.dumps(context.metadata, sort_keys=True, ensure_ascii=False),
+            metadata_json=_escape_line_breaks(
+                json.dumps(context.metadata, sort_keys=True, ensure_ascii=False)
+            ),
         )
+
+
+# json.dumps(ensure_ascii=False) escapes \n and \r but leaves these Unicode line
+# breaks raw; escaped, the JSON is the same value and the prompt stays on its lines.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _escape_line_breaks(text: str) -> str:
+    return text.translate(_LINE_BREAKS)

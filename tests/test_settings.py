@@ -1,0 +1,257 @@
+"""Settings: defaults < TOML file < NEXUS_* environment, and errors that say where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nexus.settings import (
+    DEFAULT_PROMPT_TEMPLATE,
+    ConfigError,
+    ModelSettings,
+    Settings,
+    load_settings,
+)
+
+
+def _error(path: Path | None, environ: dict[str, str]) -> str:
+    """The ConfigError message, with the file path blanked so it cannot match by accident."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ=environ)
+    message = str(info.value)
+    return message.replace(str(path), "<file>") if path is not None else message
+
+
+def _toml(tmp_path: Path, text: str, name: str = "nexus.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No configs/nexus.toml in the working directory: a missing default file is fine.
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={})
+    assert settings.kafka.bootstrap == "localhost:9092"
+    assert settings.kafka.partitions == 8
+    assert settings.kafka.requests_topic == "inference.requests"
+    assert settings.kafka.responses_topic == "inference.responses"
+    assert settings.gateway.port == 3000
+    assert settings.ollama_host == "http://localhost:11434"
+    assert settings.model_ids == ("llama3.1", "mistral")
+    for model in settings.models:
+        assert model.endpoints == ("http://localhost:11434",)
+        assert model.timeout_s == 120.0
+    assert settings.worker.prompt_template == DEFAULT_PROMPT_TEMPLATE
+    assert settings == Settings(
+        models=(
+            ModelSettings("llama3.1", ("http://localhost:11434",)),
+            ModelSettings("mistral", ("http://localhost:11434",)),
+        )
+    )
+
+
+def test_default_config_file_in_working_directory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "configs").mkdir()
+    _toml(tmp_path / "configs", "[kafka]\npartitions = 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={}).kafka.partitions == 3
+
+
+def test_precedence_defaults_file_env(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+        [kafka]
+        bootstrap = "broker-from-file:9092"
+        partitions = 4
+
+        [gateway]
+        port = 4000
+        host = "127.0.0.1"
+
+        [worker]
+        max_batch = 16
+        """,
+    )
+    settings = load_settings(
+        path,
+        environ={
+            "NEXUS_GATEWAY_PORT": "5000",
+            "NEXUS_KAFKA_BOOTSTRAP": "broker-from-env:19092",
+            "NEXUS_WORKER_MAX_WAIT_MS": "7",
+            "NEXUS_KAFKA_PRODUCE_TIMEOUT_S": "2.5",
+        },
+    )
+    # env beats file
+    assert settings.gateway.port == 5000
+    assert settings.kafka.bootstrap == "broker-from-env:19092"
+    # file beats defaults
+    assert settings.kafka.partitions == 4
+    assert settings.gateway.host == "127.0.0.1"
+    assert settings.worker.max_batch == 16
+    # env beats defaults, with the field's type
+    assert settings.worker.max_wait_ms == 7
+    assert settings.kafka.produce_timeout_s == 2.5
+    # untouched fields keep their defaults
+    assert settings.kafka.replication_factor == 1
+    assert settings.gateway.max_body_bytes == 1024 * 1024
+
+
+def test_nexus_config_env_names_the_file(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[gateway]\nport = 3999\n", name="other.toml")
+    assert load_settings(environ={"NEXUS_CONFIG": str(path)}).gateway.port == 3999
+
+
+def test_float_field_accepts_toml_integer(tmp_path: Path) -> None:
+    settings = load_settings(_toml(tmp_path, "[kafka]\nproduce_timeout_s = 3\n"), environ={})
+    assert settings.kafka.produce_timeout_s == 3.0
+    assert isinstance(settings.kafka.produce_timeout_s, float)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("gpu1:11434", "http://gpu1:11434"),
+        ("10.0.0.5:11434/", "http://10.0.0.5:11434"),
+        ("https://ollama.example.com/", "https://ollama.example.com"),
+    ],
+)
+def test_ollama_host_normalised(tmp_path: Path, host: str, expected: str) -> None:
+    settings = load_settings(_toml(tmp_path, ""), environ={"OLLAMA_HOST": host})
+    assert settings.ollama_host == expected
+    # The default models use it.
+    assert all(m.endpoints == (expected,) for m in settings.models)
+
+
+def test_ollama_host_env_beats_file(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'ollama_host = "file-host:11434"\n')
+    assert load_settings(path, environ={}).ollama_host == "http://file-host:11434"
+    assert load_settings(path, environ={"OLLAMA_HOST": "env-host"}).ollama_host == "http://env-host"
+
+
+def test_models_tables(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+        ollama_host = "default-host:11434"
+
+        [models."llama3.1"]
+        endpoints = ["gpu1:11434", "http://gpu2:11434/"]
+        timeout_s = 30
+
+        [models.mistral]
+        """,
+    )
+    settings = load_settings(path, environ={})
+    assert settings.model_ids == ("llama3.1", "mistral")
+    llama = settings.model("llama3.1")
+    assert llama == ModelSettings(
+        id="llama3.1", endpoints=("http://gpu1:11434", "http://gpu2:11434"), timeout_s=30.0
+    )
+    # A model without endpoints is served by the default Ollama host.
+    assert settings.model("mistral") == ModelSettings(
+        id="mistral", endpoints=("http://default-host:11434",), timeout_s=120.0
+    )
+    assert settings.model("gpt-4") is None
+
+
+def test_nexus_models_env_replaces_models(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[models.mistral]\nendpoints = ["gpu9:1"]\n')
+    settings = load_settings(
+        path, environ={"NEXUS_MODELS": " phi3 , qwen2,,", "OLLAMA_HOST": "box:11434"}
+    )
+    assert settings.models == (
+        ModelSettings("phi3", ("http://box:11434",)),
+        ModelSettings("qwen2", ("http://box:11434",)),
+    )
+
+
+def test_with_bootstrap() -> None:
+    settings = Settings()
+    assert settings.with_bootstrap(None) is settings
+    assert settings.with_bootstrap("") is settings
+    changed = settings.with_bootstrap("kafka:29092")
+    assert changed.kafka.bootstrap == "kafka:29092"
+    assert changed.kafka.partitions == settings.kafka.partitions
+    assert settings.kafka.bootstrap == "localhost:9092"
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[kafka\npartitions = 8\n", name="broken.toml")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={})
+    assert str(path) in str(info.value)
+    assert "TOML" in str(info.value)
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[kafkaa]\nbootstrap = 'x'\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={})
+    assert str(path) in str(info.value)
+    assert "'kafkaa'" in _error(path, {})
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[gateway]\nprot = 3000\n")
+    message = _error(path, {})
+    assert "'prot'" in message
+    assert "[gateway]" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[kafka]\npartitions = "eight"\n', "partitions"),
+        ("[gateway]\nport = true\n", "port"),
+        ("[kafka]\nbootstrap = 9092\n", "bootstrap"),
+        ("[worker]\ncommit_interval_s = [1]\n", "commit_interval_s"),
+        ('kafka = "localhost"\n', "kafka"),
+    ],
+)
+def test_wrong_type_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    assert key in _error(_toml(tmp_path, text), {})
+
+
+def test_wrong_type_in_environment_names_the_variable(tmp_path: Path) -> None:
+    message = _error(_toml(tmp_path, ""), {"NEXUS_KAFKA_PARTITIONS": "eight"})
+    assert "NEXUS_KAFKA_PARTITIONS" in message
+    assert "'eight'" in message
+
+
+def test_explicit_missing_config_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_settings(missing, environ={})
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_settings(environ={"NEXUS_CONFIG": str(missing)})
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[models.mistral]\nendpoints = []\n', "endpoints"),
+        ('[models.mistral]\nendpoints = "gpu1:11434"\n', "endpoints"),
+        ('[models.mistral]\nendpoints = [1]\n', "endpoints"),
+        ("[models.mistral]\ntimeout_s = 0\n", "timeout_s"),
+        ('[models.mistral]\ntimeout_s = "soon"\n', "timeout_s"),
+        ("[models.mistral]\nendpoint = ['x']\n", "'endpoint'"),
+        ("[models]\n", "models"),
+        ('models = "mistral"\n', "models"),
+        ('[models]\nmistral = "gpu1"\n', "mistral"),
+    ],
+)
+def test_bad_models(tmp_path: Path, text: str, needle: str) -> None:
+    assert needle in _error(_toml(tmp_path, text), {})
+
+
+def test_unquoted_dotted_model_id_is_not_silently_misread(tmp_path: Path) -> None:
+    # [models.llama3.1] is TOML for models -> llama3 -> "1": it must fail, not serve "llama3".
+    assert "'1'" in _error(_toml(tmp_path, "[models.llama3.1]\n"), {})
