@@ -97,6 +97,14 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+# Zero would not mean "no limit" for these: it would stall or refuse everything.
+_POSITIVE = {
+    "kafka": ("partitions", "replication_factor", "session_timeout_ms", "produce_timeout_s"),
+    "gateway": ("max_body_bytes", "health_timeout_s"),
+    "worker": ("max_batch", "max_wait_ms", "commit_interval_s"),
+}
+
+
 def load_settings(
     path: Path | str | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -129,6 +137,12 @@ def load_settings(
     for name, cls in _SECTIONS.items():
         values = _section(raw.get(name, {}), cls, f"{where}: [{name}]")
         values.update(_env_section(env, name, cls))
+        for key in _POSITIVE.get(name, ()):
+            if key in values and values[key] <= 0:
+                raise ConfigError(
+                    f"[{name}] {key} (from {where} or NEXUS_{name.upper()}_{key.upper()}): "
+                    f"must be positive, got {values[key]!r}"
+                )
         sections[name] = cls(**values)
 
     models = _models(raw.get("models"), ollama_host, where)

@@ -255,3 +255,11 @@ def test_bad_models(tmp_path: Path, text: str, needle: str) -> None:
 def test_unquoted_dotted_model_id_is_not_silently_misread(tmp_path: Path) -> None:
     # [models.llama3.1] is TOML for models -> llama3 -> "1": it must fail, not serve "llama3".
     assert "'1'" in _error(_toml(tmp_path, "[models.llama3.1]\n"), {})
+
+
+def test_zero_batch_window_is_refused_naming_the_env_var(tmp_path: Path) -> None:
+    # Faust's take() with a zero window would wait for a full batch forever.
+    with pytest.raises(ConfigError, match="NEXUS_WORKER_MAX_WAIT_MS"):
+        config = tmp_path / "nexus.toml"
+        config.write_text("")
+        load_settings(config, {"NEXUS_WORKER_MAX_WAIT_MS": "0"})
