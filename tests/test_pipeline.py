@@ -171,3 +171,7 @@ async def test_health_metrics_and_models(stack: dict[str, str], gateway_url: str
     assert [m["id"] for m in models.json()["models"]] == ["llama3.1", "mistral"]
     assert metrics.headers["content-type"].startswith("text/plain")
     assert 'nexus_gateway_requests_total{code="404",model=""}' in metrics.text
+    async with httpx.AsyncClient() as http:
+        worker = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/metrics")
+    assert worker.status_code == 200
+    assert "nexus_worker_batch_size_bucket" in worker.text

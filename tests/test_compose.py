@@ -1,0 +1,204 @@
+"""The container files: docker-compose.yml is valid and wires the stack as documented.
+
+There is no Docker engine where these tests run; a compose client (``docker
+compose`` v2 or the Python ``docker-compose`` v1) validates the file offline when
+one is installed, and the structure is checked with PyYAML when it is importable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+def _compose_cli() -> list[str] | None:
+    """The compose client to validate with: ``docker compose`` first, then ``docker-compose``."""
+    candidates: list[list[str]] = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        candidates.append(["docker-compose"])
+    for cli in candidates:
+        try:
+            probe = subprocess.run(
+                [*cli, "version"], capture_output=True, text=True, timeout=30, cwd=ROOT
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return cli
+    return None
+
+
+def test_compose_config_is_valid() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip(
+            "no compose client is installed (neither `docker compose` nor `docker-compose`); "
+            "e.g. `apt-get install docker-compose` provides one that validates offline"
+        )
+    result = subprocess.run(
+        [*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, (
+        f"`{' '.join(cli)} config -q` rejected docker-compose.yml:\n{result.stdout}{result.stderr}"
+    )
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    yaml = pytest.importorskip(
+        "yaml", reason="PyYAML is not installed: cannot parse docker-compose.yml"
+    )
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict), "docker-compose.yml must be a mapping"
+    return data
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a dict, whether written as a mapping or a list."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command")
+    return command.split() if isinstance(command, str) else list(command or [])
+
+
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """Published host port -> container port, from short ("3000:3000") or long syntax."""
+    out: dict[int, int] = {}
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            if port.get("published") is not None:
+                out[int(port["published"])] = int(port["target"])
+            continue
+        spec = str(port).split("/", 1)[0]
+        parts = spec.split(":")
+        if len(parts) >= 2:  # [ip:]host:container
+            out[int(parts[-2])] = int(parts[-1])
+    return out
+
+
+def test_services_exist(compose: dict[str, Any]) -> None:
+    services = compose.get("services") or {}
+    for name in ("kafka", "ollama", "worker", "gateway"):
+        assert name in services, f"service {name!r} missing from docker-compose.yml"
+
+
+@pytest.mark.parametrize("role", ["worker", "gateway"])
+def test_roles_build_this_repo_and_run_their_command(compose: dict[str, Any], role: str) -> None:
+    service = compose["services"][role]
+    build = service.get("build")
+    context = build.get("context") if isinstance(build, dict) else build
+    assert context in (".", "./"), f"{role} must be built from this repo (build: .), got {build!r}"
+    assert _command(service) == [role], f"{role} must run `nexus {role}`, got {service.get('command')!r}"
+
+
+@pytest.mark.parametrize("role", ["worker", "gateway"])
+def test_roles_reach_kafka_and_ollama_by_service_name(compose: dict[str, Any], role: str) -> None:
+    service = compose["services"][role]
+    env = _environment(service)
+    bootstrap = env.get("NEXUS_KAFKA_BOOTSTRAP", "")
+    hosts = [server.strip().split(":")[0] for server in bootstrap.split(",") if server.strip()]
+    assert hosts and all(h == "kafka" for h in hosts), (
+        f"{role}: NEXUS_KAFKA_BOOTSTRAP must point at the kafka service, got {bootstrap!r}"
+    )
+    assert env.get("OLLAMA_HOST", "").rstrip("/") == "http://ollama:11434"
+    depends = service.get("depends_on") or {}
+    assert "kafka" in depends, f"{role} must depend on kafka"
+    if isinstance(depends, dict):
+        assert depends["kafka"].get("condition") == "service_healthy"
+
+
+def test_gateway_publishes_3000(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    assert _published(gateway).get(3000) == 3000, f"gateway must publish 3000:3000, got {gateway.get('ports')!r}"
+
+
+def test_worker_publishes_metrics_port(compose: dict[str, Any]) -> None:
+    assert _published(compose["services"]["worker"]).get(6066) == 6066
+
+
+def test_kafka_is_single_node_kraft_advertising_its_service_name(compose: dict[str, Any]) -> None:
+    kafka = compose["services"]["kafka"]
+    env = _environment(kafka)
+    assert str(kafka["image"]).startswith("apache/kafka:")
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    # Nexus creates its topics with the configured partitions; auto-creation would hide mistakes.
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"].lower() == "false"
+    assert "kafka-broker-api-versions.sh" in str(kafka["healthcheck"]["test"])
+    assert any(str(v).endswith(":/var/lib/kafka/data") for v in kafka.get("volumes", []))
+
+
+def test_ollama_pull_is_opt_in_and_targets_the_ollama_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert str(services["ollama"]["image"]).startswith("ollama/ollama")
+    pull = services.get("ollama-pull")
+    assert pull is not None, "the documented `docker compose run --rm ollama-pull` needs the service"
+    assert pull.get("profiles"), "ollama-pull must not start with a plain `docker compose up`"
+    assert _environment(pull).get("OLLAMA_HOST") == "ollama:11434"
+    assert "ollama pull" in " ".join(_command(pull) + list(pull.get("entrypoint") or []))
+
+
+def test_dockerfile_runs_nexus_as_non_root() -> None:
+    text = DOCKERFILE.read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0].startswith("FROM python:3.11-slim")
+    assert 'ENTRYPOINT ["nexus"]' in lines
+    assert 'CMD ["gateway"]' in lines
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    exposed = {port for line in lines if line.startswith("EXPOSE ") for port in line.split()[1:]}
+    assert {"3000", "6066"} <= exposed
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for required in (".git", ".venv", ".cache", "tests"):
+        assert required in patterns, f".dockerignore must exclude {required}"
+    assert "**/__pycache__" in patterns or "__pycache__" in patterns
+
+
+def test_image_install_ships_the_avro_schemas() -> None:
+    """The image installs the project non-editable, so the .avsc files must be package data.
+
+    ``Codec.from_directory()`` reads ``schemas/avro`` next to the installed module;
+    a pattern that misses them yields an empty codec (the Dockerfile's build check
+    then fails). setuptools expands package-data patterns like ``Path.glob``.
+    """
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {}).get("schemas", [])
+    package = ROOT / "schemas"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    schemas = sorted((package / "avro").glob("*.avsc"))
+    assert schemas, "no schemas found under schemas/avro"
+    missing = [str(path.relative_to(package)) for path in schemas if path not in shipped]
+    assert not missing, (
+        f"pyproject.toml [tool.setuptools.package-data] schemas = {patterns!r} does not ship "
+        f"{missing}; use \"avro/*.avsc\""
+    )
