@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from .codec import Codec
 
 Status = Literal["ok", "error"]
+CachePolicy = Literal["default", "no-cache", "no-store"]
+CACHE_POLICIES: tuple[str, ...] = ("default", "no-cache", "no-store")
+
+
+def _known(cls: type, value: dict[str, Any]) -> dict[str, Any]:
+    """The fields this code knows; a newer schema's extra fields are left out, not fatal."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in value.items() if k in names}
 
 
 def utcnow() -> datetime:
@@ -48,25 +56,30 @@ class InferenceRequest:
     options: InferenceOptions = field(default_factory=InferenceOptions)
     stream: bool = False
     created_at: datetime = field(default_factory=utcnow)
+    cache: CachePolicy = "default"
+    deadline: datetime | None = None
+    original_id: str | None = None
+    reply_to: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_avro(cls, value: dict[str, Any]) -> "InferenceRequest":
-        return cls(
-            id=value["id"],
-            model_id=value["model_id"],
-            input=value["input"],
-            context=ModelContext(**value["context"]),
-            options=InferenceOptions(**value["options"]),
-            stream=value["stream"],
-            created_at=value["created_at"],
-        )
+        known = _known(cls, value)
+        known["context"] = ModelContext(**_known(ModelContext, known["context"]))
+        known["options"] = InferenceOptions(**_known(InferenceOptions, known["options"]))
+        return cls(**known)
+
+    @property
+    def deterministic(self) -> bool:
+        """Same input, same answer: temperature 0 or a fixed seed."""
+        return self.options.temperature == 0 or self.options.seed is not None
 
     def to_json(self) -> dict[str, Any]:
         out = self.to_avro()
         out["created_at"] = self.created_at.isoformat()
+        out["deadline"] = self.deadline.isoformat() if self.deadline else None
         return out
 
 
@@ -85,20 +98,58 @@ class InferenceResponse:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     done_reason: str | None = None
+    cached: bool = False
+    time_to_first_token_ms: int | None = None
+    retries: int = 0
+    reply_to: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_avro(cls, value: dict[str, Any]) -> "InferenceResponse":
-        fields = dict(value)
-        fields["context"] = ModelContext(**fields["context"])
-        return cls(**fields)
+        known = _known(cls, value)
+        known["context"] = ModelContext(**_known(ModelContext, known["context"]))
+        return cls(**known)
 
     def to_json(self) -> dict[str, Any]:
         out = self.to_avro()
         out["completed_at"] = self.completed_at.isoformat()
         return out
+
+
+@dataclass(frozen=True)
+class InferenceToken:
+    """A chunk of a streamed answer; a request's chunks in ``seq`` order make its output."""
+
+    id: str
+    model_id: str
+    session_id: str
+    seq: int
+    text: str
+    created_at: datetime = field(default_factory=utcnow)
+    reply_to: str | None = None
+
+    def to_avro(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_avro(cls, value: dict[str, Any]) -> "InferenceToken":
+        return cls(**_known(cls, value))
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.to_avro()
+        out["created_at"] = self.created_at.isoformat()
+        return out
+
+
+def encode_token(codec: Codec, token: InferenceToken) -> bytes:
+    return codec.encode("InferenceToken", token.to_avro())
+
+
+def decode_token(codec: Codec, data: bytes) -> InferenceToken:
+    _, value = codec.decode(data, expected="InferenceToken")
+    return InferenceToken.from_avro(value)
 
 
 def encode_request(codec: Codec, request: InferenceRequest) -> bytes:

@@ -58,10 +58,15 @@ def crc64_avro(data: bytes) -> int:
     return fp
 
 
+def _latest_file(name: str, directory: Path = SCHEMA_DIR) -> Path:
+    """The highest ``<name>.v<N>.avsc``: the version the codec writes."""
+    return max(directory.glob(f"{name}.v*.avsc"), key=lambda p: int(p.name.split(".v")[1].split(".")[0]))
+
+
 def _expanded_schema(name: str) -> dict:
     """The .avsc with the ModelContext reference inlined by hand, as any Avro parser would."""
     context = json.loads((SCHEMA_DIR / "ModelContext.v1.avsc").read_text())
-    schema = json.loads((SCHEMA_DIR / f"{name}.v1.avsc").read_text())
+    schema = json.loads(_latest_file(name).read_text())
     for field in schema["fields"]:
         if field["type"] == "nexus.inference.ModelContext":
             field["type"] = context
@@ -220,7 +225,7 @@ def test_request_and_response_fingerprints_differ(codec: Codec) -> None:
 def _plain_fastavro_schema(name: str):
     named: dict = {}
     fastavro.parse_schema(json.loads((SCHEMA_DIR / "ModelContext.v1.avsc").read_text()), named_schemas=named)
-    return fastavro.parse_schema(json.loads((SCHEMA_DIR / f"{name}.v1.avsc").read_text()), named_schemas=named)
+    return fastavro.parse_schema(json.loads(_latest_file(name).read_text()), named_schemas=named)
 
 
 def test_plain_fastavro_decodes_a_nexus_request(codec: Codec) -> None:
@@ -240,6 +245,10 @@ def test_plain_fastavro_decodes_a_nexus_request(codec: Codec) -> None:
         "options": {"temperature": 0.7, "max_tokens": 256, "seed": -(2**63)},
         "stream": True,
         "created_at": T0,
+        "cache": "default",
+        "deadline": None,
+        "original_id": None,
+        "reply_to": None,
     }
 
 
@@ -372,24 +381,29 @@ def test_invalid_response_values(codec: Codec) -> None:
 
 @pytest.fixture()
 def v2_dir(tmp_path: Path) -> Path:
+    """A copy of the schemas with a next InferenceRequest version adding ``priority``."""
     directory = tmp_path / "avro"
     shutil.copytree(SCHEMA_DIR, directory)
-    schema = json.loads((directory / "InferenceRequest.v1.avsc").read_text())
+    latest = _latest_file("InferenceRequest", directory)
+    schema = json.loads(latest.read_text())
     schema["fields"].append({"name": "priority", "type": "int", "default": 0})
-    (directory / "InferenceRequest.v2.avsc").write_text(json.dumps(schema))
+    next_version = int(latest.name.split(".v")[1].split(".")[0]) + 1
+    (directory / f"InferenceRequest.v{next_version}.avsc").write_text(json.dumps(schema))
     return directory
 
 
 def test_schema_dir_is_not_polluted_by_evolution_tests() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.avsc")) == [
-        "InferenceRequest.v1.avsc", "InferenceResponse.v1.avsc", "ModelContext.v1.avsc",
+        "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc",
+        "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc",
+        "InferenceToken.v1.avsc", "ModelContext.v1.avsc",
     ]
 
 
 def test_newest_version_is_written(codec: Codec, v2_dir: Path) -> None:
     v2 = Codec.from_directory(v2_dir)
     current = v2.current("InferenceRequest")
-    assert current.version == 2
+    assert current.version == codec.current("InferenceRequest").version + 1
     data = v2.encode("InferenceRequest", {**_request().to_avro(), "priority": 5})
     assert data[2:10] == current.fingerprint
     assert struct.unpack("<Q", data[2:10])[0] == crc64_avro(current.canonical.encode())
@@ -417,7 +431,7 @@ def test_v2_codec_reads_v1_with_defaults(codec: Codec, v2_dir: Path) -> None:
     assert value == {**request.to_avro(), "priority": 0}
     assert decode_request(v2, v1_bytes) == request
     # Both versions are known for reading.
-    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2]
+    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
