@@ -33,6 +33,7 @@ class KafkaSettings:
     requests_topic: str = "inference.requests"
     responses_topic: str = "inference.responses"
     dlq_topic: str = "inference.dlq"
+    tokens_topic: str = "inference.tokens"
     # Used when the worker dies: the group notices after this long and reassigns.
     session_timeout_ms: int = 10_000
     # How long a producer waits for the broker to acknowledge before giving up.

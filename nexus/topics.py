@@ -20,7 +20,7 @@ class KafkaUnavailableError(RuntimeError):
 
 
 def topic_names(kafka: KafkaSettings) -> list[str]:
-    return [kafka.requests_topic, kafka.responses_topic, kafka.dlq_topic]
+    return [kafka.requests_topic, kafka.responses_topic, kafka.tokens_topic, kafka.dlq_topic]
 
 
 async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[str]:

@@ -107,6 +107,7 @@ def _isolated_env(bootstrap: str, ollama: str, run: str) -> dict[str, str]:
         NEXUS_KAFKA_REQUESTS_TOPIC=f"t{run}.requests",
         NEXUS_KAFKA_RESPONSES_TOPIC=f"t{run}.responses",
         NEXUS_KAFKA_DLQ_TOPIC=f"t{run}.dlq",
+        NEXUS_KAFKA_TOKENS_TOPIC=f"t{run}.tokens",
         NEXUS_KAFKA_PARTITIONS="2",
         NEXUS_WORKER_APP_ID=f"nexus-test-{run}",
     )
