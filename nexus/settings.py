@@ -38,6 +38,8 @@ class KafkaSettings:
     session_timeout_ms: int = 10_000
     # How long a producer waits for the broker to acknowledge before giving up.
     produce_timeout_s: float = 10.0
+    # How long the topics keep records (their retention.ms): the audit window. -1 keeps them forever.
+    retention_ms: int = 7 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ def load_settings(
                     f"[{name}] {key} (from {where} or NEXUS_{name.upper()}_{key.upper()}): "
                     f"must be positive, got {values[key]!r}"
                 )
+        if name == "kafka" and "retention_ms" in values:
+            _check_retention(values["retention_ms"], where)
         sections[name] = cls(**values)
 
     models = _models(raw.get("models"), ollama_host, where)
@@ -155,6 +159,14 @@ def load_settings(
             if m.strip()
         )
     return Settings(models=models, ollama_host=ollama_host, **sections)
+
+
+def _check_retention(value: int, where: str) -> None:
+    if value != -1 and value <= 0:
+        raise ConfigError(
+            f"[kafka] retention_ms (from {where} or NEXUS_KAFKA_RETENTION_MS): "
+            f"must be positive, or -1 to keep records forever, got {value!r}"
+        )
 
 
 def _normalise_host(host: str) -> str:

@@ -12,7 +12,16 @@ from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
-TOPIC_CONFIG = {"cleanup.policy": "delete"}
+
+def topic_config(kafka: KafkaSettings) -> dict[str, str]:
+    """The topics are an audit log: records are deleted only by age, never compacted, and
+    stamped with the broker's append time so that time ranges (``nexus replay --since``)
+    map to offsets exactly and no producer clock can place a record in the wrong hour."""
+    return {
+        "cleanup.policy": "delete",
+        "retention.ms": str(kafka.retention_ms),
+        "message.timestamp.type": "LogAppendTime",
+    }
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -34,7 +43,7 @@ async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[s
             return []
         result = await admin.create_topics(
             [
-                NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=TOPIC_CONFIG)
+                NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=topic_config(kafka))
                 for name in missing
             ]
         )
