@@ -54,6 +54,17 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
         pass
 
 
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from consumers.bridge import BridgeStartError, serve_bridge
+
+    try:
+        asyncio.run(_until_signalled(serve_bridge(_settings(args))))
+    except BridgeStartError as exc:
+        print(f"nexus bridge: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulator.cli import config_from_args, run
 
@@ -102,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gateway", parents=[common], help="run the HTTP gateway (POST /infer)")
     p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "bridge", parents=[common], help="run the websocket bridge (results and tokens, port 8765)"
+    )
+    p.set_defaults(func=cmd_bridge)
 
     from simulator.cli import add_arguments
 

@@ -63,6 +63,17 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class BridgeSettings:
+    host: str = "0.0.0.0"
+    port: int = 8765
+    path: str = "/ws"
+    # Frames waiting for one client before it is closed as too slow (1013).
+    max_queue: int = 1024
+    # The websocket URL the gateway's page connects to; empty: same host, this port and path.
+    public_url: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     id: str
     endpoints: tuple[str, ...]
@@ -74,6 +85,7 @@ class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    bridge: BridgeSettings = field(default_factory=BridgeSettings)
     models: tuple[ModelSettings, ...] = ()
     ollama_host: str = DEFAULT_OLLAMA_HOST
 
@@ -97,6 +109,7 @@ _SECTIONS: dict[str, type] = {
     "kafka": KafkaSettings,
     "gateway": GatewaySettings,
     "worker": WorkerSettings,
+    "bridge": BridgeSettings,
 }
 
 
@@ -105,6 +118,7 @@ _POSITIVE = {
     "kafka": ("partitions", "replication_factor", "session_timeout_ms", "produce_timeout_s"),
     "gateway": ("max_body_bytes", "health_timeout_s"),
     "worker": ("max_batch", "max_wait_ms", "commit_interval_s"),
+    "bridge": ("port", "max_queue"),
 }
 
 
