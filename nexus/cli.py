@@ -76,6 +76,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return run(config, args.host, args.port)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producers.submit_cli import run
+
+    return run(args, _settings(args))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from consumers.replay_cli import run
+
+    return run(args, _settings(args))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .up import run_stack
 
@@ -126,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(p)
     p.set_defaults(func=cmd_simulate)
+
+    from consumers.replay_cli import add_arguments as add_replay_arguments
+    from producers.submit_cli import add_arguments as add_submit_arguments
+
+    p = sub.add_parser("submit", parents=[common], help="submit a prompt (or JSON lines from stdin) and print the answer")
+    add_submit_arguments(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("replay", parents=[common], help="read the topics over a time range, for audit (--join, --resubmit)")
+    add_replay_arguments(p)
+    p.set_defaults(func=cmd_replay)
     return parser
 
 

@@ -1,26 +1,71 @@
-"""The Python producer API: submit inference requests to Kafka.
+"""The Python producer API: submit inference requests to Kafka, and optionally wait for the answer.
 
     async with RequestProducer(settings.kafka) as producer:
         request_id = await producer.submit(InferenceRequest(...))
+        response = await producer.submit_and_wait(InferenceRequest(...), timeout_s=60)
+
+    with SyncRequestProducer(settings.kafka) as producer:      # for code without asyncio
+        response = producer.submit_and_wait(InferenceRequest(...))
 
 ``submit`` returns only once the brokers acknowledged the record (``acks=all``,
 idempotent producer), so a returned id is durably in ``inference.requests``.
+``submit_and_wait`` also reads the answer from ``inference.responses``.
+
+This module needs only :mod:`schemas`, :mod:`nexus.settings` and aiokafka, so other
+systems can use it without the worker, the gateway or their dependencies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future as ThreadFuture
 from types import TracebackType
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from nexus.settings import KafkaSettings
-from schemas import Codec, InferenceRequest, encode_request
+from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
+
+from .responses import ListenerError, ResponseListener
+
+T = TypeVar("T")
+DEFAULT_WAIT_S = 120.0
 
 
-class SubmitError(RuntimeError):
+class ProducerError(RuntimeError):
+    """Base class of the producer API's errors."""
+
+
+class SubmitError(ProducerError):
     """Kafka did not acknowledge the request; it may or may not have been written."""
+
+
+class ResponseTimeoutError(ProducerError, TimeoutError):
+    """The request was submitted (acknowledged) but no response arrived in time.
+
+    It is still in ``inference.requests`` and will be answered; the answer can be
+    read later from ``inference.responses`` by ``request_id``.
+    """
+
+    def __init__(self, request_id: str, timeout_s: float, bootstrap: str) -> None:
+        super().__init__(
+            f"request {request_id} was submitted to {bootstrap} but not answered within {timeout_s:g}s; "
+            "is a worker running? (the answer will still be written to the responses topic)"
+        )
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+
+
+class ResponsesUnavailableError(ProducerError):
+    """The responses topic cannot be read, so answers cannot be awaited."""
+
+
+class ProducerClosedError(ProducerError):
+    """The producer was used before ``start()`` or after ``stop()``."""
 
 
 class RequestProducer:
@@ -36,6 +81,8 @@ class RequestProducer:
             linger_ms=1,
             request_timeout_ms=int(kafka.produce_timeout_s * 1000),
         )
+        self._listener: ResponseListener | None = None
+        self._listener_lock = asyncio.Lock()
 
     async def start(self) -> None:
         try:
@@ -45,6 +92,9 @@ class RequestProducer:
             raise SubmitError(f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}") from None
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         await self._producer.stop()
 
     async def __aenter__(self) -> "RequestProducer":
@@ -81,9 +131,60 @@ class RequestProducer:
             ) from None
         return request.id
 
-    async def submit_many(self, requests: list[InferenceRequest]) -> list[str]:
+    async def submit_many(self, requests: Sequence[InferenceRequest]) -> list[str]:
         """Write several requests concurrently (they share producer batches)."""
         return list(await asyncio.gather(*(self.submit(r) for r in requests)))
+
+    async def submit_and_wait(
+        self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S
+    ) -> InferenceResponse:
+        """Submit ``request`` and return its response, read from the responses topic.
+
+        A response with ``status="error"`` is returned, not raised: it is the answer.
+        Raises :class:`SubmitError` when Kafka does not acknowledge the request and
+        :class:`ResponseTimeoutError` when no answer arrives within ``timeout_s``
+        (the request stays submitted). With at-least-once delivery a request may be
+        answered twice; the first answer is returned.
+        """
+        return (await self.submit_many_and_wait([request], timeout_s))[0]
+
+    async def submit_many_and_wait(
+        self, requests: Sequence[InferenceRequest], timeout_s: float = DEFAULT_WAIT_S
+    ) -> list[InferenceResponse]:
+        """Submit several requests and return their responses in the same order.
+
+        ``timeout_s`` bounds the whole wait; on timeout the error names the first
+        request still unanswered.
+        """
+        listener = await self._responses()
+        # Expect before producing: the listener's position is already before any answer.
+        futures = [listener.expect(r.id) for r in requests]
+        try:
+            await self.submit_many(requests)
+            done, pending = await asyncio.wait(futures, timeout=timeout_s) if futures else (set(), set())
+            if pending:
+                first = next(r.id for r, f in zip(requests, futures) if f in pending)
+                raise ResponseTimeoutError(first, timeout_s, self._kafka.bootstrap)
+            try:
+                return [f.result() for f in futures]
+            except ListenerError as exc:
+                raise ResponsesUnavailableError(str(exc)) from None
+        finally:
+            for r, f in zip(requests, futures):
+                if not f.done():
+                    listener.forget(r.id)
+
+    async def _responses(self) -> ResponseListener:
+        """The listener of the responses topic, started on first use and shared after."""
+        async with self._listener_lock:
+            if self._listener is None:
+                listener = ResponseListener(self._kafka, self._codec)
+                try:
+                    await listener.start()
+                except ListenerError as exc:
+                    raise ResponsesUnavailableError(str(exc)) from None
+                self._listener = listener
+            return self._listener
 
     async def ping(self, timeout_s: float) -> None:
         """Raise if the cluster does not answer a metadata request within ``timeout_s``."""
@@ -93,3 +194,81 @@ class RequestProducer:
             raise SubmitError(f"Kafka at {self._kafka.bootstrap} does not answer: {exc!r}") from None
         if not ok.brokers():
             raise SubmitError(f"Kafka at {self._kafka.bootstrap} reports no brokers")
+
+
+class SyncRequestProducer:
+    """The producer API for code without asyncio: a :class:`RequestProducer` on a private loop.
+
+    The loop runs in a daemon thread owned by this object; every method blocks until its
+    result is there and raises the same typed errors. Thread-safe.
+
+        with SyncRequestProducer(KafkaSettings(bootstrap="kafka:9092")) as producer:
+            print(producer.submit_and_wait(request, timeout_s=60).output)
+    """
+
+    def __init__(self, kafka: KafkaSettings, codec: Codec | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nexus-producer", daemon=True)
+        self._thread.start()
+        self._producer: RequestProducer | None = None
+        self._closed = False
+        self._kafka = kafka
+        self._codec = codec
+
+    def start(self) -> None:
+        async def make() -> RequestProducer:
+            producer = RequestProducer(self._kafka, self._codec)  # aiokafka wants its loop running
+            await producer.start()
+            return producer
+
+        try:
+            self._producer = self._call(make())
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the producer and its loop thread; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._producer is not None:
+                asyncio.run_coroutine_threadsafe(self._producer.stop(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> "SyncRequestProducer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, request: InferenceRequest) -> str:
+        return self._call(self._started().submit(request))
+
+    def submit_many(self, requests: Sequence[InferenceRequest]) -> list[str]:
+        return self._call(self._started().submit_many(requests))
+
+    def submit_and_wait(self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S) -> InferenceResponse:
+        return self._call(self._started().submit_and_wait(request, timeout_s))
+
+    def submit_many_and_wait(
+        self, requests: Sequence[InferenceRequest], timeout_s: float = DEFAULT_WAIT_S
+    ) -> list[InferenceResponse]:
+        return self._call(self._started().submit_many_and_wait(requests, timeout_s))
+
+    def _started(self) -> RequestProducer:
+        if self._producer is None or self._closed:
+            raise ProducerClosedError("use SyncRequestProducer in a `with` block, or call start() first")
+        return self._producer
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise ProducerClosedError("this SyncRequestProducer is closed")
+        future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
