@@ -63,6 +63,27 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class EndpointSettings:
+    """One Ollama server of a model."""
+
+    url: str
+    weight: float = 1.0  # prior preference, relative to the model's other endpoints
+    max_concurrency: int = 4  # Ollama's parallel slots (OLLAMA_NUM_PARALLEL)
+    max_rps: float | None = None  # requests started per second, at most
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    host: str = "0.0.0.0"
+    port: int = 8765
+    path: str = "/ws"
+    # Frames waiting for one client before it is closed as too slow (1013).
+    max_queue: int = 1024
+    # The websocket URL the gateway's page connects to; empty: same host, this port and path.
+    public_url: str = ""
+
+
+@dataclass(frozen=True)
 class BridgeSettings:
     host: str = "0.0.0.0"
     port: int = 8765
@@ -76,8 +97,16 @@ class BridgeSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     id: str
-    endpoints: tuple[str, ...]
-    timeout_s: float = 120.0
+    endpoints: tuple[EndpointSettings, ...]
+    timeout_s: float = 120.0  # per attempt, and the default deadline of a request
+    retries: int = 2  # further attempts on other endpoints after a retryable failure
+    fallback: str | None = None  # another model id, used after all retries failed
+    cache: str = "deterministic"  # "deterministic" (temperature 0 or fixed seed) or "off"
+    cache_ttl_s: float = 3600.0
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(e.url for e in self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -168,7 +197,7 @@ def load_settings(
     env_models = env.get("NEXUS_MODELS")
     if env_models:
         models = tuple(
-            ModelSettings(id=m.strip(), endpoints=(ollama_host,))
+            ModelSettings(id=m.strip(), endpoints=(EndpointSettings(ollama_host),))
             for m in env_models.split(",")
             if m.strip()
         )
@@ -229,32 +258,72 @@ def _coerce(value: Any, type_name: Any, where: str) -> Any:
 def _models(table: Any, ollama_host: str, where: str) -> tuple[ModelSettings, ...]:
     if table is None:
         return (
-            ModelSettings(id="llama3.1", endpoints=(ollama_host,)),
-            ModelSettings(id="mistral", endpoints=(ollama_host,)),
+            ModelSettings(id="llama3.1", endpoints=(EndpointSettings(ollama_host),)),
+            ModelSettings(id="mistral", endpoints=(EndpointSettings(ollama_host),)),
         )
     if not isinstance(table, dict) or not table:
         raise ConfigError(f"{where}: [models] must be a non-empty table of model tables")
-    models = []
-    for model_id, spec in table.items():
-        here = f"{where}: [models.{model_id!r}]"
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{here}: must be a table")
-        unknown = set(spec) - {"endpoints", "timeout_s"}
-        if unknown:
-            raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
-        endpoints = spec.get("endpoints", [ollama_host])
-        if not isinstance(endpoints, list) or not endpoints or not all(
-            isinstance(e, str) for e in endpoints
-        ):
-            raise ConfigError(f"{here} endpoints: expected a non-empty list of URLs")
-        timeout = _coerce(spec.get("timeout_s", 120.0), "float", f"{here} timeout_s")
-        if timeout <= 0:
-            raise ConfigError(f"{here} timeout_s: must be positive")
-        models.append(
-            ModelSettings(
-                id=model_id,
-                endpoints=tuple(_normalise_host(e) for e in endpoints),
-                timeout_s=timeout,
+    models = [_model(model_id, spec, ollama_host, f"{where}: [models.{model_id!r}]")
+              for model_id, spec in table.items()]
+    ids = {m.id for m in models}
+    for m in models:
+        if m.fallback is not None and (m.fallback not in ids or m.fallback == m.id):
+            raise ConfigError(
+                f"{where}: [models.{m.id!r}] fallback: {m.fallback!r} is not another configured model"
             )
-        )
     return tuple(models)
+
+
+_MODEL_KEYS = {"endpoints", "timeout_s", "retries", "fallback", "cache", "cache_ttl_s"}
+_ENDPOINT_KEYS = {"url", "weight", "max_concurrency", "max_rps"}
+
+
+def _model(model_id: str, spec: Any, ollama_host: str, here: str) -> ModelSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{here}: must be a table")
+    unknown = set(spec) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}; allowed: {sorted(_MODEL_KEYS)}")
+    endpoints = spec.get("endpoints", [ollama_host])
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ConfigError(f"{here} endpoints: expected a non-empty list of URLs or endpoint tables")
+    timeout = _coerce(spec.get("timeout_s", 120.0), "float", f"{here} timeout_s")
+    retries = _coerce(spec.get("retries", 2), "int", f"{here} retries")
+    ttl = _coerce(spec.get("cache_ttl_s", 3600.0), "float", f"{here} cache_ttl_s")
+    cache = spec.get("cache", "deterministic")
+    fallback = spec.get("fallback")
+    if timeout <= 0:
+        raise ConfigError(f"{here} timeout_s: must be positive")
+    if retries < 0:
+        raise ConfigError(f"{here} retries: must be 0 or more")
+    if cache not in ("deterministic", "off"):
+        raise ConfigError(f"{here} cache: expected \"deterministic\" or \"off\", got {cache!r}")
+    if fallback is not None and not isinstance(fallback, str):
+        raise ConfigError(f"{here} fallback: expected a model id")
+    return ModelSettings(
+        id=model_id,
+        endpoints=tuple(_endpoint(e, f"{here} endpoints[{i}]") for i, e in enumerate(endpoints)),
+        timeout_s=timeout,
+        retries=retries,
+        fallback=fallback,
+        cache=cache,
+        cache_ttl_s=ttl,
+    )
+
+
+def _endpoint(spec: Any, here: str) -> EndpointSettings:
+    if isinstance(spec, str):
+        return EndpointSettings(_normalise_host(spec))
+    if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+        raise ConfigError(f"{here}: expected a URL or a table with a url")
+    unknown = set(spec) - _ENDPOINT_KEYS
+    if unknown:
+        raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}; allowed: {sorted(_ENDPOINT_KEYS)}")
+    weight = _coerce(spec.get("weight", 1.0), "float", f"{here} weight")
+    slots = _coerce(spec.get("max_concurrency", 4), "int", f"{here} max_concurrency")
+    max_rps = spec.get("max_rps")
+    if max_rps is not None:
+        max_rps = _coerce(max_rps, "float", f"{here} max_rps")
+    if weight <= 0 or slots <= 0 or (max_rps is not None and max_rps <= 0):
+        raise ConfigError(f"{here}: weight, max_concurrency and max_rps must be positive")
+    return EndpointSettings(_normalise_host(spec["url"]), weight, slots, max_rps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 import httpx
@@ -116,7 +117,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         return web.json_response(
             {
                 "models": [
-                    {"id": m.id, "endpoints": list(m.endpoints), "timeout_s": m.timeout_s}
+                    {"id": m.id, "endpoints": [asdict(e) for e in m.endpoints], "timeout_s": m.timeout_s,
+                     "fallback": m.fallback, "cache": m.cache}
                     for m in settings.models
                 ]
             }
@@ -150,16 +152,16 @@ async def check_health(
         except (httpx.HTTPError, ValueError) as exc:
             return {"status": "down", "reason": f"{type(exc).__name__}: {exc}"}
 
-    urls = sorted({url for m in settings.models for url in m.endpoints})
+    urls = sorted({url for m in settings.models for url in m.urls})
     results = await asyncio.gather(kafka(), *(endpoint(u) for u in urls))
     checks = {"kafka": results[0]}
     by_url = dict(zip(urls, results[1:]))
     for model in settings.models:
-        up = [u for u in model.endpoints if by_url[u]["status"] == "ok"]
+        up = [u for u in model.urls if by_url[u]["status"] == "ok"]
         checks[f"model:{model.id}"] = (
             {"status": "ok", "endpoints": ", ".join(up)}
             if up
-            else {"status": "down", "reason": "; ".join(f"{u}: {by_url[u]['reason']}" for u in model.endpoints)}
+            else {"status": "down", "reason": "; ".join(f"{u}: {by_url[u]['reason']}" for u in model.urls)}
         )
     return checks
 

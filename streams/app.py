@@ -2,26 +2,47 @@
 
 Delivery is at-least-once. ``stream.take_events`` acks a batch only after the
 loop body returns, and the body returns only after Kafka acknowledged every
-response and dead letter of the batch, so a committed offset always has its
-answer durably written. A worker killed mid-batch leaves that batch
+response, token chunk and dead letter of the batch, so a committed offset always
+has its answer durably written. A worker killed mid-batch leaves that batch
 uncommitted; its successor answers it again (duplicates, never losses).
+
+The response cache is a Faust table. Tables cannot be written from inside a
+``take()`` batch (there is no current event to tie the changelog to), so the
+batch sends each new entry to ``<app_id>-cache-updates``, keyed by model like
+the requests (so co-partitioned with them), and a second agent writes the table
+one event at a time. The entry lands on the changelog partition of the
+requests partition it serves, so the worker that owns a model's partition owns
+its cache entries, and a restarted worker recovers them from the changelog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import faust
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.settings import Settings
-from schemas import Codec, SchemaError, decode_request, encode_response
+from schemas import (
+    Codec,
+    InferenceRequest,
+    InferenceToken,
+    SchemaError,
+    decode_request,
+    encode_response,
+    encode_token,
+)
 
+from . import cache
 from .inference import Answer, Inference
 from .metrics import WorkerMetrics
 from .prompt import PromptTemplate
@@ -32,6 +53,75 @@ log = logging.getLogger(__name__)
 DLQ_REASON = "nexus-error"
 DLQ_KIND = "nexus-error-kind"
 DLQ_SOURCE = "nexus-source"
+TOKEN_FLUSH_S = 0.025
+LAG_INTERVAL_S = 10.0
+
+
+class KafkaTokenSink:
+    """Publishes a streamed answer's chunks, batched over ``TOKEN_FLUSH_S``, in order."""
+
+    def __init__(self, send: Any, codec: Codec, request: InferenceRequest) -> None:
+        self._send = send
+        self._codec = codec
+        self._request = request
+        self._buffer: list[str] = []
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: list[asyncio.Future[None]] = []
+        self._acks: list[Any] = []
+        self.sent = 0
+        self.started = False
+
+    async def chunk(self, text: str) -> None:
+        self.started = True
+        self._buffer.append(text)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        self._flushes.append(asyncio.ensure_future(self._flush()))
+
+    async def _flush(self) -> None:
+        async with self._lock:  # one flush at a time keeps seq order on the wire
+            if not self._buffer:
+                return
+            token = InferenceToken(
+                id=self._request.id,
+                model_id=self._request.model_id,
+                session_id=self._request.context.session_id,
+                seq=self.sent,
+                text="".join(self._buffer),
+                reply_to=self._request.reply_to,
+            )
+            self._buffer.clear()
+            self.sent += 1
+            self._acks.append(await self._send(token.session_id.encode(), encode_token(self._codec, token)))
+
+    async def close(self) -> None:
+        """Flush what is left and wait until Kafka acknowledged every chunk."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await asyncio.gather(*self._flushes)
+        await self._flush()
+        await asyncio.gather(*self._acks)
+
+
+class TableCache:
+    """The response cache: reads the Faust table, writes through the updates topic."""
+
+    def __init__(self, table: faust.Table, send_update: Any) -> None:
+        self._table = table
+        self._send_update = send_update
+
+    def get(self, key: bytes) -> cache.CacheEntry | None:
+        raw = self._table.get(key)
+        return cache.CacheEntry.from_bytes(raw) if raw else None
+
+    async def put(self, request: InferenceRequest, key: bytes, entry: cache.CacheEntry) -> None:
+        value = json.dumps({"key": key.decode(), "entry": entry.to_bytes().decode()}).encode()
+        await self._send_update(request.model_id.encode(), value)
 
 
 def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
@@ -59,18 +149,27 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     requests = app.topic(kafka.requests_topic, **raw)
     responses = app.topic(kafka.responses_topic, **raw)
+    tokens = app.topic(kafka.tokens_topic, **raw)
     dead_letters = app.topic(kafka.dlq_topic, **raw)
+    cache_updates = app.topic(
+        f"{worker.app_id}-cache-updates", partitions=kafka.partitions, internal=True, **raw
+    )
+    cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes)
     codec = Codec.from_directory()
     metrics = WorkerMetrics()
     PromptTemplate(worker.prompt_template)  # a bad template fails the start, not each request
+    state: dict[str, Inference] = {}
+
+    async def send(topic: faust.TopicT, key: bytes | None, value: bytes, headers: Any = None) -> Any:
+        """Queue one record; return the future of its acknowledgement."""
+        return await topic.send(key=key, value=value, headers=headers)
 
     async def produce(topic: faust.TopicT, key: bytes | None, value: bytes, headers: Any = None) -> None:
         """Send one record and wait until Kafka acknowledged it, retrying until it does."""
         delay = 0.1
         while True:
             try:
-                pending = await topic.send(key=key, value=value, headers=headers)
-                await pending
+                await (await send(topic, key, value, headers))
                 return
             except Exception as exc:  # the broker is away: hold the batch, lose nothing
                 log.warning("producing to %s failed (%r); retrying in %.1fs", topic.get_topic_name(), exc, delay)
@@ -87,38 +186,100 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         ]
         await produce(dead_letters, message.key, message.value, headers)
 
-    async def handle(event: EventT, inference: Inference) -> None:
+    async def publish(answer: Answer, event: EventT, request: InferenceRequest) -> None:
+        await produce(responses, request.context.session_id.encode(), encode_response(codec, answer.response))
+        if answer.dead_letter_reason is not None:
+            await dead_letter(event, answer.dead_letter_reason, "failed")
+
+    async def handle(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
+        """Answer the first request of a group; identical others get the same answer."""
+        event, request = group[0]
+        sink = KafkaTokenSink(lambda k, v: send(tokens, k, v), codec, request) if request.stream else None
+        answer = await inference.answer(request, sink)
+        if sink is not None:
+            await sink.close()  # every chunk is acknowledged before the response goes out
+        await publish(answer, event, request)
+        for other_event, other in group[1:]:
+            metrics.shared.labels(model=request.model_id).inc()
+            response = dataclasses.replace(answer.response, id=other.id, reply_to=other.reply_to)
+            await publish(Answer(response, answer.dead_letter_reason), other_event, other)
+
+    async def decode(event: EventT) -> InferenceRequest | None:
         try:
-            request = decode_request(codec, event.message.value)
+            return decode_request(codec, event.message.value)
         except SchemaError as exc:
             log.warning("dead-lettering undecodable record %s/%s: %s",
                         event.message.partition, event.message.offset, exc)
             await dead_letter(event, str(exc), "undecodable")
-            return
-        answer: Answer = await inference.answer(request)
-        await produce(
-            responses,
-            request.context.session_id.encode(),
-            encode_response(codec, answer.response),
-        )
-        if answer.dead_letter_reason is not None:
-            await dead_letter(event, answer.dead_letter_reason, "failed")
+            return None
 
     @app.agent(requests, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         async with httpx.AsyncClient(limits=limits) as http:
-            inference = Inference(settings, http, metrics)
+            inference = state["inference"] = Inference(
+                settings, http, metrics, TableCache(cache_table, lambda k, v: produce(cache_updates, k, v))
+            )
             async for events in stream.take_events(worker.max_batch, within=worker.max_wait_ms / 1000):
                 metrics.batch_size.observe(len(events))
-                # Concurrently; the batch is acked only when every answer is durable.
-                await asyncio.gather(*(handle(event, inference) for event in events))
+                decoded = await asyncio.gather(*(decode(event) for event in events))
+                groups: dict[object, list[tuple[EventT, InferenceRequest]]] = {}
+                for event, request in zip(events, decoded):
+                    if request is None:
+                        continue
+                    share = cache.shareable(request) and not request.stream
+                    key = cache.cache_key(request) if share else object()
+                    groups.setdefault(key, []).append((event, request))
+                # Concurrently; each answer is published as soon as it is ready, and
+                # the batch is acked only when every answer is durable.
+                await asyncio.gather(*(handle(group, inference) for group in groups.values()))
+
+    @app.agent(cache_updates, name="nexus.cache")
+    async def store_cache(stream: faust.StreamT) -> None:
+        async for value in stream:  # one event at a time: table writes need their event
+            update = json.loads(value)
+            cache_table[update["key"].encode()] = update["entry"].encode()
+            metrics.cache_entries.set(len(cache_table))
+
+    @app.timer(LAG_INTERVAL_S)
+    async def consumer_lag() -> None:
+        try:
+            for partition, lag in (await _consumer_lag(kafka.bootstrap, worker.app_id, kafka.requests_topic)).items():
+                metrics.consumer_lag.labels(partition=str(partition)).set(lag)
+        except Exception as exc:  # metrics must never take the worker down
+            log.warning("could not measure consumer lag: %r", exc)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    @app.page("/models")
+    async def models_page(web: Any, request: Any) -> Any:
+        inference = state.get("inference")
+        return web.json({"models": inference.snapshot() if inference else {}})
+
     return app
+
+
+async def _consumer_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """End offset minus committed offset, per partition of ``topic``, for the worker group."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        await consumer.topics()  # loads the cluster's metadata
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        ends = await consumer.end_offsets(tps)
+        return {
+            tp.partition: ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+            for tp in tps
+        }
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:

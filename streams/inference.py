@@ -1,25 +1,49 @@
-"""Answer one decoded request: pick an endpoint, call Ollama, build the response.
+"""Answer one request: cache, route, call Ollama, retry, fall back, build the response.
 
-No Kafka here: the Faust agent in :mod:`streams.app` feeds requests in and
-publishes what comes out, so this runs the same in tests and in the worker.
+No Kafka here: the Faust agent in :mod:`streams.app` feeds decoded requests in,
+gives a sink for streamed chunks and a cache store, and publishes the answer.
+The decisions live in :mod:`streams.routing` and :mod:`streams.cache`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections import Counter
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
 
 import httpx
 
 from nexus.settings import ModelSettings, Settings
 from schemas import InferenceRequest, InferenceResponse, utcnow
 
+from . import cache
 from .metrics import WorkerMetrics
-from .ollama import BackendError, generate
+from .ollama import BackendError, Generation, generate
 from .prompt import PromptTemplate
+from .routing import Circuit, ModelRouter, backoff_seconds
 
 log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 2.0
+
+
+class TokenSink(Protocol):
+    """Where the chunks of a streamed answer go, in order."""
+
+    started: bool  # a chunk was given: the answer can no longer be retried elsewhere
+
+    async def chunk(self, text: str) -> None: ...
+
+
+class CacheStore(Protocol):
+    def get(self, key: bytes) -> cache.CacheEntry | None: ...
+
+    async def put(self, request: InferenceRequest, key: bytes, entry: cache.CacheEntry) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -29,78 +53,255 @@ class Answer:
     dead_letter_reason: str | None = None
 
 
-class EndpointLoad:
-    """Picks the endpoint of a model with the fewest requests in flight."""
-
-    def __init__(self) -> None:
-        self._in_flight: Counter[str] = Counter()
-
-    def acquire(self, model: ModelSettings) -> str:
-        endpoint = min(model.endpoints, key=lambda e: self._in_flight[e])
-        self._in_flight[endpoint] += 1
-        return endpoint
-
-    def release(self, endpoint: str) -> None:
-        self._in_flight[endpoint] -= 1
+class Expired(Exception):
+    """The request's deadline passed before it could be answered."""
 
 
 class Inference:
-    def __init__(self, settings: Settings, http: httpx.AsyncClient, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        http: httpx.AsyncClient,
+        metrics: WorkerMetrics,
+        store: CacheStore,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self._settings = settings
         self._http = http
         self._metrics = metrics
+        self._store = store
+        self._clock = clock
+        self._rng = rng or random.Random()
         self._template = PromptTemplate(settings.worker.prompt_template)
-        self._load = EndpointLoad()
+        self.routers = {m.id: ModelRouter(m, self._rng) for m in settings.models}
+        self._changed = asyncio.Event()
+        self._probes: set[asyncio.Task[None]] = set()
 
-    async def answer(self, request: InferenceRequest) -> Answer:
+    # -- the request --------------------------------------------------------------------
+
+    async def answer(self, request: InferenceRequest, sink: TokenSink | None = None) -> Answer:
         model = self._settings.model(request.model_id)
         if model is None:
-            reason = (
-                f"unknown model {request.model_id!r}; this worker serves "
-                f"{sorted(self._settings.model_ids)}"
+            return self._failed(
+                request,
+                f"unknown model {request.model_id!r}; this worker serves {sorted(self._settings.model_ids)}",
             )
-            return self._failed(request, reason, endpoint=None, backend_ms=0)
-        endpoint = self._load.acquire(model)
-        self._metrics.in_flight.labels(model=model.id).inc()
+        deadline = self._deadline(request, model)
+        key = cache.cache_key(request)
+        if cache.should_look_up(request, model):
+            entry = self._store.get(key)
+            if entry is not None and entry.fresh(time.time()):
+                self._metrics.cache.labels(model=model.id, result="hit").inc()
+                return await self._from_cache(request, entry, sink)
+            self._metrics.cache.labels(model=model.id, result="miss").inc()
+        reasons: list[str] = []
         try:
-            generation = await generate(
-                self._http,
-                endpoint,
-                model.id,
-                request.input,
-                self._template.system_prompt(request.context),
-                request.options,
-                model.timeout_s,
-            )
-        except BackendError as exc:
-            return self._failed(request, str(exc), endpoint=endpoint, backend_ms=0)
+            answer = await self._answer_with(request, model, deadline, sink, reasons)
+        except Expired:
+            return self._failed(request, self._expired_reason(model, reasons))
         except Exception as exc:  # a bug must still answer the sender, never drop the request
             log.exception("unexpected failure answering %s", request.id)
-            return self._failed(request, f"internal error: {exc!r}", endpoint=endpoint, backend_ms=0)
-        finally:
-            self._load.release(endpoint)
-            self._metrics.in_flight.labels(model=model.id).dec()
-        self._metrics.backend_seconds.labels(model=model.id).observe(generation.seconds)
+            return self._failed(request, f"internal error: {exc!r}")
+        if answer.response.status == "ok" and cache.should_store(request, model):
+            await self._store.put(request, key, self._entry(answer.response, model))
+        return answer
+
+    def _deadline(self, request: InferenceRequest, model: ModelSettings) -> float:
+        """The monotonic time by which the request must be answered."""
+        if request.deadline is not None:
+            wall = request.deadline
+        else:
+            wall = request.created_at + timedelta(seconds=model.timeout_s * (model.retries + 1))
+        return self._clock() + (wall - utcnow()).total_seconds()
+
+    def _expired_reason(self, model: ModelSettings, reasons: list[str]) -> str:
+        states = ", ".join(
+            f"{e.url} {e.circuit.value}" + (f" (last error: {e.last_error})" if e.last_error else "")
+            for m in self._models_to_try(model)
+            for e in self.routers[m.id].endpoints.values()
+        )
+        tried = f"; failures: {'; '.join(reasons)}" if reasons else ""
+        return f"expired: deadline passed before an endpoint of {model.id!r} answered; endpoints: {states}{tried}"
+
+    async def _answer_with(
+        self,
+        request: InferenceRequest,
+        model: ModelSettings,
+        deadline: float,
+        sink: TokenSink | None,
+        reasons: list[str],
+    ) -> Answer:
+        retries = 0
+        for candidate in self._models_to_try(model):
+            outcome = await self._try_model(request, candidate, deadline, sink, reasons)
+            retries += outcome[1]
+            if outcome[0] is not None:
+                generation, url = outcome[0]
+                return Answer(self._ok(request, candidate, generation, url, retries))
+            if sink is not None and sink.started:
+                break  # chunks are out: a second answer would not concatenate to one output
+        return self._failed(request, "; ".join(reasons), retries=retries)
+
+    def _models_to_try(self, model: ModelSettings) -> list[ModelSettings]:
+        models = [model]
+        if model.fallback:
+            fallback = self._settings.model(model.fallback)
+            if fallback is not None:
+                models.append(fallback)
+        return models
+
+    async def _try_model(
+        self,
+        request: InferenceRequest,
+        model: ModelSettings,
+        deadline: float,
+        sink: TokenSink | None,
+        reasons: list[str],
+    ) -> tuple[tuple[Generation, str] | None, int]:
+        router = self.routers[model.id]
+        tried: set[str] = set()
+        attempts = 0
+        while attempts <= model.retries:
+            # Prefer endpoints not tried yet; once all were, any will do.
+            exclude = frozenset(tried) if len(tried) < len(router.endpoints) else frozenset()
+            url = await self._acquire(router, request, deadline, exclude)
+            attempts += 1
+            started = self._clock()
+            try:
+                generation = await generate(
+                    self._http,
+                    url,
+                    model.id,
+                    request.input,
+                    self._template.system_prompt(request.context),
+                    request.options,
+                    min(model.timeout_s, max(0.001, deadline - started)),
+                    sink.chunk if sink is not None else None,
+                )
+            except BackendError as exc:
+                router.failed(url, self._clock(), str(exc), counts_against_endpoint=exc.retryable)
+                self._record_failure(model, url, exc)
+                self._notify()
+                reasons.append(str(exc))
+                if not exc.retryable or (sink is not None and sink.started):
+                    return None, attempts - 1
+                tried.add(url)
+                if attempts <= model.retries:
+                    self._metrics.retries.labels(model=model.id).inc()
+                    pause = backoff_seconds(attempts - 1, self._rng)
+                    if self._clock() + pause >= deadline:
+                        raise Expired()
+                    await asyncio.sleep(pause)
+                continue
+            except BaseException:
+                router.released(url)
+                self._notify()
+                raise
+            router.succeeded(url, generation.seconds, generation.completion_tokens, generation.ttft_s)
+            self._record_success(model, url, generation)
+            self._notify()
+            return (generation, url), attempts - 1
+        return None, attempts - 1
+
+    async def _acquire(
+        self, router: ModelRouter, request: InferenceRequest, deadline: float, exclude: frozenset[str]
+    ) -> str:
+        """A slot on the best endpoint; waits, holding none, while all are full or down."""
+        queued = self._clock()
+        while True:
+            now = self._clock()
+            if now >= deadline:
+                raise Expired()
+            chosen = router.choose(now, request.context.session_id, exclude)
+            if chosen is None and exclude:
+                chosen = router.choose(now, request.context.session_id)
+            if chosen is not None:
+                self._metrics.queue_wait.labels(model=router.model.id).observe(now - queued)
+                self._metrics.in_flight.labels(model=router.model.id, endpoint=chosen.url).set(chosen.in_flight)
+                return chosen.url
+            for endpoint in router.probe_candidates(now):
+                self._probe(router, endpoint.url)
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=min(router.wait_hint(now), deadline - now))
+            except asyncio.TimeoutError:
+                pass
+
+    def _notify(self) -> None:
+        """Wake the requests waiting for a slot: something changed."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _probe(self, router: ModelRouter, url: str) -> None:
+        router.probe_started(url)
+        self._publish_circuit(router, url)
+
+        async def probe() -> None:
+            ok = False
+            try:
+                response = await self._http.get(f"{url}/api/version", timeout=PROBE_TIMEOUT_S)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            finally:
+                router.probe_finished(url, ok, self._clock())
+                self._publish_circuit(router, url)
+                self._notify()
+
+        task = asyncio.ensure_future(probe())
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    # -- responses ----------------------------------------------------------------------
+
+    async def _from_cache(
+        self, request: InferenceRequest, entry: cache.CacheEntry, sink: TokenSink | None
+    ) -> Answer:
+        if sink is not None:
+            for piece in cache.chunks_of(entry.output):
+                await sink.chunk(piece)
         return Answer(
             self._response(
                 request,
                 status="ok",
-                output=generation.text,
-                endpoint=endpoint,
-                backend_ms=round(generation.seconds * 1000),
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                done_reason=generation.done_reason,
+                output=entry.output,
+                endpoint=entry.endpoint,
+                prompt_tokens=entry.prompt_tokens,
+                completion_tokens=entry.completion_tokens,
+                done_reason=entry.done_reason,
+                cached=True,
             )
         )
 
-    def _failed(
-        self, request: InferenceRequest, reason: str, endpoint: str | None, backend_ms: int
-    ) -> Answer:
-        response = self._response(
-            request, status="error", error=reason, endpoint=endpoint, backend_ms=backend_ms
+    def _entry(self, response: InferenceResponse, model: ModelSettings) -> cache.CacheEntry:
+        return cache.CacheEntry(
+            output=response.output,
+            prompt_tokens=response.prompt_tokens,
+            completion_tokens=response.completion_tokens,
+            done_reason=response.done_reason,
+            endpoint=response.endpoint,
+            expires_at=time.time() + model.cache_ttl_s,
         )
-        return Answer(response, dead_letter_reason=reason)
+
+    def _ok(
+        self, request: InferenceRequest, model: ModelSettings, generation: Generation, url: str, retries: int
+    ) -> InferenceResponse:
+        return self._response(
+            request,
+            status="ok",
+            output=generation.text,
+            endpoint=url,
+            backend_latency_ms=round(generation.seconds * 1000),
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            done_reason=generation.done_reason,
+            time_to_first_token_ms=None if generation.ttft_s is None else round(generation.ttft_s * 1000),
+            retries=retries,
+        )
+
+    def _failed(self, request: InferenceRequest, reason: str, retries: int = 0) -> Answer:
+        return Answer(self._response(request, status="error", error=reason, retries=retries), reason)
 
     def _response(self, request: InferenceRequest, **fields) -> InferenceResponse:  # type: ignore[no-untyped-def]
         completed = utcnow()
@@ -111,7 +312,7 @@ class Inference:
             context=request.context,
             completed_at=completed,
             latency_ms=latency_ms,
-            backend_latency_ms=fields.pop("backend_ms"),
+            reply_to=request.reply_to,
             **fields,
         )
         # Unknown model ids come from senders; keep them out of label values.
@@ -119,3 +320,31 @@ class Inference:
         self._metrics.requests.labels(model=label, status=response.status).inc()
         self._metrics.latency_seconds.labels(model=label).observe(latency_ms / 1000)
         return response
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _record_success(self, model: ModelSettings, url: str, generation: Generation) -> None:
+        m = self._metrics
+        m.backend_seconds.labels(model=model.id, endpoint=url).observe(generation.seconds)
+        if generation.ttft_s is not None:
+            m.ttft_seconds.labels(model=model.id, endpoint=url).observe(generation.ttft_s)
+        state = self.routers[model.id].endpoints[url]
+        if state.tokens_per_second() is not None:
+            m.tokens_per_second.labels(model=model.id, endpoint=url).set(state.tokens_per_second())
+        m.in_flight.labels(model=model.id, endpoint=url).set(state.in_flight)
+        m.backend_requests.labels(model=model.id, endpoint=url, outcome="ok").inc()
+
+    def _record_failure(self, model: ModelSettings, url: str, exc: BackendError) -> None:
+        router = self.routers[model.id]
+        self._metrics.backend_requests.labels(model=model.id, endpoint=url, outcome="error").inc()
+        self._metrics.in_flight.labels(model=model.id, endpoint=url).set(router.endpoints[url].in_flight)
+        self._publish_circuit(router, url)
+
+    def _publish_circuit(self, router: ModelRouter, url: str) -> None:
+        state = router.endpoints[url].circuit
+        value = {Circuit.CLOSED: 0, Circuit.HALF_OPEN: 1, Circuit.OPEN: 2}[state]
+        self._metrics.circuit_state.labels(model=router.model.id, endpoint=url).set(value)
+
+    def snapshot(self) -> dict[str, list[dict[str, object]]]:
+        """Live state of every endpoint, for ``GET /models``."""
+        return {model_id: [e.snapshot() for e in r.endpoints.values()] for model_id, r in self.routers.items()}

@@ -9,42 +9,52 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 class WorkerMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "nexus_worker_requests",
-            "Requests answered, by model and response status.",
-            ["model", "status"],
-            registry=self.registry,
-        )
+            "nexus_worker_requests", "Requests answered, by model and response status.",
+            ["model", "status"], registry=r)
         self.latency_seconds = Histogram(
-            "nexus_worker_latency_seconds",
-            "End-to-end latency: request created_at to response completed_at.",
-            ["model"],
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
+            "nexus_worker_latency_seconds", "End to end: request created_at to response completed_at.",
+            ["model"], registry=r, buckets=_LATENCY_BUCKETS)
         self.backend_seconds = Histogram(
-            "nexus_worker_backend_latency_seconds",
-            "Time the model endpoint took to answer.",
-            ["model"],
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
+            "nexus_worker_backend_latency_seconds", "Time an endpoint took to answer a successful call.",
+            ["model", "endpoint"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.ttft_seconds = Histogram(
+            "nexus_worker_time_to_first_token_seconds", "Time to the first chunk of streamed answers.",
+            ["model", "endpoint"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.tokens_per_second = Gauge(
+            "nexus_worker_tokens_per_second", "EWMA of output tokens per second while generating.",
+            ["model", "endpoint"], registry=r)
+        self.backend_requests = Counter(
+            "nexus_worker_backend_requests", "Calls to model endpoints by outcome.",
+            ["model", "endpoint", "outcome"], registry=r)
         self.in_flight = Gauge(
-            "nexus_worker_in_flight_requests",
-            "Requests sent to a model endpoint and not yet answered.",
-            ["model"],
-            registry=self.registry,
-        )
+            "nexus_worker_in_flight_requests", "Requests sent to an endpoint and not yet answered.",
+            ["model", "endpoint"], registry=r)
+        self.queue_wait = Histogram(
+            "nexus_worker_queue_wait_seconds", "Time a request waited for a free endpoint slot.",
+            ["model"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.retries = Counter(
+            "nexus_worker_retries", "Attempts repeated on another endpoint after a failure.",
+            ["model"], registry=r)
+        self.circuit_state = Gauge(
+            "nexus_worker_circuit_state", "Endpoint circuit: 0 closed, 1 half-open (probing), 2 open.",
+            ["model", "endpoint"], registry=r)
+        self.cache = Counter(
+            "nexus_worker_cache_lookups", "Response cache lookups by result (hit or miss).",
+            ["model", "result"], registry=r)
+        self.cache_entries = Gauge(
+            "nexus_worker_cache_entries", "Entries in this worker's part of the response cache.",
+            registry=r)
         self.batch_size = Histogram(
-            "nexus_worker_batch_size",
-            "Requests per batch window.",
-            registry=self.registry,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        )
+            "nexus_worker_batch_size", "Requests per batch window.",
+            registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.shared = Counter(
+            "nexus_worker_shared_requests", "Requests answered by another identical request's call in the same batch.",
+            ["model"], registry=r)
         self.dead_letters = Counter(
-            "nexus_worker_dead_letters",
-            "Records written to the dead-letter topic, by kind of failure.",
-            ["kind"],
-            registry=self.registry,
-        )
+            "nexus_worker_dead_letters", "Records written to the dead-letter topic, by kind of failure.",
+            ["kind"], registry=r)
+        self.consumer_lag = Gauge(
+            "nexus_worker_consumer_lag_records", "Records of inference.requests not yet consumed, per partition.",
+            ["partition"], registry=r)

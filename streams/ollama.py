@@ -1,8 +1,10 @@
-"""A thin client for Ollama's ``POST /api/generate`` (non-streaming)."""
+"""A thin client for Ollama's ``POST /api/generate``, streaming or not."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +12,19 @@ import httpx
 
 from schemas import InferenceOptions
 
+OnChunk = Callable[[str], Awaitable[None]]
+
 
 class BackendError(RuntimeError):
-    """The model endpoint failed to answer; the message says how, for the response's error."""
+    """The endpoint failed to answer; the message says how, for the response's error.
+
+    ``retryable`` failures (busy, 5xx, timeout, unreachable) may succeed on another
+    endpoint; the others (4xx) would fail anywhere.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -22,6 +34,7 @@ class Generation:
     completion_tokens: int
     done_reason: str | None
     seconds: float
+    ttft_s: float | None  # time to the first chunk, when streamed
 
 
 def ollama_options(options: InferenceOptions) -> dict[str, Any]:
@@ -43,37 +56,89 @@ async def generate(
     system: str,
     options: InferenceOptions,
     timeout_s: float,
+    on_chunk: OnChunk | None = None,
 ) -> Generation:
+    """One call to ``{endpoint}/api/generate``; with ``on_chunk``, streamed chunk by chunk."""
     body = {
         "model": model,
         "prompt": prompt,
         "system": system,
-        "stream": False,
+        "stream": on_chunk is not None,
         "options": ollama_options(options),
     }
     started = time.perf_counter()
     try:
-        response = await http.post(f"{endpoint}/api/generate", json=body, timeout=timeout_s)
+        async with http.stream(
+            "POST", f"{endpoint}/api/generate", json=body, timeout=timeout_s
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise _status_error(endpoint, response)
+            if on_chunk is None:
+                data = _object(endpoint, await response.aread())
+                return _generation(endpoint, data, data.get("response"), started, None)
+            return await _read_stream(endpoint, response, on_chunk, started)
     except httpx.TimeoutException:
-        raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s") from None
+        raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
     except httpx.HTTPError as exc:
-        raise BackendError(f"{endpoint} unreachable: {type(exc).__name__}: {exc}") from None
-    seconds = time.perf_counter() - started
-    try:
-        data = response.json()
-    except ValueError:
         raise BackendError(
-            f"{endpoint} answered {response.status_code} with a non-JSON body"
+            f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True
         ) from None
-    if response.status_code != 200:
-        reason = data.get("error") if isinstance(data, dict) else None
-        raise BackendError(f"{endpoint} answered {response.status_code}: {reason or data!r}")
-    if not isinstance(data, dict) or not isinstance(data.get("response"), str):
-        raise BackendError(f"{endpoint} answered without a 'response' text")
+
+
+async def _read_stream(
+    endpoint: str, response: httpx.Response, on_chunk: OnChunk, started: float
+) -> Generation:
+    parts: list[str] = []
+    ttft: float | None = None
+    async for line in response.aiter_lines():
+        if not line.strip():
+            continue
+        data = _object(endpoint, line.encode())
+        if "error" in data:
+            raise BackendError(f"{endpoint} failed mid-stream: {data['error']}", retryable=False)
+        piece = data.get("response", "")
+        if piece:
+            if ttft is None:
+                ttft = time.perf_counter() - started
+            parts.append(piece)
+            await on_chunk(piece)
+        if data.get("done"):
+            return _generation(endpoint, data, "".join(parts), started, ttft)
+    raise BackendError(f"{endpoint} ended the stream without a final chunk", retryable=True)
+
+
+def _object(endpoint: str, raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise BackendError(f"{endpoint} answered with a non-JSON body", retryable=True) from None
+    if not isinstance(data, dict):
+        raise BackendError(f"{endpoint} answered with JSON that is not an object", retryable=True)
+    return data
+
+
+def _status_error(endpoint: str, response: httpx.Response) -> BackendError:
+    try:
+        reason = response.json().get("error")
+    except (ValueError, AttributeError):
+        reason = None
+    status = response.status_code
+    # 503 is Ollama's "server busy"; 429 and 5xx may pass on another endpoint.
+    retryable = status in (408, 429) or status >= 500
+    return BackendError(f"{endpoint} answered {status}: {reason or response.text[:200]!r}", retryable=retryable)
+
+
+def _generation(
+    endpoint: str, data: dict[str, Any], text: Any, started: float, ttft: float | None
+) -> Generation:
+    if not isinstance(text, str):
+        raise BackendError(f"{endpoint} answered without a 'response' text", retryable=True)
     return Generation(
-        text=data["response"],
+        text=text,
         prompt_tokens=int(data.get("prompt_eval_count") or 0),
         completion_tokens=int(data.get("eval_count") or 0),
         done_reason=data.get("done_reason"),
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
+        ttft_s=ttft,
     )

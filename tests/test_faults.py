@@ -30,30 +30,43 @@ async def test_health_is_503_while_the_model_endpoint_is_down(bootstrap: str, lo
     assert dead in checks["model:llama3.1"]["reason"]
 
 
-async def test_backend_down_answers_every_request_with_an_error(bootstrap: str, logs_dir: Path) -> None:
+async def test_backend_down_answers_every_request_with_an_error(
+    bootstrap: str, logs_dir: Path, tmp_path: Path
+) -> None:
     run = uuid.uuid4().hex[:8]
     dead = f"http://127.0.0.1:{free_port()}"
-    env = _isolated_env(bootstrap, dead, run)
+    # A short deadline: 1 s per attempt, 2 attempts. Without it requests wait for the endpoint.
+    config = tmp_path / "nexus.toml"
+    config.write_text(f'[models."llama3.1"]\nendpoints = ["{dead}"]\ntimeout_s = 1\nretries = 1\n')
+    env = {**_isolated_env(bootstrap, dead, run), "NEXUS_CONFIG": str(config)}
     kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
                           responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
                           dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=2)
     await ensure_topics(kafka)
-    requests = [InferenceRequest(f"{run}-{i}", "llama3.1", f"q{i}", ModelContext(f"s{i}")) for i in range(10)]
     worker = Role("worker-dead-backend", ["worker"], env, logs_dir).start()
     try:
         async with TopicReader(bootstrap, kafka.responses_topic) as responses, TopicReader(
             bootstrap, kafka.dlq_topic
         ) as dlq:
             async with RequestProducer(kafka) as producer:
+                # Wait until the worker answers at all, so deadlines start counting then.
+                warm_up = InferenceRequest(f"{run}-warm-up", "no-such-model", "", ModelContext("w"))
+                await producer.submit(warm_up)
+                await wait_for_responses(responses, {warm_up.id})
+                requests = [
+                    InferenceRequest(f"{run}-{i}", "llama3.1", f"q{i}", ModelContext(f"s{i}")) for i in range(10)
+                ]
                 await producer.submit_many(requests)
             answers = await wait_for_responses(responses, {r.id for r in requests})
-            dead_letters = await dlq.read_until(lambda records: len(records) >= 10, timeout=30)
+            dead_letters = await dlq.read_until(lambda records: len(records) >= 11, timeout=30)
     finally:
         worker.stop()
     for request in requests:
         [response] = answers.by_id[request.id]
         assert response.status == "error"
+        # Either its attempts failed, or it waited for the open circuit until its deadline.
         assert dead in (response.error or "") and "unreachable" in (response.error or "")
+        assert response.latency_ms < 10_000
     assert {dict(r.headers)["nexus-error-kind"] for r in dead_letters} == {b"failed"}
 
 

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from nexus.settings import DEFAULT_PROMPT_TEMPLATE, ModelSettings
+from nexus.settings import DEFAULT_PROMPT_TEMPLATE
 from schemas import InferenceOptions, InferenceRequest, ModelContext
-from streams.inference import EndpointLoad
 from streams.ollama import ollama_options
 from streams.prompt import PromptTemplate, TemplateError
 
@@ -154,41 +153,3 @@ def test_ollama_options_omits_unset() -> None:
 def test_ollama_options_keeps_zero_values() -> None:
     # 0 is a value (greedy decoding, seed 0), not "unset".
     assert ollama_options(InferenceOptions(temperature=0.0, seed=0)) == {"temperature": 0.0, "seed": 0}
-
-
-# --- EndpointLoad -------------------------------------------------------------------------
-
-MODEL = ModelSettings(id="llama3.1", endpoints=("http://gpu1", "http://gpu2", "http://gpu3"))
-
-
-def test_concurrent_acquisitions_spread_across_endpoints() -> None:
-    load = EndpointLoad()
-    first = [load.acquire(MODEL) for _ in range(3)]
-    assert sorted(first) == sorted(MODEL.endpoints)
-    second = [load.acquire(MODEL) for _ in range(3)]
-    assert sorted(second) == sorted(MODEL.endpoints)
-
-
-def test_returns_to_first_endpoint_after_releases() -> None:
-    load = EndpointLoad()
-    taken = [load.acquire(MODEL) for _ in range(3)]
-    assert taken[0] == "http://gpu1"
-    for endpoint in taken:
-        load.release(endpoint)
-    assert load.acquire(MODEL) == "http://gpu1"
-
-
-def test_released_endpoint_is_preferred() -> None:
-    load = EndpointLoad()
-    for _ in range(2):
-        for _ in MODEL.endpoints:
-            load.acquire(MODEL)
-    load.release("http://gpu2")
-    assert load.acquire(MODEL) == "http://gpu2"
-
-
-def test_single_endpoint_always_used() -> None:
-    load = EndpointLoad()
-    single = ModelSettings(id="mistral", endpoints=("http://only",))
-    assert {load.acquire(single) for _ in range(5)} == {"http://only"}
-

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from nexus.settings import (
+    EndpointSettings,
     DEFAULT_PROMPT_TEMPLATE,
     ConfigError,
     ModelSettings,
@@ -41,13 +43,13 @@ def test_defaults_without_file_or_environment(tmp_path: Path, monkeypatch: pytes
     assert settings.ollama_host == "http://localhost:11434"
     assert settings.model_ids == ("llama3.1", "mistral")
     for model in settings.models:
-        assert model.endpoints == ("http://localhost:11434",)
+        assert model.urls == ("http://localhost:11434",)
         assert model.timeout_s == 120.0
     assert settings.worker.prompt_template == DEFAULT_PROMPT_TEMPLATE
     assert settings == Settings(
         models=(
-            ModelSettings("llama3.1", ("http://localhost:11434",)),
-            ModelSettings("mistral", ("http://localhost:11434",)),
+            ModelSettings("llama3.1", (EndpointSettings("http://localhost:11434"),)),
+            ModelSettings("mistral", (EndpointSettings("http://localhost:11434"),)),
         )
     )
 
@@ -124,7 +126,7 @@ def test_ollama_host_normalised(tmp_path: Path, host: str, expected: str) -> Non
     settings = load_settings(_toml(tmp_path, ""), environ={"OLLAMA_HOST": host})
     assert settings.ollama_host == expected
     # The default models use it.
-    assert all(m.endpoints == (expected,) for m in settings.models)
+    assert all(m.urls == (expected,) for m in settings.models)
 
 
 def test_ollama_host_env_beats_file(tmp_path: Path) -> None:
@@ -150,11 +152,13 @@ def test_models_tables(tmp_path: Path) -> None:
     assert settings.model_ids == ("llama3.1", "mistral")
     llama = settings.model("llama3.1")
     assert llama == ModelSettings(
-        id="llama3.1", endpoints=("http://gpu1:11434", "http://gpu2:11434"), timeout_s=30.0
+        id="llama3.1",
+        endpoints=(EndpointSettings("http://gpu1:11434"), EndpointSettings("http://gpu2:11434")),
+        timeout_s=30.0,
     )
     # A model without endpoints is served by the default Ollama host.
     assert settings.model("mistral") == ModelSettings(
-        id="mistral", endpoints=("http://default-host:11434",), timeout_s=120.0
+        id="mistral", endpoints=(EndpointSettings("http://default-host:11434"),), timeout_s=120.0
     )
     assert settings.model("gpt-4") is None
 
@@ -165,8 +169,8 @@ def test_nexus_models_env_replaces_models(tmp_path: Path) -> None:
         path, environ={"NEXUS_MODELS": " phi3 , qwen2,,", "OLLAMA_HOST": "box:11434"}
     )
     assert settings.models == (
-        ModelSettings("phi3", ("http://box:11434",)),
-        ModelSettings("qwen2", ("http://box:11434",)),
+        ModelSettings("phi3", (EndpointSettings("http://box:11434"),)),
+        ModelSettings("qwen2", (EndpointSettings("http://box:11434"),)),
     )
 
 
@@ -263,3 +267,44 @@ def test_zero_batch_window_is_refused_naming_the_env_var(tmp_path: Path) -> None
         config = tmp_path / "nexus.toml"
         config.write_text("")
         load_settings(config, {"NEXUS_WORKER_MAX_WAIT_MS": "0"})
+
+
+def test_endpoint_tables_fallback_and_cache_policy(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+        [models."llama3.1"]
+        fallback = "mistral"
+        retries = 4
+        cache = "off"
+        endpoints = [
+          { url = "gpu1:11434", weight = 2.0, max_concurrency = 8, max_rps = 5 },
+          "gpu2:11434",
+        ]
+
+        [models.mistral]
+        """,
+    )
+    llama = load_settings(path, environ={}).model("llama3.1")
+    assert llama is not None
+    assert llama.endpoints == (
+        EndpointSettings("http://gpu1:11434", weight=2.0, max_concurrency=8, max_rps=5.0),
+        EndpointSettings("http://gpu2:11434"),
+    )
+    assert (llama.fallback, llama.retries, llama.cache) == ("mistral", 4, "off")
+
+
+@pytest.mark.parametrize(
+    "body, names",
+    [
+        ('[models.a]\nfallback = "b"\n', "fallback"),
+        ('[models.a]\nfallback = "a"\n', "fallback"),
+        ('[models.a]\ncache = "always"\n', "cache"),
+        ('[models.a]\nendpoints = [{ url = "x", max_concurrency = 0 }]\n', "endpoints[0]"),
+        ('[models.a]\nendpoints = [{ url = "x", speed = 3 }]\n', "speed"),
+        ('[models.a]\nendpoints = [{ weight = 1 }]\n', "endpoints[0]"),
+    ],
+)
+def test_bad_model_tables_name_the_key(tmp_path: Path, body: str, names: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        load_settings(_toml(tmp_path, body), environ={})

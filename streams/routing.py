@@ -1,0 +1,217 @@
+"""Choosing the endpoint that will answer soonest: plain state, no I/O, no clock of its own.
+
+Every method takes ``now`` (monotonic seconds) so the decisions test in microseconds.
+
+An endpoint is *eligible* when its circuit lets traffic through, it has a free slot
+(``in_flight < max_concurrency``) and starting one more request keeps it within
+``max_rps`` over the last second. Among eligible endpoints the router picks the
+lowest expected completion time::
+
+    (in_flight + 1) / max_concurrency * observed_seconds_per_request / weight
+
+where the observed time is an EWMA of time to first token plus time per output
+token, seeded by a prior until it has data. Ties within 5% are broken at random
+so no endpoint takes all traffic. A session's last endpoint is preferred while it
+has a free slot (Ollama keeps that context warm). When nothing is eligible the
+caller waits, holding no slot, and asks again.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from nexus.settings import EndpointSettings, ModelSettings
+
+EWMA_ALPHA = 0.2
+PRIOR_SECONDS_PER_REQUEST = 1.0
+TIE_TOLERANCE = 0.05
+MAX_STICKY_SESSIONS = 10_000
+
+
+class Circuit(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"  # one probe may go through
+
+
+@dataclass
+class EndpointState:
+    """What the router knows of one endpoint of one model."""
+
+    settings: EndpointSettings
+    in_flight: int = 0
+    seconds_per_request: float | None = None  # EWMA, end to end of the backend call
+    ttft_s: float | None = None  # EWMA time to first token (streamed requests)
+    seconds_per_token: float | None = None  # EWMA
+    consecutive_failures: int = 0
+    circuit: Circuit = Circuit.CLOSED
+    opened_at: float = 0.0
+    probing: bool = False
+    starts: deque[float] = field(default_factory=deque)  # start times within the last second
+    served: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    def rate_ok(self, now: float) -> bool:
+        while self.starts and self.starts[0] <= now - 1.0:
+            self.starts.popleft()
+        return self.settings.max_rps is None or len(self.starts) < self.settings.max_rps
+
+    def has_slot(self) -> bool:
+        return self.in_flight < self.settings.max_concurrency
+
+    def expected_seconds(self) -> float:
+        per_request = self.seconds_per_request or PRIOR_SECONDS_PER_REQUEST
+        load = (self.in_flight + 1) / self.settings.max_concurrency
+        return load * per_request / self.settings.weight
+
+    def tokens_per_second(self) -> float | None:
+        return 1.0 / self.seconds_per_token if self.seconds_per_token else None
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "weight": self.settings.weight,
+            "max_concurrency": self.settings.max_concurrency,
+            "max_rps": self.settings.max_rps,
+            "in_flight": self.in_flight,
+            "ewma_seconds_per_request": self.seconds_per_request,
+            "ewma_ttft_seconds": self.ttft_s,
+            "tokens_per_second": self.tokens_per_second(),
+            "circuit": self.circuit.value,
+            "healthy": self.circuit is Circuit.CLOSED,
+            "served": self.served,
+            "failed": self.failed,
+            "last_error": self.last_error,
+        }
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * sample
+
+
+class ModelRouter:
+    """Routing state of one model's endpoints."""
+
+    def __init__(
+        self,
+        model: ModelSettings,
+        rng: random.Random | None = None,
+        failure_threshold: int = 3,
+        open_seconds: float = 5.0,
+    ) -> None:
+        self.model = model
+        self.endpoints = {e.url: EndpointState(e) for e in model.endpoints}
+        self._rng = rng or random.Random()
+        self._failure_threshold = failure_threshold
+        self._open_seconds = open_seconds
+        self._sessions: dict[str, str] = {}
+
+    # -- choosing ---------------------------------------------------------------------
+
+    def choose(self, now: float, session_id: str | None = None, exclude: frozenset[str] = frozenset()) -> EndpointState | None:
+        """The endpoint to send to now, holding a slot on it; ``None`` means wait and ask again."""
+        eligible = [
+            e for e in self.endpoints.values()
+            if e.url not in exclude and e.circuit is Circuit.CLOSED and e.has_slot() and e.rate_ok(now)
+        ]
+        if not eligible:
+            return None
+        sticky = self._sessions.get(session_id) if session_id else None
+        chosen = next((e for e in eligible if e.url == sticky), None)
+        if chosen is None:
+            best = min(e.expected_seconds() for e in eligible)
+            near = [e for e in eligible if e.expected_seconds() <= best * (1 + TIE_TOLERANCE)]
+            chosen = self._rng.choice(near)
+        self._start(chosen, now, session_id)
+        return chosen
+
+    def wait_hint(self, now: float) -> float:
+        """How long nothing can change by the clock alone (rate windows, open circuits)."""
+        hints = [0.05]
+        for e in self.endpoints.values():
+            if e.circuit is Circuit.OPEN:
+                hints.append(max(0.001, e.opened_at + self._open_seconds - now))
+            if e.starts and not e.rate_ok(now):
+                hints.append(max(0.001, e.starts[0] + 1.0 - now))
+        return min(hints)
+
+    def probe_candidates(self, now: float) -> list[EndpointState]:
+        """Open circuits whose cool-down is over: they need a health probe before traffic."""
+        return [
+            e for e in self.endpoints.values()
+            if e.circuit is Circuit.OPEN and now >= e.opened_at + self._open_seconds and not e.probing
+        ]
+
+    def _start(self, e: EndpointState, now: float, session_id: str | None) -> None:
+        e.in_flight += 1
+        e.starts.append(now)
+        if session_id:
+            self._sessions.pop(session_id, None)
+            self._sessions[session_id] = e.url
+            if len(self._sessions) > MAX_STICKY_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def succeeded(
+        self,
+        url: str,
+        seconds: float,
+        completion_tokens: int = 0,
+        ttft_s: float | None = None,
+    ) -> None:
+        e = self.endpoints[url]
+        e.in_flight -= 1
+        e.served += 1
+        e.consecutive_failures = 0
+        e.seconds_per_request = _ewma(e.seconds_per_request, seconds)
+        if ttft_s is not None:
+            e.ttft_s = _ewma(e.ttft_s, ttft_s)
+        if completion_tokens > 0:
+            generating = seconds - (ttft_s or 0.0)
+            e.seconds_per_token = _ewma(e.seconds_per_token, max(generating, 1e-6) / completion_tokens)
+
+    def failed(self, url: str, now: float, error: str, counts_against_endpoint: bool = True) -> None:
+        """Release the slot; repeated failures open the circuit."""
+        e = self.endpoints[url]
+        e.in_flight -= 1
+        e.last_error = error
+        if not counts_against_endpoint:
+            return
+        e.failed += 1
+        e.consecutive_failures += 1
+        if e.consecutive_failures >= self._failure_threshold and e.circuit is Circuit.CLOSED:
+            e.circuit = Circuit.OPEN
+            e.opened_at = now
+
+    def released(self, url: str) -> None:
+        """The request ended without telling us about the endpoint (cancelled, deadline)."""
+        self.endpoints[url].in_flight -= 1
+
+    def probe_started(self, url: str) -> None:
+        e = self.endpoints[url]
+        e.probing = True
+        e.circuit = Circuit.HALF_OPEN
+
+    def probe_finished(self, url: str, ok: bool, now: float) -> None:
+        e = self.endpoints[url]
+        e.probing = False
+        if ok:
+            e.circuit = Circuit.CLOSED
+            e.consecutive_failures = 0
+        else:
+            e.circuit = Circuit.OPEN
+            e.opened_at = now
+
+
+def backoff_seconds(attempt: int, rng: random.Random, base: float = 0.05, cap: float = 2.0) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * (2**attempt)))
