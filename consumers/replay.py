@@ -114,7 +114,7 @@ class RangeReader:
         }
 
     async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        for _ in range(3):
+        for _ in range(3):  # without a subscription, metadata is fetched only when asked
             partitions = consumer.partitions_for_topic(topic)
             if partitions:
                 return partitions

@@ -142,8 +142,14 @@ async def _run(
             out.write(f"{r.id}\t{r.original_id}\n" if table else json.dumps(
                 {"id": r.id, "original_id": r.original_id, "model_id": r.model_id}) + "\n")
         return 0
-    if table:
-        out.write(table_header() + "\n")
-    async for record in replay_records(kafka, options, bar):
-        out.write((table_row(record) if table else jsonl_line(record)) + "\n")
+    if not table:  # streamed as fetched: in offset order per partition
+        async for record in replay_records(kafka, options, bar):
+            out.write(jsonl_line(record) + "\n")
+        return 0
+    # For people: in time order across topics and partitions (so held in memory first).
+    records = [record async for record in replay_records(kafka, options, bar)]
+    records.sort(key=lambda r: (r.timestamp, r.topic, r.partition, r.offset))
+    out.write(table_header() + "\n")
+    for record in records:
+        out.write(table_row(record) + "\n")
     return 0

@@ -43,7 +43,9 @@ class ResponseListener:
         try:
             await consumer.start()
             partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
+            for _ in range(3):  # without a subscription, metadata is fetched only when asked
+                if partitions:
+                    break
                 await consumer._client.force_metadata_update()
                 partitions = consumer.partitions_for_topic(topic)
             if not partitions:

@@ -18,7 +18,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
@@ -62,15 +62,24 @@ class SchemaVersion:
 class Codec:
     """Encodes and decodes Nexus records; knows every schema version by fingerprint."""
 
-    def __init__(self, versions: list[SchemaVersion]) -> None:
+    def __init__(self, versions: list[SchemaVersion], pin: Mapping[str, int] | None = None) -> None:
+        """``pin`` makes this the codec of an application built for older versions: it reads and
+        writes ``{name: version}`` instead of the highest, and still reads newer writers' records
+        (resolved down to the pinned version) as long as it holds their ``.avsc`` files."""
         self._by_fingerprint = {v.fingerprint: v for v in versions}
         self._current: dict[str, SchemaVersion] = {}
         for v in sorted(versions, key=lambda v: v.version):
             self._current[v.name] = v
+        for name, version in (pin or {}).items():
+            pinned = [v for v in versions if v.name == name and v.version == version]
+            if not pinned:
+                known = sorted(v.version for v in versions if v.name == name)
+                raise UnknownSchemaError(f"cannot pin {name} to v{version}: known versions {known}")
+            self._current[name] = pinned[0]
 
     @classmethod
-    def from_directory(cls, directory: Path = SCHEMA_DIR) -> "Codec":
-        return cls(load_versions(directory))
+    def from_directory(cls, directory: Path = SCHEMA_DIR, pin: Mapping[str, int] | None = None) -> "Codec":
+        return cls(load_versions(directory), pin)
 
     @property
     def versions(self) -> list[SchemaVersion]:
