@@ -34,6 +34,8 @@ class KafkaSettings:
     responses_topic: str = "inference.responses"
     dlq_topic: str = "inference.dlq"
     tokens_topic: str = "inference.tokens"
+    # Compacted: each worker's latest view of its endpoints, for the gateway's GET /models.
+    state_topic: str = "nexus.endpoint-state"
     # Used when the worker dies: the group notices after this long and reassigns.
     session_timeout_ms: int = 10_000
     # How long a producer waits for the broker to acknowledge before giving up.

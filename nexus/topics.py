@@ -39,14 +39,17 @@ async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[s
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in topic_names(kafka) if name not in existing]
-        if not missing:
+        new = [
+            NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=topic_config(kafka))
+            for name in missing
+        ]
+        if kafka.state_topic not in existing:
+            # Not part of the audit log: only the latest state per worker matters.
+            new.append(NewTopic(kafka.state_topic, 1, kafka.replication_factor,
+                                topic_configs={"cleanup.policy": "compact"}))
+        if not new:
             return []
-        result = await admin.create_topics(
-            [
-                NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=topic_config(kafka))
-                for name in missing
-            ]
-        )
+        result = await admin.create_topics(new)
         created = []
         for name, code, *_ in result.topic_errors:
             if code == 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from nexus.settings import Settings
 from nexus.topics import ensure_topics
 
 from .client import RequestProducer, SubmitError
+from .endpoint_state import EndpointStateReader
 from .validation import RejectedRequest, parse_infer_body
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     app = web.Application(client_max_size=settings.gateway.max_body_bytes, middlewares=[_json_errors])
     app[MAX_BODY] = settings.gateway.max_body_bytes
     known_models = set(settings.model_ids)
+    endpoint_state = EndpointStateReader(settings)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ensure_topics(settings.kafka)
@@ -79,7 +80,9 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         await producer.start()
         app[PRODUCER] = producer
         app[HTTP] = httpx.AsyncClient(timeout=settings.gateway.health_timeout_s)
+        endpoint_state.start()
         yield
+        await endpoint_state.stop()
         await app[HTTP].aclose()
         await producer.stop()
 
@@ -114,15 +117,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         )
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "models": [
-                    {"id": m.id, "endpoints": [asdict(e) for e in m.endpoints], "timeout_s": m.timeout_s,
-                     "fallback": m.fallback, "cache": m.cache}
-                    for m in settings.models
-                ]
-            }
-        )
+        return web.json_response({"models": endpoint_state.models()})
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/infer", infer)

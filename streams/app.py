@@ -21,6 +21,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ DLQ_KIND = "nexus-error-kind"
 DLQ_SOURCE = "nexus-source"
 TOKEN_FLUSH_S = 0.025
 LAG_INTERVAL_S = 10.0
+STATE_INTERVAL_S = 2.0
 
 
 class KafkaTokenSink:
@@ -154,6 +158,8 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     cache_updates = app.topic(
         f"{worker.app_id}-cache-updates", partitions=kafka.partitions, internal=True, **raw
     )
+    endpoint_state = app.topic(kafka.state_topic, **raw)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes)
     codec = Codec.from_directory()
     metrics = WorkerMetrics()
@@ -240,6 +246,15 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             update = json.loads(value)
             cache_table[update["key"].encode()] = update["entry"].encode()
             metrics.cache_entries.set(len(cache_table))
+
+    @app.timer(STATE_INTERVAL_S)
+    async def publish_endpoint_state() -> None:
+        """Share the routing state so gateways can show it (GET /models): a compacted topic."""
+        inference = state.get("inference")
+        if inference is None:
+            return
+        snapshot = {"worker": worker_id, "at": time.time(), "models": inference.snapshot()}
+        await send(endpoint_state, worker_id.encode(), json.dumps(snapshot).encode())
 
     @app.timer(LAG_INTERVAL_S)
     async def consumer_lag() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -175,3 +176,29 @@ async def test_health_metrics_and_models(stack: dict[str, str], gateway_url: str
         worker = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/metrics")
     assert worker.status_code == 200
     assert "nexus_worker_batch_size_bucket" in worker.text
+
+
+async def test_models_show_each_endpoints_live_state_from_the_workers(
+    stack: dict[str, str], gateway_url: str
+) -> None:
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    request = InferenceRequest(uuid.uuid4().hex, "llama3.1", "state?", ModelContext("state"))
+    async with TopicReader(bootstrap, "inference.responses") as responses:
+        async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
+            await producer.submit(request)
+        await wait_for_responses(responses, {request.id})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    async with httpx.AsyncClient() as http:
+        while True:  # workers publish their state every 2 s
+            models = (await http.get(f"{gateway_url}/models")).json()["models"]
+            live = models[0]["endpoints"][0]["live"]
+            if live.get("served", 0) >= 1 or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    assert models[0]["id"] == "llama3.1"
+    assert models[0]["endpoints"][0]["url"] == stack["OLLAMA_HOST"]
+    assert live["workers_reporting"] == 1
+    assert live["served"] >= 1
+    assert live["circuit"] == "closed" and live["healthy"] is True
+    assert live["ewma_seconds_per_request"] is not None
