@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import timedelta
 from collections.abc import Collection
 from typing import Any
 
-from schemas import InferenceOptions, InferenceRequest, ModelContext, new_id, utcnow
+from schemas import CACHE_POLICIES, InferenceOptions, InferenceRequest, ModelContext, new_id, utcnow
 
 MAX_ID_LENGTH = 256
-_FIELDS = {"id", "model_id", "input", "context", "options", "stream"}
+_FIELDS = {"id", "model_id", "input", "context", "options", "stream", "cache", "timeout_ms"}
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
 _OPTION_FIELDS = {"temperature", "max_tokens", "seed"}
 _INT64 = 2**63
 
@@ -49,6 +51,15 @@ def request_from_json(data: Any, known_models: Collection[str]) -> InferenceRequ
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise RejectedRequest(400, "'stream' must be true or false")
+    cache = data.get("cache", "default")
+    if cache not in CACHE_POLICIES:
+        raise RejectedRequest(400, f"'cache' must be one of {list(CACHE_POLICIES)}")
+    timeout_ms = data.get("timeout_ms")
+    if timeout_ms is not None and (
+        isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not 0 < timeout_ms <= MAX_TIMEOUT_MS
+    ):
+        raise RejectedRequest(400, f"'timeout_ms' must be an integer in [1, {MAX_TIMEOUT_MS}]")
+    created_at = utcnow()
     request = InferenceRequest(
         id=request_id,
         model_id=model_id,
@@ -56,7 +67,9 @@ def request_from_json(data: Any, known_models: Collection[str]) -> InferenceRequ
         context=_context(data.get("context")),
         options=_options(data.get("options")),
         stream=stream,
-        created_at=utcnow(),
+        created_at=created_at,
+        cache=cache,
+        deadline=created_at + timedelta(milliseconds=timeout_ms) if timeout_ms else None,
     )
     if model_id not in known_models:
         raise RejectedRequest(404, f"unknown model {model_id!r}; known models: {sorted(known_models)}")

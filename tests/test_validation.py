@@ -215,3 +215,23 @@ def test_bad_body_for_unknown_model_is_still_400() -> None:
     # A malformed request is the caller's fault whatever the model.
     error = _rejected(_body(model_id="gpt-4o", options={"max_tokens": 0}))
     assert error.status == 400
+
+
+def test_cache_policy_and_timeout_become_request_fields() -> None:
+    body = {"model_id": "llama3.1", "input": "x", "cache": "no-store", "timeout_ms": 1500}
+    request = parse_infer_body(json.dumps(body).encode(), MODELS)
+    assert request.cache == "no-store"
+    assert request.deadline is not None
+    assert (request.deadline - request.created_at).total_seconds() == 1.5
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [({"cache": "sometimes"}, "cache"), ({"timeout_ms": 0}, "timeout_ms"), ({"timeout_ms": "5"}, "timeout_ms"),
+     ({"timeout_ms": True}, "timeout_ms")],
+)
+def test_bad_cache_policy_or_timeout_is_400(extra: dict, field: str) -> None:
+    body = {"model_id": "llama3.1", "input": "x", **extra}
+    with pytest.raises(RejectedRequest) as info:
+        parse_infer_body(json.dumps(body).encode(), MODELS)
+    assert info.value.status == 400 and field in info.value.message
