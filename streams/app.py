@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 DLQ_REASON = "nexus-error"
 DLQ_KIND = "nexus-error-kind"
 DLQ_SOURCE = "nexus-source"
+# On responses and token chunks of a request that named a waiting gateway, so that
+# gateway can skip everyone else's records without decoding them.
+REPLY_TO = "nexus-reply-to"
 TOKEN_FLUSH_S = 0.025
 LAG_INTERVAL_S = 10.0
 STATE_INTERVAL_S = 2.0
@@ -100,7 +103,10 @@ class KafkaTokenSink:
             )
             self._buffer.clear()
             self.sent += 1
-            self._acks.append(await self._send(token.session_id.encode(), encode_token(self._codec, token)))
+            headers = [(REPLY_TO, token.reply_to.encode())] if token.reply_to else None
+            self._acks.append(
+                await self._send(token.session_id.encode(), encode_token(self._codec, token), headers)
+            )
 
     async def close(self) -> None:
         """Flush what is left and wait until Kafka acknowledged every chunk."""
@@ -193,14 +199,18 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         await produce(dead_letters, message.key, message.value, headers)
 
     async def publish(answer: Answer, event: EventT, request: InferenceRequest) -> None:
-        await produce(responses, request.context.session_id.encode(), encode_response(codec, answer.response))
+        reply_to = answer.response.reply_to
+        headers = [(REPLY_TO, reply_to.encode())] if reply_to else None
+        await produce(
+            responses, request.context.session_id.encode(), encode_response(codec, answer.response), headers
+        )
         if answer.dead_letter_reason is not None:
             await dead_letter(event, answer.dead_letter_reason, "failed")
 
     async def handle(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
         """Answer the first request of a group; identical others get the same answer."""
         event, request = group[0]
-        sink = KafkaTokenSink(lambda k, v: send(tokens, k, v), codec, request) if request.stream else None
+        sink = KafkaTokenSink(lambda k, v, h: send(tokens, k, v, h), codec, request) if request.stream else None
         answer = await inference.answer(request, sink)
         if sink is not None:
             await sink.close()  # every chunk is acknowledged before the response goes out
