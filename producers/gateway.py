@@ -20,6 +20,7 @@ from nexus.topics import ensure_topics
 
 from .client import RequestProducer, SubmitError
 from .endpoint_state import EndpointStateReader
+from .openapi import add_openapi_route
 from .validation import RejectedRequest, parse_infer_body
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/models", models)
+    add_openapi_route(app, settings)  # GET /openapi.json
     return app
 
 

@@ -61,7 +61,7 @@ def test_retention_must_be_positive_or_minus_one(tmp_path: Path, value: str, ok:
 async def test_topics_are_created_as_an_audit_log(bootstrap: str) -> None:
     kafka = _kafka(bootstrap, retention_ms=3_600_000)
     created = await ensure_topics(kafka)
-    assert sorted(created) == sorted(topic_names(kafka))
+    assert set(topic_names(kafka)) <= set(created)
     configs = await _configs(bootstrap, topic_names(kafka))
     for name in topic_names(kafka):
         assert configs[name]["cleanup.policy"] == "delete"
