@@ -27,6 +27,7 @@ SIMULATOR_HEADER_VALUE = "nexus"
 VERSION = "0.0.0-simulated"
 EMBEDDING_DIMS = 8
 KEEP_ALIVE = timedelta(minutes=5)
+MAX_ARRIVALS = 10_000
 _VOCAB_SIZE = 128_256  # llama3 vocabulary size; only used to make context ids plausible
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")
 
@@ -446,6 +447,12 @@ class SimulatorStats:
     tokens_generated: int = 0
     active: int = 0
     max_concurrent: int = 0
+    # Monotonic arrival times of generate/chat requests, newest last, so a benchmark or
+    # test can check rate limits at the endpoint side; bounded to keep memory flat.
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_ARRIVALS))
+
+    def record_arrival(self, now: float) -> None:
+        self.arrivals.append(now)
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-friendly copy (served at GET /simulator/stats)."""
@@ -460,4 +467,5 @@ class SimulatorStats:
             "tokens_generated": self.tokens_generated,
             "active": self.active,
             "max_concurrent": self.max_concurrent,
+            "arrivals": list(self.arrivals),
         }

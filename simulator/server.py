@@ -284,6 +284,7 @@ def _maybe_fail(state: SimulatorState) -> None:
 async def handle_generate(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
     state = request.app[STATE_KEY]
+    state.stats.record_arrival(time.monotonic())
     body = await _read_body(request)
     model = _requested_model(body, state)
     prompt = _optional_str(body, "prompt") or ""
@@ -335,6 +336,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter_ns()
     state = request.app[STATE_KEY]
+    state.stats.record_arrival(time.monotonic())
     body = await _read_body(request)
     model = _requested_model(body, state)
     messages = _messages(body)

@@ -21,7 +21,9 @@ from simulator.cli import add_arguments, config_from_args
 from simulator.model import (
     BUSY_ERROR,
     Admission,
+    MAX_ARRIVALS,
     SimulatorConfig,
+    SimulatorStats,
     SlotQueue,
     canonical_model_name,
     chat_chunk,
@@ -483,3 +485,27 @@ async def test_stats_endpoint() -> None:
     assert stats["served"]["/api/generate"] == 1
     assert stats["served_by_model"] == {"mistral": 1}
     assert stats["tokens_generated"] == 5
+
+
+def test_arrivals_are_bounded_and_keep_the_newest() -> None:
+    """Rate-limit checks read arrival times; a long benchmark must not grow them without end."""
+    stats = SimulatorStats()
+    for i in range(MAX_ARRIVALS + 5):
+        stats.record_arrival(float(i))
+    arrivals = stats.snapshot()["arrivals"]
+    assert len(arrivals) == MAX_ARRIVALS
+    assert arrivals[0] == 5.0 and arrivals[-1] == float(MAX_ARRIVALS + 4)
+
+
+async def test_stats_record_arrival_times_of_generate_and_chat_only() -> None:
+    async with running(fail_rate=1.0) as (client, _):
+        before = time.monotonic()
+        await client.post("/api/generate", json={"model": "mistral", "prompt": "a", "stream": False})
+        await client.post("/api/chat", json={"model": "mistral", "messages": [{"role": "user", "content": "b"}]})
+        await client.get("/api/version")
+        await client.post("/api/embed", json={"model": "mistral", "input": "x"})
+        after = time.monotonic()
+        arrivals = (await client.get("/simulator/stats")).json()["arrivals"]
+    # Failed requests arrived too: the endpoint saw them, a rate limit must count them.
+    assert len(arrivals) == 2
+    assert before <= arrivals[0] <= arrivals[1] <= after
