@@ -119,7 +119,7 @@ class JoinReport:
             f"  requests:  {self.requests}",
             f"  answered:  {self.answered}"
             + (" (all)" if self.complete else f" ({len(self.unanswered)} without a response)"),
-            f"  responses: {self.responses}",
+            f"  responses: {self.responses} written in the range (answers are looked for past it too)",
             f"  statuses:  {_counts(self.statuses)}",
         ]
         lines += _id_list("requests without a response", self.unanswered)
