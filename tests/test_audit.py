@@ -271,3 +271,16 @@ def test_table_rows_line_up() -> None:
 def test_progress_line() -> None:
     assert progress_line(0, 0).startswith("[" + "#" * 30 + "]")
     assert progress_line(4200, 10_000) == "[#############-----------------]  42%  4,200/10,000 records"
+
+
+def test_tokens_decode_and_filter_by_session() -> None:
+    from schemas import InferenceToken, encode_token
+
+    data = encode_token(CODEC, InferenceToken("r1", "mistral", "s7", 3, " world"))
+    record = decode_record(CODEC, "token", topic="inference.tokens", partition=0, offset=0, timestamp=T0,
+                           key=b"s7", value=data)
+    assert (record.id, record.model_id, record.session_id, record.status) == ("r1", "mistral", "s7", None)
+    assert RecordFilter(sessions=frozenset({"s7"})).matches(record)
+    assert not RecordFilter(statuses=frozenset({"ok"})).matches(record)
+    assert "#3 world" in table_row(record)  # whitespace is flattened in the table
+    assert json.loads(jsonl_line(record))["value"]["seq"] == 3
