@@ -56,7 +56,9 @@ class GatewaySettings:
 class WorkerSettings:
     app_id: str = "nexus-worker"
     max_batch: int = 32
-    max_wait_ms: int = 20
+    max_wait_ms: int = 5
+    # Requests being answered at once by one worker; more wait in Kafka (back-pressure).
+    max_in_flight: int = 256
     web_port: int = 6066
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     # How long a commit may lag behind processing; offsets are still only
@@ -148,7 +150,7 @@ _SECTIONS: dict[str, type] = {
 _POSITIVE = {
     "kafka": ("partitions", "replication_factor", "session_timeout_ms", "produce_timeout_s"),
     "gateway": ("max_body_bytes", "health_timeout_s"),
-    "worker": ("max_batch", "max_wait_ms", "commit_interval_s"),
+    "worker": ("max_batch", "max_wait_ms", "max_in_flight", "commit_interval_s"),
     "bridge": ("port", "max_queue"),
 }
 

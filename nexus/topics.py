@@ -76,3 +76,9 @@ async def _start_with_retry(admin: AIOKafkaAdminClient, bootstrap: str, timeout_
                     "start one with `nexus kafka` or pass --bootstrap"
                 ) from None
             await asyncio.sleep(0.5)
+
+
+async def partitions_of(admin: AIOKafkaAdminClient, topic: str) -> list[int]:
+    """The partition numbers of ``topic``, from the cluster (empty if it does not exist)."""
+    [description] = await admin.describe_topics([topic])
+    return sorted(p["partition"] for p in description.get("partitions", []))

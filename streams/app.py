@@ -1,10 +1,12 @@
 """The worker: a Faust app whose agent answers ``inference.requests`` in batches.
 
-Delivery is at-least-once. ``stream.take_events`` acks a batch only after the
-loop body returns, and the body returns only after Kafka acknowledged every
-response, token chunk and dead letter of the batch, so a committed offset always
-has its answer durably written. A worker killed mid-batch leaves that batch
-uncommitted; its successor answers it again (duplicates, never losses).
+Delivery is at-least-once. Requests are read in batches (``noack_take``) and
+answered concurrently, up to ``worker.max_in_flight`` at once; an event is acked
+only once Kafka acknowledged its response, token chunks and dead letter, and
+only after every earlier event of its partition was (streams/acks.py), so a
+committed offset always has its answers durably written. A worker killed
+mid-run leaves those offsets uncommitted; its successor answers them again
+(duplicates, never losses).
 
 The response cache is a Faust table. Tables cannot be written from inside a
 ``take()`` batch (there is no current event to tie the changelog to), so the
@@ -35,6 +37,7 @@ from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.settings import Settings
+from nexus.topics import partitions_of
 from schemas import (
     Codec,
     InferenceRequest,
@@ -46,6 +49,7 @@ from schemas import (
 )
 
 from . import cache
+from .acks import InOrderAcks
 from .inference import Answer, Inference
 from .metrics import WorkerMetrics
 from .prompt import PromptTemplate
@@ -232,13 +236,38 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     @app.agent(requests, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        acks: InOrderAcks[EventT] = InOrderAcks()
+        in_flight = asyncio.Semaphore(worker.max_in_flight)
+        running: set[asyncio.Task[None]] = set()
+
+        async def finished(events: list[EventT]) -> None:
+            """The answers of ``events`` are durable: ack what is now ackable, in order."""
+            for event in events:
+                for ready in acks.done(event.message.tp, event.message.offset):
+                    await stream.ack(ready)
+
+        async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
+            try:
+                await handle(group, inference)
+            except Exception:  # left unacked: the partition's commits stop, nothing is lost
+                log.exception("answering %s failed; its offset stays uncommitted", group[0][1].id)
+                return
+            finally:
+                in_flight.release()
+            await finished([event for event, _ in group])
+
         async with httpx.AsyncClient(limits=limits) as http:
             inference = state["inference"] = Inference(
                 settings, http, metrics, TableCache(cache_table, lambda k, v: produce(cache_updates, k, v))
             )
-            async for events in stream.take_events(worker.max_batch, within=worker.max_wait_ms / 1000):
+            # Batches overlap: a slow answer holds neither the next batch nor the commits of
+            # the answers before it; acks are released in offset order (streams/acks.py).
+            async for events in stream.noack_take(worker.max_batch, within=worker.max_wait_ms / 1000):
                 metrics.batch_size.observe(len(events))
+                for event in events:
+                    acks.add(event.message.tp, event.message.offset, event)
                 decoded = await asyncio.gather(*(decode(event) for event in events))
+                await finished([e for e, r in zip(events, decoded) if r is None])  # dead-lettered
                 groups: dict[object, list[tuple[EventT, InferenceRequest]]] = {}
                 for event, request in zip(events, decoded):
                     if request is None:
@@ -246,9 +275,11 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                     share = cache.shareable(request) and not request.stream
                     key = cache.cache_key(request) if share else object()
                     groups.setdefault(key, []).append((event, request))
-                # Concurrently; each answer is published as soon as it is ready, and
-                # the batch is acked only when every answer is durable.
-                await asyncio.gather(*(handle(group, inference) for group in groups.values()))
+                for group in groups.values():
+                    await in_flight.acquire()  # back-pressure: at most max_in_flight answers pending
+                    task = asyncio.ensure_future(run(group, inference))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
 
     @app.agent(cache_updates, name="nexus.cache")
     async def store_cache(stream: faust.StreamT) -> None:
@@ -294,9 +325,7 @@ async def _consumer_lag(bootstrap: str, group: str, topic: str) -> dict[int, int
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        await consumer.topics()  # loads the cluster's metadata
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in partitions]
+        tps = [TopicPartition(topic, p) for p in await partitions_of(admin, topic)]
         ends = await consumer.end_offsets(tps)
         return {
             tp.partition: ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)

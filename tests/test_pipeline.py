@@ -7,9 +7,11 @@ import json
 import uuid
 
 import httpx
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from nexus.settings import KafkaSettings
+from nexus.topics import partitions_of
 from producers.client import RequestProducer
 from schemas import InferenceRequest, ModelContext, decode_request
 from tests.support import CODEC, TopicReader, wait_for_responses
@@ -202,3 +204,51 @@ async def test_models_show_each_endpoints_live_state_from_the_workers(
     assert live["served"] >= 1
     assert live["circuit"] == "closed" and live["healthy"] is True
     assert live["ewma_seconds_per_request"] is not None
+
+
+async def test_offsets_are_committed_once_the_answers_are_durable(stack: dict[str, str]) -> None:
+    """Out-of-order answers still get acked: the worker group's commits reach the end."""
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    run = uuid.uuid4().hex[:8]
+    requests = [
+        InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"c{i}", ModelContext(f"s{i}"))
+        for i in range(40)
+    ]
+    async with TopicReader(bootstrap, "inference.responses") as responses:
+        async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
+            await producer.submit_many(requests)
+        await wait_for_responses(responses, {r.id for r in requests})
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        tps = [TopicPartition("inference.requests", p) for p in await partitions_of(admin, "inference.requests")]
+        ends = await consumer.end_offsets(tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # Faust commits acked offsets every commit_interval_s
+            committed = await admin.list_consumer_group_offsets("nexus-worker")
+            behind = {tp: ends[tp] - committed[tp].offset for tp in tps if ends[tp] and
+                      (tp not in committed or committed[tp].offset < ends[tp])}
+            if not behind or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
+        await admin.close()
+    assert behind == {}
+
+
+async def test_consumer_lag_is_measured_per_partition(stack: dict[str, str]) -> None:
+    from streams.app import _consumer_lag
+
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    request = InferenceRequest(uuid.uuid4().hex, "mistral", "lag?", ModelContext("lag"))
+    async with TopicReader(bootstrap, "inference.responses") as responses:  # the group exists
+        async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
+            await producer.submit(request)
+        await wait_for_responses(responses, {request.id})
+    lag = await _consumer_lag(stack["NEXUS_KAFKA_BOOTSTRAP"], "nexus-worker", "inference.requests")
+    assert sorted(lag) == list(range(8))
+    assert all(isinstance(v, int) and v >= 0 for v in lag.values())
