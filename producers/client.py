@@ -18,6 +18,7 @@ systems can use it without the worker, the gateway or their dependencies.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future as ThreadFuture
@@ -38,6 +39,9 @@ DEFAULT_WAIT_S = 120.0
 
 class ProducerError(RuntimeError):
     """Base class of the producer API's errors."""
+
+
+log = logging.getLogger(__name__)
 
 
 class SubmitError(ProducerError):
@@ -95,7 +99,12 @@ class RequestProducer:
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
-        await self._producer.stop()
+        try:
+            # Unacknowledged records are flushed for at most one produce timeout: with the
+            # brokers gone, stopping must not hang (their senders were already told 503).
+            await asyncio.wait_for(self._producer.stop(), self._kafka.produce_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("stopped the producer with records Kafka never acknowledged")
 
     async def __aenter__(self) -> "RequestProducer":
         await self.start()

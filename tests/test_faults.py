@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -124,3 +125,32 @@ def _isolated_env(bootstrap: str, ollama: str, run: str) -> dict[str, str]:
         NEXUS_KAFKA_PARTITIONS="2",
         NEXUS_WORKER_APP_ID=f"nexus-test-{run}",
     )
+
+
+async def test_gateway_answers_503_quickly_never_202_when_kafka_is_away(
+    logs_dir: Path, tmp_path: Path
+) -> None:
+    from nexus.localkafka import LocalKafka
+
+    kafka = LocalKafka(port=free_port(), data_dir=tmp_path / "kafka")
+    kafka.start()
+    env = stack_env(kafka.bootstrap, f"http://127.0.0.1:{free_port()}", NEXUS_KAFKA_PRODUCE_TIMEOUT_S="2")
+    gateway = start_gateway(env, logs_dir)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            before = await http.post("/infer", json={"model_id": "llama3.1", "input": "up"})
+            assert before.status_code == 202
+            kafka.stop()
+            for i in range(3):
+                started = asyncio.get_running_loop().time()
+                reply = await http.post("/infer", json={"model_id": "llama3.1", "input": f"down {i}"})
+                elapsed = asyncio.get_running_loop().time() - started
+                assert reply.status_code == 503, reply.text
+                assert "did not acknowledge" in reply.json()["error"]
+                assert elapsed < 5, f"503 took {elapsed:.1f}s; the produce timeout is 2 s"
+            health = await http.get("/health")
+            assert health.status_code == 503
+            assert health.json()["checks"]["kafka"]["status"] == "down"
+    finally:
+        gateway.stop()
+        kafka.stop()
