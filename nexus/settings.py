@@ -50,6 +50,8 @@ class GatewaySettings:
     port: int = 3000
     max_body_bytes: int = 1024 * 1024
     health_timeout_s: float = 2.0
+    # How long an Ollama/OpenAI-API call waits for its answer (X-Nexus-Timeout-Ms overrides).
+    reply_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ _SECTIONS: dict[str, type] = {
 # Zero would not mean "no limit" for these: it would stall or refuse everything.
 _POSITIVE = {
     "kafka": ("partitions", "replication_factor", "session_timeout_ms", "produce_timeout_s"),
-    "gateway": ("max_body_bytes", "health_timeout_s"),
+    "gateway": ("max_body_bytes", "health_timeout_s", "reply_timeout_s"),
     "worker": ("max_batch", "max_wait_ms", "max_in_flight", "commit_interval_s"),
     "bridge": ("port", "max_queue"),
 }

@@ -19,6 +19,7 @@ from nexus.settings import Settings
 from nexus.topics import ensure_topics
 
 from .client import RequestProducer, SubmitError
+from .dropin import add_dropin_routes
 from .endpoint_state import EndpointStateReader
 from .openapi import add_openapi_route
 from .validation import RejectedRequest, parse_infer_body
@@ -126,6 +127,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/models", models)
     add_openapi_route(app, settings)  # GET /openapi.json
+    # Ollama's /api/* and OpenAI's /v1/* answered over Kafka; starts the reply reader (docs/drop-in.md).
+    add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER])
     return app
 
 
