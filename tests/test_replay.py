@@ -17,7 +17,7 @@ from aiokafka.consumer import AIOKafkaConsumer
 from consumers.audit import RecordFilter, iso
 from consumers.replay import ReplayOptions, join_report, replay_records, resubmit
 from nexus.settings import KafkaSettings
-from nexus.topics import ensure_topics
+from nexus.topics import partitions_of, ensure_topics
 from producers.client import RequestProducer
 from schemas import InferenceRequest, InferenceResponse, ModelContext
 from tests.support import CODEC, REPO, TopicReader, wait_for_responses
@@ -217,7 +217,9 @@ async def _wait_worker_caught_up(admin: AIOKafkaAdminClient, bootstrap: str, top
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        # A fresh consumer knows no partitions yet: ask the cluster.
+        tps = [TopicPartition(topic, p) for p in await partitions_of(admin, topic)]
+        assert tps, f"{topic} has no partitions"
         deadline = asyncio.get_running_loop().time() + 60
         while True:
             ends = await consumer.end_offsets(tps)
