@@ -15,6 +15,7 @@ from aiohttp import web
 from nexus.settings import Settings
 from schemas import CACHE_POLICIES
 
+from .dropin_spec import dropin_parameters, dropin_paths, dropin_schemas
 from .validation import MAX_ID_LENGTH, MAX_TIMEOUT_MS
 
 JSON = "application/json"
@@ -114,8 +115,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            **dropin_paths(),  # Ollama's /api/* and OpenAI's /v1/* (docs/drop-in.md)
         },
-        "components": {"schemas": _schemas(models)},
+        "components": {"schemas": {**_schemas(models), **dropin_schemas()}, "parameters": dropin_parameters()},
     }
 
 

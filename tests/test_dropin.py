@@ -146,6 +146,39 @@ def test_openai_errors_have_openais_shape(gateway_url: str) -> None:
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_the_openapi_document_describes_the_real_answers(gateway_url: str) -> None:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    spec = httpx.get(f"{gateway_url}/openapi.json").json()
+    registry = Registry().with_resource("urn:spec", Resource.from_contents(spec, default_specification=DRAFT202012))
+    chat = [{"role": "user", "content": "x"}]
+    cases = [
+        ("post", "/api/generate", {"model": "llama3.1", "prompt": "x", "stream": False}, 200),
+        ("post", "/api/generate", {"model": "nope", "prompt": "x"}, 404),
+        ("post", "/api/generate", {"model": "llama3.1", "prompt": "x", "images": ["aGk="]}, 400),
+        ("post", "/api/chat", {"model": "llama3.1", "messages": chat, "stream": False}, 200),
+        ("get", "/api/tags", None, 200),
+        ("get", "/api/version", None, 200),
+        ("post", "/v1/chat/completions", {"model": "llama3.1", "messages": chat}, 200),
+        ("post", "/v1/chat/completions", {"model": "gpt-4o", "messages": chat}, 404),
+        ("post", "/v1/completions", {"model": "llama3.1", "prompt": "x", "max_tokens": 2}, 200),
+        ("post", "/v1/completions", {"model": "llama3.1", "prompt": 5}, 400),
+        ("get", "/v1/models", None, 200),
+    ]
+    for method, path, body, status in cases:
+        reply = httpx.request(method.upper(), gateway_url + path, json=body)
+        assert reply.status_code == status, (path, reply.text)
+        documented = spec["paths"][path][method]["responses"][str(status)]
+        schema = documented["content"]["application/json"]["schema"]
+        validator = Draft202012Validator({"$ref": "urn:spec" + schema["$ref"]}, registry=registry)
+        assert not list(validator.iter_errors(reply.json())), (path, reply.json())
+        if body is not None and status == 200:
+            request_schema = spec["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+            assert Draft202012Validator({"$ref": "urn:spec" + request_schema["$ref"]}, registry=registry).is_valid(body)
+
+
 # --------------------------------------------------------------------------- two gateways, 100 callers
 
 
