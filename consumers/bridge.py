@@ -244,7 +244,7 @@ class Bridge:
         if client.catchup.live(key, frame):
             if not client.outbox.push(frame):
                 self._too_slow(client)
-        elif client.catchup.held > client.outbox.limit // 2:
+        elif client.catchup.held > client.outbox.limit:
             self._too_slow(client)
 
     def _reply(self, client: BridgeClient, frame: str) -> None:
@@ -405,9 +405,9 @@ class Bridge:
         except HistoryError as exc:
             self._reply(client, error_frame(str(exc), **target.to_json(), since=since_ms))
         finally:
-            for frame in client.catchup.end():
-                if not client.outbox.push(frame):
-                    self._too_slow(client)
+            client.catchup.end()
+            while (held := client.catchup.next_held()) is not None:
+                if not await client.outbox.push_paced(held):
                     break
 
 

@@ -80,14 +80,15 @@ class CatchUp:
     When a subscription with ``since`` is registered, the bridge notes the live
     reader's positions (the cutoff); the replay reads history strictly before
     the cutoff and the live reader delivers from it on, so nothing is missed.
-    While any replay of the client runs, its live frames are held here and
-    released after the replay, in Kafka order. A held record that a second,
-    overlapping replay also reads is delivered once, from the held frames.
+    While any replay of the client runs, and until the frames held meanwhile
+    have been sent, its live frames are held here, in Kafka order. A held
+    record that an overlapping replay also reads is sent once, from the held
+    frames.
     """
 
     def __init__(self) -> None:
         self._active = 0
-        self._held: list[str] = []
+        self._held: deque[tuple[RecordKey, str]] = deque()
         self._held_keys: set[RecordKey] = set()
 
     @property
@@ -103,23 +104,30 @@ class CatchUp:
 
     def live(self, key: RecordKey, frame: str) -> bool:
         """``True``: send ``frame`` now; ``False``: it is held until the replays end."""
-        if not self._active:
+        if not self._active and not self._held:
             return True
-        self._held.append(frame)
+        self._held.append((key, frame))
         self._held_keys.add(key)
         return False
 
     def history(self, key: RecordKey) -> bool:
-        """Whether a replayed record should be sent (it was not already held live)."""
+        """Whether a replayed record should be sent (it is not held to be sent live)."""
         return key not in self._held_keys
 
-    def end(self) -> list[str]:
-        """A replay finished; when it was the last, return the held frames to send now."""
+    def end(self) -> None:
+        """A replay finished; take the held frames with :meth:`next_held`."""
         if self._active <= 0:
             raise RuntimeError("CatchUp.end() without a matching begin()")
         self._active -= 1
-        if self._active:
-            return []
-        held, self._held = self._held, []
-        self._held_keys.clear()
-        return held
+
+    def next_held(self) -> str | None:
+        """The next held frame to send once no replay runs; ``None`` when there is none (yet).
+
+        Live frames keep queueing behind the held ones until these are all taken,
+        so the order holds however long sending them takes.
+        """
+        if self._active or not self._held:
+            return None
+        key, frame = self._held.popleft()
+        self._held_keys.discard(key)
+        return frame

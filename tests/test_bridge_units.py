@@ -191,12 +191,18 @@ def test_catchup_holds_live_until_replays_end_and_dedupes_overlap() -> None:
     assert not catchup.live(("t", 0, 6), "live-6")
     assert catchup.history(("t", 0, 4))
     assert not catchup.history(("t", 0, 5))  # already held: sent once, from the held frames
-    assert catchup.end() == []  # the first replay ends; the second still runs
+    catchup.end()  # the first replay ends; the second still runs
+    assert catchup.next_held() is None
     assert not catchup.live(("t", 0, 7), "live-7")
     assert catchup.held == 3
-    assert catchup.end() == ["live-5", "live-6", "live-7"]
+    catchup.end()
+    assert catchup.next_held() == "live-5"
+    # While held frames are being sent, new live frames queue behind them.
+    assert not catchup.live(("t", 0, 8), "live-8")
+    assert [catchup.next_held() for _ in range(4)] == ["live-6", "live-7", "live-8", None]
     assert not catchup.active and catchup.held == 0
-    assert catchup.live(("t", 0, 8), "live-8")
+    assert catchup.history(("t", 0, 5))  # no longer held
+    assert catchup.live(("t", 0, 9), "live-9")
     with pytest.raises(RuntimeError):
         catchup.end()
 
