@@ -21,6 +21,7 @@ from nexus.topics import ensure_topics
 from .client import RequestProducer, SubmitError
 from .dropin import add_dropin_routes
 from .endpoint_state import EndpointStateReader
+from .page import add_page_routes
 from .openapi import add_openapi_route
 from .validation import RejectedRequest, parse_infer_body
 
@@ -129,6 +130,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     add_openapi_route(app, settings)  # GET /openapi.json
     # Ollama's /api/* and OpenAI's /v1/* answered over Kafka; starts the reply reader (docs/drop-in.md).
     add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER])
+    add_page_routes(app, settings)  # /, /config.json, /static/: the live page
     return app
 
 

@@ -30,6 +30,8 @@ from .routing import Circuit, ModelRouter, backoff_seconds
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 2.0
+PROBE_POLL_S = 0.25  # how often open circuits are checked for a due probe
+DEADLINE_SLACK_S = 0.01  # timers may fire this early; a call cut at its deadline is expired
 
 
 class TokenSink(Protocol):
@@ -57,6 +59,10 @@ class Expired(Exception):
     """The request's deadline passed before it could be answered."""
 
 
+class Unavailable(Exception):
+    """Every endpoint of a model has an open circuit: move on to the fallback, don't wait."""
+
+
 class Inference:
     def __init__(
         self,
@@ -77,10 +83,12 @@ class Inference:
         self.routers = {m.id: ModelRouter(m, self._rng) for m in settings.models}
         self._changed = asyncio.Event()
         self._probes: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- the request --------------------------------------------------------------------
 
     async def answer(self, request: InferenceRequest, sink: TokenSink | None = None) -> Answer:
+        self._watch_circuits()
         model = self._settings.model(request.model_id)
         if model is None:
             return self._failed(
@@ -133,8 +141,9 @@ class Inference:
         reasons: list[str],
     ) -> Answer:
         retries = 0
-        for candidate in self._models_to_try(model):
-            outcome = await self._try_model(request, candidate, deadline, sink, reasons)
+        models = self._models_to_try(model)
+        for i, candidate in enumerate(models):
+            outcome = await self._try_model(request, candidate, deadline, sink, reasons, i + 1 < len(models))
             retries += outcome[1]
             if outcome[0] is not None:
                 generation, url = outcome[0]
@@ -158,6 +167,7 @@ class Inference:
         deadline: float,
         sink: TokenSink | None,
         reasons: list[str],
+        can_fall_back: bool = False,
     ) -> tuple[tuple[Generation, str] | None, int]:
         router = self.routers[model.id]
         tried: set[str] = set()
@@ -165,7 +175,11 @@ class Inference:
         while attempts <= model.retries:
             # Prefer endpoints not tried yet; once all were, any will do.
             exclude = frozenset(tried) if len(tried) < len(router.endpoints) else frozenset()
-            url = await self._acquire(router, request, deadline, exclude)
+            try:
+                url, chosen_at = await self._acquire(router, request, deadline, exclude, can_fall_back)
+            except Unavailable:
+                reasons.append(f"every endpoint of {model.id!r} has an open circuit")
+                return None, max(attempts - 1, 0)
             attempts += 1
             started = self._clock()
             try:
@@ -178,9 +192,20 @@ class Inference:
                     request.options,
                     min(model.timeout_s, max(0.001, deadline - started)),
                     sink.chunk if sink is not None else None,
+                    lambda: router.sent(url, chosen_at, self._clock()),  # noqa: B023 (used before the loop moves on)
                 )
             except BackendError as exc:
-                router.failed(url, self._clock(), str(exc), counts_against_endpoint=exc.retryable)
+                if self._clock() >= deadline - DEADLINE_SLACK_S:
+                    # The sender's deadline cut the call short: not the endpoint's fault.
+                    router.failed(url, self._clock(), str(exc), counts_against_endpoint=False)
+                    self._record_failure(model, url, exc)
+                    self._notify()
+                    reasons.append(str(exc))
+                    raise Expired() from None
+                if exc.busy:
+                    router.busy(url, str(exc))
+                else:
+                    router.failed(url, self._clock(), str(exc), counts_against_endpoint=exc.retryable)
                 self._record_failure(model, url, exc)
                 self._notify()
                 reasons.append(str(exc))
@@ -205,9 +230,15 @@ class Inference:
         return None, attempts - 1
 
     async def _acquire(
-        self, router: ModelRouter, request: InferenceRequest, deadline: float, exclude: frozenset[str]
-    ) -> str:
-        """A slot on the best endpoint; waits, holding none, while all are full or down."""
+        self,
+        router: ModelRouter,
+        request: InferenceRequest,
+        deadline: float,
+        exclude: frozenset[str],
+        can_fall_back: bool = False,
+    ) -> tuple[str, float]:
+        """A slot on the best endpoint and when it was taken; waits, holding none, while all
+        are full or down. With somewhere else to go, an all-down model raises Unavailable."""
         queued = self._clock()
         while True:
             now = self._clock()
@@ -219,7 +250,9 @@ class Inference:
             if chosen is not None:
                 self._metrics.queue_wait.labels(model=router.model.id).observe(now - queued)
                 self._metrics.in_flight.labels(model=router.model.id, endpoint=chosen.url).set(chosen.in_flight)
-                return chosen.url
+                return chosen.url, now
+            if can_fall_back and router.all_down():
+                raise Unavailable()
             for endpoint in router.probe_candidates(now):
                 self._probe(router, endpoint.url)
             changed = self._changed
@@ -232,6 +265,23 @@ class Inference:
         """Wake the requests waiting for a slot: something changed."""
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _watch_circuits(self) -> None:
+        """Keep probing open circuits in the background (started with the first request).
+
+        Probing only when a request waits would leave a recovered endpoint shut for good
+        while its siblings keep up with the traffic, and show it open with no traffic.
+        """
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        while True:
+            now = self._clock()
+            for router in self.routers.values():
+                for endpoint in router.probe_candidates(now):
+                    self._probe(router, endpoint.url)
+            await asyncio.sleep(PROBE_POLL_S)
 
     def _probe(self, router: ModelRouter, url: str) -> None:
         router.probe_started(url)

@@ -13,18 +13,21 @@ import httpx
 from schemas import InferenceOptions
 
 OnChunk = Callable[[str], Awaitable[None]]
+OnSent = Callable[[], None]
 
 
 class BackendError(RuntimeError):
     """The endpoint failed to answer; the message says how, for the response's error.
 
     ``retryable`` failures (busy, 5xx, timeout, unreachable) may succeed on another
-    endpoint; the others (4xx) would fail anywhere.
+    endpoint; the others (4xx) would fail anywhere. ``busy`` (429, Ollama's 503 "server
+    busy") means the endpoint works but is full: back off, don't open its circuit.
     """
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, busy: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.busy = busy
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,12 @@ async def generate(
     options: InferenceOptions,
     timeout_s: float,
     on_chunk: OnChunk | None = None,
+    on_sent: OnSent | None = None,
 ) -> Generation:
-    """One call to ``{endpoint}/api/generate``; with ``on_chunk``, streamed chunk by chunk."""
+    """One call to ``{endpoint}/api/generate``; with ``on_chunk``, streamed chunk by chunk.
+
+    ``on_sent`` is called when the request starts going on the wire (connection ready).
+    """
     body = {
         "model": model,
         "prompt": prompt,
@@ -67,9 +74,17 @@ async def generate(
         "options": ollama_options(options),
     }
     started = time.perf_counter()
+    sent = False
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        nonlocal sent
+        if on_sent is not None and not sent and event.endswith(".send_request_headers.started"):
+            sent = True
+            on_sent()
+
     try:
         async with http.stream(
-            "POST", f"{endpoint}/api/generate", json=body, timeout=timeout_s
+            "POST", f"{endpoint}/api/generate", json=body, timeout=timeout_s, extensions={"trace": trace}
         ) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -126,7 +141,11 @@ def _status_error(endpoint: str, response: httpx.Response) -> BackendError:
     status = response.status_code
     # 503 is Ollama's "server busy"; 429 and 5xx may pass on another endpoint.
     retryable = status in (408, 429) or status >= 500
-    return BackendError(f"{endpoint} answered {status}: {reason or response.text[:200]!r}", retryable=retryable)
+    return BackendError(
+        f"{endpoint} answered {status}: {reason or response.text[:200]!r}",
+        retryable=retryable,
+        busy=status == 429 or (status == 503 and "busy" in str(reason).lower()),
+    )
 
 
 def _generation(

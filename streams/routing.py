@@ -3,11 +3,13 @@
 Every method takes ``now`` (monotonic seconds) so the decisions test in microseconds.
 
 An endpoint is *eligible* when its circuit lets traffic through, it has a free slot
-(``in_flight < max_concurrency``) and starting one more request keeps it within
-``max_rps`` over the last second. Among eligible endpoints the router picks the
-lowest expected completion time::
+(``in_flight < capacity``) and starting one more request keeps it within
+``max_rps`` over the last second (counted from when each request went on the wire).
+The capacity is ``max_concurrency``, lowered to what the endpoint held when it
+answered "server busy" and raised again one slot per window of successes (AIMD).
+Among eligible endpoints the router picks the lowest expected completion time::
 
-    (in_flight + 1) / max_concurrency * observed_seconds_per_request / weight
+    (in_flight + 1) / capacity * observed_seconds_per_request / weight
 
 where the observed time is an EWMA of time to first token plus time per output
 token, seeded by a prior until it has data. Ties within 5% are broken at random
@@ -18,6 +20,7 @@ caller waits, holding no slot, and asks again.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import random
 from collections import deque
@@ -54,6 +57,8 @@ class EndpointState:
     served: int = 0
     failed: int = 0
     last_error: str | None = None
+    # Concurrency learnt from "server busy" answers, below max_concurrency; None: not limited.
+    limit: float | None = None
 
     @property
     def url(self) -> str:
@@ -64,12 +69,17 @@ class EndpointState:
             self.starts.popleft()
         return self.settings.max_rps is None or len(self.starts) < self.settings.max_rps
 
+    def capacity(self) -> int:
+        """Requests it may hold at once: max_concurrency, or less after busy answers."""
+        configured = self.settings.max_concurrency
+        return configured if self.limit is None else max(1, min(configured, int(self.limit)))
+
     def has_slot(self) -> bool:
-        return self.in_flight < self.settings.max_concurrency
+        return self.in_flight < self.capacity()
 
     def expected_seconds(self) -> float:
         per_request = self.seconds_per_request or PRIOR_SECONDS_PER_REQUEST
-        load = (self.in_flight + 1) / self.settings.max_concurrency
+        load = (self.in_flight + 1) / self.capacity()
         return load * per_request / self.settings.weight
 
     def tokens_per_second(self) -> float | None:
@@ -80,6 +90,7 @@ class EndpointState:
             "url": self.url,
             "weight": self.settings.weight,
             "max_concurrency": self.settings.max_concurrency,
+            "concurrency_limit": self.capacity(),
             "max_rps": self.settings.max_rps,
             "in_flight": self.in_flight,
             "ewma_seconds_per_request": self.seconds_per_request,
@@ -143,6 +154,23 @@ class ModelRouter:
                 hints.append(max(0.001, e.starts[0] + 1.0 - now))
         return min(hints)
 
+    def sent(self, url: str, chosen_at: float, now: float) -> None:
+        """The request chosen at ``chosen_at`` went on the wire at ``now``: count it from then.
+
+        ``max_rps`` holds at the endpoint only if a start is counted from when the endpoint
+        can see it; a busy event loop or a new connection can delay the send by tens of ms.
+        """
+        starts = self.endpoints[url].starts
+        try:
+            starts.remove(chosen_at)
+        except ValueError:
+            pass  # already out of the window; the send still counts from now
+        bisect.insort(starts, now)
+
+    def all_down(self) -> bool:
+        """No endpoint's circuit lets traffic through: waiting means waiting for a recovery."""
+        return all(e.circuit is not Circuit.CLOSED for e in self.endpoints.values())
+
     def probe_candidates(self, now: float) -> list[EndpointState]:
         """Open circuits whose cool-down is over: they need a health probe before traffic."""
         return [
@@ -172,6 +200,10 @@ class ModelRouter:
         e.in_flight -= 1
         e.served += 1
         e.consecutive_failures = 0
+        if e.limit is not None:  # additive increase: about one slot back per limit's worth of answers
+            e.limit += 1.0 / e.limit
+            if e.limit >= e.settings.max_concurrency:
+                e.limit = None
         e.seconds_per_request = _ewma(e.seconds_per_request, seconds)
         if ttft_s is not None:
             e.ttft_s = _ewma(e.ttft_s, ttft_s)
@@ -191,6 +223,15 @@ class ModelRouter:
         if e.consecutive_failures >= self._failure_threshold and e.circuit is Circuit.CLOSED:
             e.circuit = Circuit.OPEN
             e.opened_at = now
+
+    def busy(self, url: str, error: str) -> None:
+        """It answered "server busy" (Ollama's 503 when its queue is full): it works, but
+        holds fewer requests than we sent. Release the slot and send no more than it holds
+        now until successes raise the limit again; its circuit is not the answer."""
+        e = self.endpoints[url]
+        e.in_flight -= 1
+        e.last_error = error
+        e.limit = float(max(1, min(e.capacity(), e.in_flight)))
 
     def released(self, url: str) -> None:
         """The request ended without telling us about the endpoint (cancelled, deadline)."""

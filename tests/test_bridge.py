@@ -9,6 +9,7 @@ produced when; the submit and streaming tests go through the real worker.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from websockets.frames import CloseCode
 
 from nexus.localkafka import free_port
 from tests.bridge_support import Publisher, WsClient
-from tests.support import Role, stack_env, start_gateway, start_simulator
+from tests.support import REPO, Role, stack_env, start_gateway, start_simulator
 
 SLOW_CLIENT_QUEUE = 64  # NEXUS_BRIDGE_MAX_QUEUE of the bridge under test
 
@@ -353,3 +354,90 @@ async def test_submit_over_the_socket_is_accepted_then_answered(live: Live, work
     assert result["context"] == {"session_id": f"{run}-s", "metadata": {"user": "alice"}}
     assert result["endpoint"] == live.env["OLLAMA_HOST"]
     assert client.frames.index(accepted) < client.frames.index(result)
+
+
+async def test_streamed_tokens_arrive_in_order_and_concatenate_to_the_result(live: Live, worker: Role) -> None:
+    run = _run()
+    prompt = "please stream this answer back to me one small token at a time, in order"
+    client = await WsClient.open(live.ws_url)
+    try:
+        await client.send({
+            "type": "submit", "id": f"{run}-stream", "model_id": "mistral", "input": prompt,
+            "stream": True, "context": {"session_id": f"{run}-s"},
+        })
+        result = await client.next_of("result", timeout=60)
+    finally:
+        await client.close()
+    assert result["status"] == "ok", result
+    assert result["output"] == f"[simulated mistral] You said: {prompt}"
+    tokens = client.of("token")
+    assert len(tokens) >= 2, "the simulator streams ~20 tokens over ~200 ms: expected several chunks"
+    assert [t["seq"] for t in tokens] == list(range(len(tokens)))
+    assert {t["id"] for t in tokens} == {f"{run}-stream"}
+    assert "".join(t["text"] for t in tokens) == result["output"]
+    assert client.frames.index(tokens[-1]) < client.frames.index(result)
+
+
+# -- the page ----------------------------------------------------------------------------
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+SCREENSHOT = REPO / ".cache" / "screenshots" / "page.png"  # .cache/ and *.png are git-ignored
+
+
+@pytest.fixture(scope="module")
+def page_gateway(live: Live) -> Iterator[Role]:
+    """A gateway whose /config.json points the page at the bridge under test."""
+    role = start_gateway(live.env, live.logs_dir)
+    try:
+        yield role
+    finally:
+        role.stop()
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
+    return path
+
+
+async def test_the_page_submits_a_prompt_and_shows_the_streamed_answer(
+    live: Live, worker: Role, page_gateway: Role
+) -> None:
+    async_api = pytest.importorskip("playwright.async_api", reason="playwright is in the [test] extra")
+    executable = chromium_path()
+    prompt = "Hello from the page, token by token"
+    expected = f"[simulated llama3.1] You said: {prompt}"
+    async with async_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(page_gateway.url + "/")
+            await page.wait_for_selector("#connection[data-state=open]", timeout=15_000)
+            await page.select_option("#model", "llama3.1")
+            await page.fill("#prompt", prompt)
+            await page.click("#submit")
+            # Tokens show up before the result does, then the answer is complete.
+            await page.wait_for_selector("#answer[data-state=streaming]", timeout=30_000)
+            partial = await page.text_content("#answer")
+            await page.wait_for_selector("#answer[data-state=done]", timeout=30_000)
+            answer = await page.text_content("#answer")
+            run = await page.evaluate("window.nexusPage.lastRun")
+            endpoint = await page.text_content("#endpoint")
+            recent = await page.eval_on_selector_all("#recent tr", "rows => rows.map(r => r.dataset.id)")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            await browser.close()
+    assert errors == []
+    assert partial and expected.startswith(partial) and partial != expected
+    assert answer == expected
+    assert run["streamed_text"] == expected and run["ttft_ms"] is not None
+    assert 0 < run["ttft_ms"] <= run["result_ms"]
+    assert endpoint == live.env["OLLAMA_HOST"]
+    assert run["id"] in recent, "the live view of all sessions lists the request"

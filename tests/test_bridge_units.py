@@ -228,3 +228,13 @@ async def test_outbox_refuses_past_its_limit_and_paces_history() -> None:
         await waiting
     assert not outbox.push("late")
     assert await outbox.push_paced("late") is False
+
+
+def test_the_page_finds_the_bridge_from_settings() -> None:
+    from nexus.settings import BridgeSettings, Settings
+    from producers.page import STATIC_DIR, page_config
+
+    assert page_config(Settings()) == {"bridge_url": None, "bridge_port": 8765, "bridge_path": "/ws"}
+    public = Settings(bridge=BridgeSettings(public_url="wss://nexus.example/ws"))
+    assert page_config(public)["bridge_url"] == "wss://nexus.example/ws"
+    assert {p.name for p in STATIC_DIR.iterdir()} >= {"index.html", "nexus.js", "nexus.css"}

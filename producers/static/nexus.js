@@ -1,0 +1,211 @@
+// Nexus page: submit over the websocket bridge, watch tokens arrive, and watch every result.
+// No framework, no build step. The protocol is documented in the README ("Websocket bridge").
+"use strict";
+
+const RECENT_ROWS = 50;
+const RESUME_MARGIN_MS = 5000; // on reconnect, replay a little before the drop; duplicates are dropped by id
+
+const $ = (id) => document.getElementById(id);
+
+function randomId() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+const page = {
+  sessionId: sessionStorage.getItem("nexus-session") || randomId(),
+  ws: null,
+  url: null,
+  droppedAt: null, // Date.now() when the socket closed; resume from a bit before it
+  current: null, // {id, t0, nextSeq, text, firstTokenAt}
+  seenResults: new Set(),
+  lastRun: null, // for tests and benchmarks: {id, ttft_ms, result_ms, output}
+};
+window.nexusPage = page;
+sessionStorage.setItem("nexus-session", page.sessionId);
+
+function ms(value) {
+  return value == null ? "–" : `${Math.round(value)} ms`;
+}
+
+function setConnection(state, text) {
+  const el = $("connection");
+  el.dataset.state = state;
+  el.textContent = text;
+  $("submit").disabled = state !== "open" || !$("model").value;
+}
+
+async function bridgeUrl() {
+  const override = new URLSearchParams(location.search).get("bridge");
+  if (override) return override;
+  const config = await (await fetch("/config.json")).json();
+  if (config.bridge_url) return config.bridge_url;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  return `${scheme}://${location.hostname}:${config.bridge_port}${config.bridge_path}`;
+}
+
+async function loadModels() {
+  const { models } = await (await fetch("/models")).json();
+  const select = $("model");
+  for (const model of models) {
+    const option = document.createElement("option");
+    option.value = option.textContent = model.id;
+    select.appendChild(option);
+  }
+}
+
+function send(frame) {
+  page.ws.send(JSON.stringify(frame));
+}
+
+function connect() {
+  setConnection("connecting", `connecting to ${page.url}…`);
+  const ws = new WebSocket(page.url);
+  page.ws = ws;
+  ws.onopen = () => {
+    setConnection("open", `live · ${page.url}`);
+    // First visit: the last minute of results; after a drop: from just before it.
+    const since = page.droppedAt == null ? Date.now() - 60_000 : page.droppedAt - RESUME_MARGIN_MS;
+    send({ type: "subscribe", all: true, since });
+    send({ type: "subscribe", session_id: page.sessionId, since });
+  };
+  ws.onmessage = (event) => onFrame(JSON.parse(event.data));
+  ws.onclose = (event) => {
+    if (page.ws !== ws) return;
+    page.droppedAt = Date.now();
+    setConnection("closed", `disconnected (${event.code}${event.reason ? ": " + event.reason : ""}); retrying…`);
+    setTimeout(connect, 1000);
+  };
+}
+
+function onFrame(frame) {
+  switch (frame.type) {
+    case "token": return onToken(frame);
+    case "result": return onResult(frame);
+    case "error": return onError(frame);
+    case "accepted":
+      if (page.current && frame.id === page.current.id) $("status").textContent = "accepted by Kafka";
+      return;
+    default: return; // subscribed, unsubscribed, replayed
+  }
+}
+
+function onToken(frame) {
+  const run = page.current;
+  if (!run || frame.id !== run.id || frame.seq !== run.nextSeq || run.done) return; // replayed or stray
+  if (run.firstTokenAt == null) {
+    run.firstTokenAt = performance.now();
+    $("ttft").textContent = ms(run.firstTokenAt - run.t0);
+  }
+  run.nextSeq += 1;
+  run.text += frame.text;
+  const answer = $("answer");
+  answer.textContent = run.text;
+  answer.dataset.state = "streaming";
+  $("status").textContent = "streaming";
+}
+
+function onResult(result) {
+  const run = page.current;
+  if (run && result.id === run.id && !run.done) {
+    run.done = true;
+    const now = performance.now();
+    const answer = $("answer");
+    answer.textContent = result.status === "ok" ? result.output : result.error;
+    answer.dataset.state = result.status === "ok" ? "done" : "error";
+    $("status").textContent = result.status + (result.cached ? " (cached)" : "");
+    $("result-time").textContent = ms(now - run.t0);
+    if (run.firstTokenAt == null) $("ttft").textContent = "– (not streamed)";
+    $("latency").textContent = ms(result.latency_ms);
+    $("endpoint").textContent = result.endpoint || "–";
+    $("tokens").textContent = `${result.prompt_tokens} in · ${result.completion_tokens} out`;
+    page.lastRun = {
+      id: run.id,
+      ttft_ms: run.firstTokenAt == null ? null : run.firstTokenAt - run.t0,
+      result_ms: now - run.t0,
+      output: result.output,
+      streamed_text: run.text,
+      status: result.status,
+    };
+    $("submit").disabled = page.ws.readyState !== WebSocket.OPEN;
+  }
+  addRecent(result);
+}
+
+function onError(frame) {
+  const run = page.current;
+  if (run && (frame.id === run.id || frame.id == null) && !run.done) {
+    run.done = true;
+    const answer = $("answer");
+    answer.textContent = frame.reason;
+    answer.dataset.state = "error";
+    $("status").textContent = `error${frame.status ? " " + frame.status : ""}`;
+    $("submit").disabled = false;
+  }
+}
+
+function addRecent(result) {
+  if (page.seenResults.has(result.id)) return;
+  page.seenResults.add(result.id);
+  const row = document.createElement("tr");
+  if (result.context.session_id === page.sessionId) row.className = "mine";
+  const cells = [
+    new Date(result.completed_at).toLocaleTimeString(),
+    result.context.session_id.slice(0, 12),
+    result.model_id,
+    result.status,
+    ms(result.latency_ms),
+    result.endpoint || "–",
+    result.status === "ok" ? result.output : result.error,
+  ];
+  cells.forEach((text, i) => {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    if (i === 3) cell.className = `status-${result.status}`;
+    if (i === 6) { cell.className = "output"; cell.title = text; }
+    row.appendChild(cell);
+  });
+  row.dataset.id = result.id;
+  const body = $("recent");
+  body.insertBefore(row, body.firstChild);
+  while (body.rows.length > RECENT_ROWS) body.deleteRow(-1);
+}
+
+function submit(event) {
+  event.preventDefault();
+  const prompt = $("prompt").value;
+  if (!prompt.trim() || !page.ws || page.ws.readyState !== WebSocket.OPEN) return;
+  const id = randomId();
+  page.current = { id, t0: performance.now(), nextSeq: 0, text: "", firstTokenAt: null, done: false };
+  $("request-id").textContent = id.slice(0, 12);
+  const answer = $("answer");
+  answer.textContent = "";
+  answer.dataset.state = "waiting";
+  for (const el of ["ttft", "result-time", "latency", "endpoint", "tokens"]) $(el).textContent = "–";
+  $("status").textContent = "submitting";
+  $("submit").disabled = true;
+  send({
+    type: "submit",
+    id,
+    model_id: $("model").value,
+    input: prompt,
+    stream: $("stream").checked,
+    context: { session_id: page.sessionId, metadata: { source: "page" } },
+  });
+}
+
+async function main() {
+  $("session").textContent = page.sessionId;
+  $("ask").addEventListener("submit", submit);
+  try {
+    await loadModels();
+    page.url = await bridgeUrl();
+  } catch (error) {
+    setConnection("closed", `cannot load the gateway's config: ${error}`);
+    return;
+  }
+  connect();
+}
+
+main();
