@@ -269,6 +269,63 @@ def test_failures_that_are_not_the_endpoints_fault_never_open_its_circuit() -> N
     assert state.last_error == "400 bad request"
 
 
+def test_server_busy_lowers_capacity_to_what_the_endpoint_held_and_successes_restore_it() -> None:
+    r = router(EndpointSettings(A, max_concurrency=4), failure_threshold=3)
+    for _ in range(4):
+        assert r.choose(0.0) is not None
+    for _ in range(2):  # two of the four answered "server busy": it holds the other two
+        r.busy(A, "503 server busy")
+    state = r.endpoints[A]
+    assert state.capacity() == 2 and state.in_flight == 2
+    assert r.choose(0.1) is None, "no more than it holds"
+    assert state.circuit is Circuit.CLOSED and state.failed == 0, "busy is not broken"
+    answers = 0
+    while state.capacity() < 4:  # additive increase: about one slot per capacity's worth of answers
+        r.succeeded(A, 0.05)
+        answers += 1
+        assert r.choose(0.2) is not None
+    assert 3 <= answers <= 8, answers
+    assert state.limit is None and r.endpoints[A].snapshot()["concurrency_limit"] == 4
+
+
+def test_busy_with_nothing_else_in_flight_keeps_one_slot() -> None:
+    r = router(EndpointSettings(A, max_concurrency=8))
+    assert r.choose(0.0) is not None
+    r.busy(A, "503")
+    assert r.endpoints[A].capacity() == 1
+    assert r.choose(0.0) is not None and r.choose(0.0) is None
+
+
+def test_a_start_counts_from_when_it_went_on_the_wire() -> None:
+    r = router(EndpointSettings(A, max_concurrency=10, max_rps=2))
+    assert r.choose(0.0) is not None and r.choose(0.1) is not None
+    r.sent(A, 0.0, 0.3)  # the first one waited 300 ms for its connection
+    assert list(r.endpoints[A].starts) == [0.1, 0.3]
+    assert r.choose(1.05) is None
+    assert r.choose(1.1) is not None, "the second left the window"
+    assert r.choose(1.25) is None, "the delayed first still fills the window until 1.3"
+    assert r.choose(1.3) is not None
+    r.sent(A, 1.3, 1.3)
+    r.sent(A, 0.5, 2.2)  # chosen long ago and already pruned: still counted from the send
+    assert list(r.endpoints[A].starts) == [1.1, 1.3, 2.2]
+
+
+def test_all_down_only_when_no_circuit_is_closed() -> None:
+    r = two()
+    r._failure_threshold = 1
+    assert not r.all_down()
+    r.endpoints[A].in_flight += 1
+    r.failed(A, 0.0, "x")
+    assert not r.all_down()
+    r.endpoints[B].in_flight += 1
+    r.failed(B, 0.0, "x")
+    assert r.all_down()
+    r.probe_started(A)
+    assert r.all_down(), "half-open takes no traffic yet"
+    r.probe_finished(A, True, 6.0)
+    assert not r.all_down()
+
+
 # ----------------------------------------------------------------------------- backoff
 
 
