@@ -99,6 +99,7 @@ function onToken(frame) {
     $("ttft").textContent = ms(run.firstTokenAt - run.t0);
   }
   run.nextSeq += 1;
+  run.chunks += 1;
   run.text += frame.text;
   const answer = $("answer");
   answer.textContent = run.text;
@@ -126,6 +127,7 @@ function onResult(result) {
       result_ms: now - run.t0,
       output: result.output,
       streamed_text: run.text,
+      chunks: run.chunks,
       status: result.status,
     };
     $("submit").disabled = page.ws.readyState !== WebSocket.OPEN;
@@ -177,7 +179,7 @@ function submit(event) {
   const prompt = $("prompt").value;
   if (!prompt.trim() || !page.ws || page.ws.readyState !== WebSocket.OPEN) return;
   const id = randomId();
-  page.current = { id, t0: performance.now(), nextSeq: 0, text: "", firstTokenAt: null, done: false };
+  page.current = { id, t0: performance.now(), nextSeq: 0, chunks: 0, text: "", firstTokenAt: null, done: false };
   $("request-id").textContent = id.slice(0, 12);
   const answer = $("answer");
   answer.textContent = "";
