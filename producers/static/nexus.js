@@ -65,8 +65,8 @@ function connect() {
   page.ws = ws;
   ws.onopen = () => {
     setConnection("open", `live · ${page.url}`);
-    // First visit: the last minute of results; after a drop: from just before it.
-    const since = page.droppedAt == null ? Date.now() - 60_000 : page.droppedAt - RESUME_MARGIN_MS;
+    // First visit: live from now on; after a drop: replay from just before it, so nothing is lost.
+    const since = page.droppedAt == null ? undefined : page.droppedAt - RESUME_MARGIN_MS;
     send({ type: "subscribe", all: true, since });
     send({ type: "subscribe", session_id: page.sessionId, since });
   };
