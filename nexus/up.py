@@ -27,7 +27,7 @@ def _role(name: str, *args: str) -> list[str]:
 
 
 def run_stack(settings: Settings, args: argparse.Namespace) -> int:
-    """Start Kafka (unless --bootstrap), the simulator (if Ollama is away), worker, gateway.
+    """Start Kafka (unless --bootstrap), the simulator (if Ollama is away), worker, gateway, bridge.
 
     Returns when interrupted or when any role exits, after stopping the rest.
     """
@@ -67,9 +67,12 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
                     "--models", models))))
         children.append(("worker", subprocess.Popen(_role("worker", *common))))
         children.append(("gateway", subprocess.Popen(_role("gateway", *common))))
+        children.append(("bridge", subprocess.Popen(_role("bridge", *common))))
         print(
             f"nexus: gateway on http://localhost:{settings.gateway.port} "
-            f"(POST /infer, GET /health, /metrics, /models); Ctrl-C stops everything",
+            f"(POST /infer, GET /health, /metrics, /models; the live page at /); "
+            f"websocket bridge on ws://localhost:{settings.bridge.port}{settings.bridge.path}; "
+            "Ctrl-C stops everything",
             file=sys.stderr,
         )
         while not stop.wait(0.5):

@@ -17,10 +17,12 @@ from tests.test_pipeline import SEED_BODY, simulated
 
 async def test_up_serves_the_seed_example_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     kafka_port, gateway_port, ollama_port = free_port(), free_port(), free_port()
+    bridge_port = free_port()
     env = stack_env(
         f"127.0.0.1:{kafka_port}",
         f"http://127.0.0.1:{ollama_port}",  # nothing answers there: up must start the simulator
         NEXUS_GATEWAY_PORT=str(gateway_port),
+        NEXUS_BRIDGE_PORT=str(bridge_port),
     )
     del env["NEXUS_KAFKA_BOOTSTRAP"]  # up runs its own broker
     log = tmp_path / "up.log"
@@ -40,11 +42,12 @@ async def test_up_serves_the_seed_example_and_stops_cleanly_on_ctrl_c(tmp_path: 
             answers = await wait_for_responses(responses, {"test1"})
         assert answers.by_id["test1"][0].output == simulated("llama3.1", "Hello, world!")
         assert "SIMULATED" in log.read_text()
+        await _wait_healthy(f"http://127.0.0.1:{bridge_port}", up, log)  # the websocket bridge
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=60)
     assert code == 0, log.read_text()[-3000:]
-    for port in (gateway_port, kafka_port, ollama_port):
+    for port in (gateway_port, kafka_port, ollama_port, bridge_port):
         try:
             httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
         except httpx.ConnectError:
