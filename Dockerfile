@@ -42,6 +42,7 @@ COPY . .
 RUN pip install --no-cache-dir --no-deps . \
  && cd / \
  && python -c "from schemas import Codec; c = Codec.from_directory(); c.current('InferenceRequest'); c.current('InferenceResponse')" \
+ && python -c "from producers.page import STATIC_DIR; assert (STATIC_DIR / 'index.html').is_file(), STATIC_DIR" \
  && nexus --help > /dev/null \
  && mkdir -p /app/.cache \
  && chown -R nexus:nexus /app/.cache
@@ -49,8 +50,8 @@ RUN pip install --no-cache-dir --no-deps . \
 USER nexus
 
 # 3000: gateway HTTP (NEXUS_GATEWAY_PORT); 6066: worker's Faust web server with /metrics
-# (NEXUS_WORKER_WEB_PORT).
-EXPOSE 3000 6066
+# (NEXUS_WORKER_WEB_PORT); 8765: the websocket bridge (NEXUS_BRIDGE_PORT).
+EXPOSE 3000 6066 8765
 
 ENTRYPOINT ["nexus"]
 CMD ["gateway"]

@@ -98,11 +98,11 @@ def _published(service: dict[str, Any]) -> dict[int, int]:
 
 def test_services_exist(compose: dict[str, Any]) -> None:
     services = compose.get("services") or {}
-    for name in ("kafka", "ollama", "worker", "gateway"):
+    for name in ("kafka", "ollama", "worker", "gateway", "bridge"):
         assert name in services, f"service {name!r} missing from docker-compose.yml"
 
 
-@pytest.mark.parametrize("role", ["worker", "gateway"])
+@pytest.mark.parametrize("role", ["worker", "gateway", "bridge"])
 def test_roles_build_this_repo_and_run_their_command(compose: dict[str, Any], role: str) -> None:
     service = compose["services"][role]
     build = service.get("build")
@@ -111,7 +111,7 @@ def test_roles_build_this_repo_and_run_their_command(compose: dict[str, Any], ro
     assert _command(service) == [role], f"{role} must run `nexus {role}`, got {service.get('command')!r}"
 
 
-@pytest.mark.parametrize("role", ["worker", "gateway"])
+@pytest.mark.parametrize("role", ["worker", "gateway", "bridge"])
 def test_roles_reach_kafka_and_ollama_by_service_name(compose: dict[str, Any], role: str) -> None:
     service = compose["services"][role]
     env = _environment(service)
@@ -130,6 +130,13 @@ def test_roles_reach_kafka_and_ollama_by_service_name(compose: dict[str, Any], r
 def test_gateway_publishes_3000(compose: dict[str, Any]) -> None:
     gateway = compose["services"]["gateway"]
     assert _published(gateway).get(3000) == 3000, f"gateway must publish 3000:3000, got {gateway.get('ports')!r}"
+
+
+def test_bridge_publishes_8765_and_is_health_checked(compose: dict[str, Any]) -> None:
+    bridge = compose["services"]["bridge"]
+    assert _published(bridge).get(8765) == 8765, f"bridge must publish 8765:8765, got {bridge.get('ports')!r}"
+    assert _environment(bridge).get("NEXUS_BRIDGE_PORT") == "8765"
+    assert "8765/health" in str(bridge["healthcheck"]["test"])
 
 
 def test_worker_publishes_metrics_port(compose: dict[str, Any]) -> None:
@@ -168,7 +175,7 @@ def test_dockerfile_runs_nexus_as_non_root() -> None:
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
     exposed = {port for line in lines if line.startswith("EXPOSE ") for port in line.split()[1:]}
-    assert {"3000", "6066"} <= exposed
+    assert {"3000", "6066", "8765"} <= exposed
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
@@ -202,3 +209,17 @@ def test_image_install_ships_the_avro_schemas() -> None:
         f"pyproject.toml [tool.setuptools.package-data] schemas = {patterns!r} does not ship "
         f"{missing}; use \"avro/*.avsc\""
     )
+
+
+def test_image_install_ships_the_page() -> None:
+    """The gateway serves producers/static/ from site-packages in the image: it must be package data."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {}).get("producers", [])
+    package = ROOT / "producers"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    files = sorted(p for p in (package / "static").iterdir() if p.is_file())
+    assert files, "no files under producers/static"
+    missing = [str(path.relative_to(package)) for path in files if path not in shipped]
+    assert not missing, f"pyproject.toml package-data producers = {patterns!r} does not ship {missing}"
