@@ -442,3 +442,28 @@ async def test_the_page_submits_a_prompt_and_shows_the_streamed_answer(
     assert 0 < run["ttft_ms"] <= run["result_ms"]
     assert endpoint == live.env["OLLAMA_HOST"]
     assert run["id"] in recent, "the live view of all sessions lists the request"
+
+
+async def test_two_bridges_side_by_side_each_deliver_every_result(live: Live) -> None:
+    """No consumer group: a second bridge does not take partitions away from the first."""
+    port = free_port()
+    second = Role("bridge", ["bridge"], {**live.env, "NEXUS_BRIDGE_PORT": str(port)}, live.logs_dir).start()
+    try:
+        second.wait_http(f"http://127.0.0.1:{port}/health")
+        run = _run()
+        sessions = [f"{run}-s{i}" for i in range(16)]  # spread over the partitions
+        clients = [await WsClient.open(live.ws_url), await WsClient.open(f"ws://127.0.0.1:{port}/ws")]
+        for client in clients:
+            for session in sessions:
+                await client.send({"type": "subscribe", "session_id": session})
+            await client.wait_for(lambda frames: len(frames) == len(sessions))
+        async with live.publisher() as publish:
+            for i, session in enumerate(sessions):
+                await publish.result(f"{run}-r{i}", session)
+        expected = {f"{run}-r{i}" for i in range(len(sessions))}
+        for client in clients:
+            await client.wait_for(lambda frames: set(_results(frames)) >= expected)
+            assert sorted(_results(client.frames)) == sorted(expected)
+            await client.close()
+    finally:
+        second.stop()
