@@ -36,7 +36,7 @@ from nexus.settings import Settings
 from nexus.topics import KafkaUnavailableError, ensure_topics
 from producers.client import RequestProducer, SubmitError
 from producers.validation import RejectedRequest, request_from_json
-from schemas import Codec, SchemaError, decode_response, decode_token
+from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
 
 from .delivery import CatchUp, Outbox, OutboxClosed, RecordKey
 from .frames import (
@@ -359,7 +359,7 @@ class Bridge:
         await client.submits.acquire()  # backpressure: stop reading this client's frames
         self._spawn(client, self._produce(client, request))
 
-    async def _produce(self, client: BridgeClient, request: Any) -> None:
+    async def _produce(self, client: BridgeClient, request: InferenceRequest) -> None:
         assert self._producer is not None
         try:
             await self._producer.submit(request)
