@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +64,16 @@ class Unavailable(Exception):
     """Every endpoint of a model has an open circuit: move on to the fallback, don't wait."""
 
 
+class _Waiter:
+    """One request waiting for a slot; queued while it is in its model's waiting line."""
+
+    __slots__ = ("event", "queued")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.queued = False
+
+
 class Inference:
     def __init__(
         self,
@@ -81,7 +92,8 @@ class Inference:
         self._rng = rng or random.Random()
         self._template = PromptTemplate(settings.worker.prompt_template)
         self.routers = {m.id: ModelRouter(m, self._rng) for m in settings.models}
-        self._changed = asyncio.Event()
+        # Requests waiting for a slot, per model, oldest first: a freed slot wakes one.
+        self._waiting: dict[str, deque[_Waiter]] = {m.id: deque() for m in settings.models}
         self._probes: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -199,7 +211,7 @@ class Inference:
                     # The sender's deadline cut the call short: not the endpoint's fault.
                     router.failed(url, self._clock(), str(exc), counts_against_endpoint=False)
                     self._record_failure(model, url, exc)
-                    self._notify()
+                    self._notify(router)
                     reasons.append(str(exc))
                     raise Expired() from None
                 if exc.busy:
@@ -207,7 +219,7 @@ class Inference:
                 else:
                     router.failed(url, self._clock(), str(exc), counts_against_endpoint=exc.retryable)
                 self._record_failure(model, url, exc)
-                self._notify()
+                self._notify(router)
                 reasons.append(str(exc))
                 if not exc.retryable or (sink is not None and sink.started):
                     return None, attempts - 1
@@ -221,11 +233,11 @@ class Inference:
                 continue
             except BaseException:
                 router.released(url)
-                self._notify()
+                self._notify(router)
                 raise
             router.succeeded(url, generation.seconds, generation.completion_tokens, generation.ttft_s)
             self._record_success(model, url, generation)
-            self._notify()
+            self._notify(router)
             return (generation, url), attempts - 1
         return None, attempts - 1
 
@@ -240,31 +252,57 @@ class Inference:
         """A slot on the best endpoint and when it was taken; waits, holding none, while all
         are full or down. With somewhere else to go, an all-down model raises Unavailable."""
         queued = self._clock()
-        while True:
-            now = self._clock()
-            if now >= deadline:
-                raise Expired()
-            chosen = router.choose(now, request.context.session_id, exclude)
-            if chosen is None and exclude:
-                chosen = router.choose(now, request.context.session_id)
-            if chosen is not None:
-                self._metrics.queue_wait.labels(model=router.model.id).observe(now - queued)
-                self._metrics.in_flight.labels(model=router.model.id, endpoint=chosen.url).set(chosen.in_flight)
-                return chosen.url, now
-            if can_fall_back and router.all_down():
-                raise Unavailable()
-            for endpoint in router.probe_candidates(now):
-                self._probe(router, endpoint.url)
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=min(router.wait_hint(now), deadline - now))
-            except asyncio.TimeoutError:
-                pass
+        waiting = self._waiting[router.model.id]
+        waiter: _Waiter | None = None
+        acquired = False
+        try:
+            while True:
+                now = self._clock()
+                if now >= deadline:
+                    raise Expired()
+                chosen = router.choose(now, request.context.session_id, exclude)
+                if chosen is None and exclude:
+                    chosen = router.choose(now, request.context.session_id)
+                if chosen is not None:
+                    self._metrics.queue_wait.labels(model=router.model.id).observe(now - queued)
+                    self._metrics.in_flight.labels(model=router.model.id, endpoint=chosen.url).set(chosen.in_flight)
+                    acquired = True
+                    return chosen.url, now
+                if can_fall_back and router.all_down():
+                    raise Unavailable()
+                for endpoint in router.probe_candidates(now):
+                    self._probe(router, endpoint.url)
+                if waiter is None:
+                    waiter = _Waiter()
+                    waiting.append(waiter)
+                elif not waiter.queued:  # woken, but a newcomer took the slot: keep its turn
+                    waiting.appendleft(waiter)
+                waiter.queued = True
+                waiter.event.clear()
+                try:  # woken by a freed slot, or when the clock alone may change something
+                    await asyncio.wait_for(waiter.event.wait(), timeout=min(router.wait_hint(now), deadline - now))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if waiter is not None and waiter.queued:
+                waiting.remove(waiter)  # got a slot without its wake-up, or gave up
+            elif waiter is not None and waiter.event.is_set() and not acquired:
+                self._notify(router)  # woken for a slot it leaves unused (expired, cancelled): pass it on
 
-    def _notify(self) -> None:
-        """Wake the requests waiting for a slot: something changed."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _notify(self, router: ModelRouter, slots: int = 1) -> None:
+        """Wake the ``slots`` oldest requests waiting for one of ``router``'s endpoints.
+
+        One per freed slot, not all of them: with hundreds waiting, waking everyone on
+        every answer cost more CPU than the answers themselves.
+        """
+        waiting = self._waiting[router.model.id]
+        if router.all_down():
+            slots = len(waiting)  # those with a fallback go there now, the others wait again
+        while slots > 0 and waiting:
+            waiter = waiting.popleft()
+            waiter.queued = False
+            waiter.event.set()
+            slots -= 1
 
     def _watch_circuits(self) -> None:
         """Keep probing open circuits in the background (started with the first request).
@@ -297,7 +335,7 @@ class Inference:
             finally:
                 router.probe_finished(url, ok, self._clock())
                 self._publish_circuit(router, url)
-                self._notify()
+                self._notify(router, router.endpoints[url].capacity() if ok else 0)
 
         task = asyncio.ensure_future(probe())
         self._probes.add(task)

@@ -31,6 +31,8 @@ from nexus.settings import EndpointSettings, ModelSettings
 EWMA_ALPHA = 0.2
 PRIOR_SECONDS_PER_REQUEST = 1.0
 TIE_TOLERANCE = 0.05
+# A waiting request is woken when a slot frees; this bounds a sleep if a wake-up is missed.
+MAX_WAIT_S = 0.5
 MAX_STICKY_SESSIONS = 10_000
 
 
@@ -146,7 +148,7 @@ class ModelRouter:
 
     def wait_hint(self, now: float) -> float:
         """How long nothing can change by the clock alone (rate windows, open circuits)."""
-        hints = [0.05]
+        hints = [MAX_WAIT_S]
         for e in self.endpoints.values():
             if e.circuit is Circuit.OPEN:
                 hints.append(max(0.001, e.opened_at + self._open_seconds - now))
