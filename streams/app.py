@@ -32,7 +32,8 @@ from typing import Any
 import faust
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -166,7 +167,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     tokens = app.topic(kafka.tokens_topic, **raw)
     dead_letters = app.topic(kafka.dlq_topic, **raw)
     cache_updates = app.topic(
-        f"{worker.app_id}-cache-updates", partitions=kafka.partitions, internal=True, **raw
+        cache_updates_topic(worker.app_id), partitions=kafka.partitions, internal=True, **raw
     )
     endpoint_state = app.topic(kafka.state_topic, **raw)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -336,6 +337,31 @@ async def _consumer_lag(bootstrap: str, group: str, topic: str) -> dict[int, int
         await admin.close()
 
 
+def cache_updates_topic(app_id: str) -> str:
+    return f"{app_id}-cache-updates"
+
+
+async def _ensure_cache_updates_topic(settings: Settings) -> None:
+    """Create the cache agent's topic before Faust starts.
+
+    Faust declares it too, but a first start's partition assignment can run on metadata
+    from before the topic existed ("Ignoring missing topic"); the cache agent then gets
+    no partition until a later rebalance and no answer is cached for minutes.
+    """
+    kafka = settings.kafka
+    name = cache_updates_topic(settings.worker.app_id)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        if name not in await admin.list_topics():
+            result = await admin.create_topics([NewTopic(name, kafka.partitions, kafka.replication_factor)])
+            for topic, code, *_ in result.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise RuntimeError(f"creating topic {topic!r} failed with Kafka error code {code}")
+    finally:
+        await admin.close()
+
+
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     """Run the worker in this process until SIGINT/SIGTERM."""
     from faust.worker import Worker
@@ -343,6 +369,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     from nexus.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings.kafka))
+    asyncio.run(_ensure_cache_updates_topic(settings))
     app = create_app(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     Worker(app, loglevel=loglevel).execute_from_commandline()
