@@ -39,7 +39,11 @@ from .join import Joiner, JoinReport
 Progress = Callable[[int, int], None]
 
 
-class ReplayStalledError(ReplayError):
+class ReplayKafkaError(ReplayError):
+    """Kafka cannot be read: unreachable, no such topic, or it stopped delivering."""
+
+
+class ReplayStalledError(ReplayKafkaError):
     """Kafka stopped delivering records before the end of the range."""
 
 
@@ -83,7 +87,7 @@ class RangeReader:
             await consumer.start()
         except KafkaError as exc:
             await consumer.stop()
-            raise ReplayError(f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}") from None
+            raise ReplayKafkaError(f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}") from None
         try:
             spans = await self._plan(consumer, kinds, windows)
             async for record in self._fetch(consumer, kinds, spans, progress):
@@ -119,7 +123,7 @@ class RangeReader:
             if partitions:
                 return partitions
             await consumer._client.force_metadata_update()
-        raise ReplayError(
+        raise ReplayKafkaError(
             f"topic {topic!r} does not exist on {self._kafka.bootstrap}; is this the right --bootstrap "
             "(or did no Nexus role run there yet)?"
         )

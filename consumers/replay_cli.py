@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the Kafka shell is imported when the command runs, not when
 
 EXIT_INCOMPLETE = 1  # --join: some request in the range has no response
 EXIT_USAGE = 2
+EXIT_KAFKA = 3  # Kafka unreachable, a topic missing, or it stopped delivering; or resubmitting failed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,6 +104,8 @@ class ProgressBar:
 def run(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     from producers.client import ProducerError
 
+    from .replay import ReplayKafkaError
+
     try:
         options = options_from_args(args)
     except ReplayError as exc:
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout, 
         return asyncio.run(_run(args, settings, options, table, out, bar))
     except (ReplayError, ProducerError) as exc:
         print(f"nexus replay: {exc}", file=err)
-        return EXIT_USAGE if isinstance(exc, ReplayError) else 1
+        return EXIT_USAGE if isinstance(exc, ReplayError) and not isinstance(exc, ReplayKafkaError) else EXIT_KAFKA
     finally:
         if bar:
             bar.close()

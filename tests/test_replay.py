@@ -16,6 +16,7 @@ from aiokafka.consumer import AIOKafkaConsumer
 
 from consumers.audit import RecordFilter, iso
 from consumers.replay import ReplayOptions, join_report, replay_records, resubmit
+from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import partitions_of, ensure_topics
 from producers.client import RequestProducer
@@ -204,6 +205,11 @@ async def test_replay_command_prints_jsonl_table_and_join(bootstrap: str) -> Non
 
     bad = _nexus(bootstrap, kafka, "replay", "--since", "yesterday")
     assert bad.returncode == 2 and "ISO-8601" in bad.stderr
+    missing = _nexus(bootstrap, _kafka(bootstrap), "replay")  # topics never created
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
+    away = subprocess.run([sys.executable, "-m", "nexus", "replay", "--bootstrap", f"127.0.0.1:{free_port()}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert away.returncode == 3 and "cannot reach Kafka" in away.stderr
     assert _nexus(bootstrap, kafka, "replay", "--join", "--status", "ok").returncode == 2
 
 
