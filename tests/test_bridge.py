@@ -232,6 +232,12 @@ async def test_a_client_reconnecting_with_since_gets_what_it_missed_exactly_once
 
 async def test_since_accepts_iso_8601_and_replays_request_subscriptions_with_their_tokens(live: Live) -> None:
     run = _run()
+    # A watcher proves the bridge's live reader is past every record before the replaying
+    # client subscribes, so all four must come from the replay.
+    watcher = await WsClient.open(live.ws_url)
+    for session in (f"{run}-s", f"{run}-other"):
+        await watcher.send({"type": "subscribe", "session_id": session})
+    await watcher.wait_for(lambda frames: len(watcher.of("subscribed")) == 2)
     async with live.publisher() as publish:
         since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 2)) + "Z"
         await publish.token(f"{run}-a", f"{run}-s", 0, "Hel")
@@ -239,17 +245,23 @@ async def test_since_accepts_iso_8601_and_replays_request_subscriptions_with_the
         await publish.result(f"{run}-a", f"{run}-s", output="Hello")
         await publish.result(f"{run}-b", f"{run}-other")
         await publish.result(f"{run}-c", f"{run}-other")
+    await watcher.wait_for(lambda frames: len(_data(frames)) == 5)
+    await watcher.close()
     client = await WsClient.open(live.ws_url)
     try:
         await client.send({"type": "subscribe", "request_ids": [f"{run}-a", f"{run}-c"], "since": since})
         await client.next_of("replayed")
     finally:
         await client.close()
-    frames = [f for f in client.frames if f["type"] in ("token", "result")]
+    frames = _data(client.frames)
     assert [(f["type"], f["id"], f.get("seq")) for f in frames] == [
         ("token", f"{run}-a", 0), ("token", f"{run}-a", 1), ("result", f"{run}-a", None), ("result", f"{run}-c", None),
     ]
     assert client.of("replayed")[0]["count"] == 4
+
+
+def _data(frames: list[dict]) -> list[dict]:
+    return [f for f in frames if f["type"] in ("token", "result")]
 
 
 # -- slow consumers ----------------------------------------------------------------------
