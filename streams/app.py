@@ -372,4 +372,8 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     asyncio.run(_ensure_cache_updates_topic(settings))
     app = create_app(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    Worker(app, loglevel=loglevel).execute_from_commandline()
+    worker = Worker(app, loglevel=loglevel)
+    # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every
+    # record: every library's debug record would be built, then dropped by the handler.
+    worker.spinner = None
+    worker.execute_from_commandline()
