@@ -204,7 +204,9 @@ class Inference:
                     request.options,
                     min(model.timeout_s, max(0.001, deadline - started)),
                     sink.chunk if sink is not None else None,
-                    lambda: router.sent(url, chosen_at, self._clock()),  # noqa: B023 (used before the loop moves on)
+                    # Only a rate limit needs to know when the request went on the wire.
+                    (lambda: router.sent(url, chosen_at, self._clock()))  # noqa: B023 (used within this iteration)
+                    if router.endpoints[url].settings.max_rps is not None else None,
                 )
             except BackendError as exc:
                 if self._clock() >= deadline - DEADLINE_SLACK_S:

@@ -84,7 +84,8 @@ async def generate(
 
     try:
         async with http.stream(
-            "POST", f"{endpoint}/api/generate", json=body, timeout=timeout_s, extensions={"trace": trace}
+            "POST", f"{endpoint}/api/generate", json=body, timeout=timeout_s,
+            extensions={"trace": trace} if on_sent is not None else None,
         ) as response:
             if response.status_code != 200:
                 await response.aread()
