@@ -33,7 +33,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from nexus.settings import Settings
-from nexus.topics import KafkaUnavailableError, ensure_topics
+from nexus.topics import KafkaUnavailableError, TopicMissingError, ensure_topics, known_partitions
 from producers.client import RequestProducer, SubmitError
 from producers.validation import RejectedRequest, request_from_json
 from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
@@ -473,15 +473,10 @@ async def read_history(
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[int]:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        await consumer._client.force_metadata_update()  # aiokafka has no public refresh
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return sorted(partitions)
-        if asyncio.get_running_loop().time() > deadline:
-            raise BridgeStartError(f"topic {topic!r} has no partitions after {timeout_s:.0f}s")
-        await asyncio.sleep(0.2)  # retry backoff while the topic is being created
+    try:
+        return await known_partitions(consumer, topic, timeout_s)
+    except TopicMissingError as exc:
+        raise BridgeStartError(str(exc)) from None
 
 
 async def serve_bridge(settings: Settings) -> None:

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from nexus.settings import KafkaSettings
+from nexus.topics import TopicMissingError, known_partitions
 from producers.client import RequestProducer
 from schemas import Codec, InferenceRequest, new_id
 
@@ -117,16 +118,14 @@ class RangeReader:
             for tp in tps
         }
 
-    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        for _ in range(3):  # without a subscription, metadata is fetched only when asked
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions:
-                return partitions
-            await consumer._client.force_metadata_update()
-        raise ReplayKafkaError(
-            f"topic {topic!r} does not exist on {self._kafka.bootstrap}; is this the right --bootstrap "
-            "(or did no Nexus role run there yet)?"
-        )
+    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+        try:
+            return await known_partitions(consumer, topic, timeout_s=1.0)
+        except TopicMissingError:
+            raise ReplayKafkaError(
+                f"topic {topic!r} does not exist on {self._kafka.bootstrap}; is this the right --bootstrap "
+                "(or did no Nexus role run there yet)?"
+            ) from None
 
     @staticmethod
     async def _offsets_at(

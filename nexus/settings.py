@@ -90,17 +90,6 @@ class BridgeSettings:
 
 
 @dataclass(frozen=True)
-class BridgeSettings:
-    host: str = "0.0.0.0"
-    port: int = 8765
-    path: str = "/ws"
-    # Frames waiting for one client before it is closed as too slow (1013).
-    max_queue: int = 1024
-    # The websocket URL the gateway's page connects to; empty: same host, this port and path.
-    public_url: str = ""
-
-
-@dataclass(frozen=True)
 class ModelSettings:
     id: str
     endpoints: tuple[EndpointSettings, ...]

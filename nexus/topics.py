@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
@@ -82,3 +83,44 @@ async def partitions_of(admin: AIOKafkaAdminClient, topic: str) -> list[int]:
     """The partition numbers of ``topic``, from the cluster (empty if it does not exist)."""
     [description] = await admin.describe_topics([topic])
     return sorted(p["partition"] for p in description.get("partitions", []))
+
+
+class TopicMissingError(RuntimeError):
+    """A topic Nexus reads does not exist (yet) on the cluster."""
+
+
+async def known_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 5.0) -> list[int]:
+    """The partitions of ``topic`` as a started, group-less consumer can see them.
+
+    A consumer that subscribes to nothing learns a topic's partitions only when it
+    asks; aiokafka has no public refresh, hence the private call. Waits up to
+    ``timeout_s`` for a topic being created.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return sorted(partitions)
+        if loop.time() > deadline:
+            raise TopicMissingError(
+                f"topic {topic!r} does not exist: start a Nexus worker or gateway there first "
+                "(they create the topics)"
+            )
+        await consumer._client.force_metadata_update()
+        if not consumer.partitions_for_topic(topic):
+            await asyncio.sleep(0.2)  # the topic may be being created
+
+
+async def read_from_end(consumer: AIOKafkaConsumer, topics: list[str], timeout_s: float = 5.0) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` and fix the positions at their current ends.
+
+    Positions are resolved now, not lazily, so every record produced after this
+    returns is read: start readers before producing what they wait for.
+    """
+    tps = [TopicPartition(t, p) for t in topics for p in await known_partitions(consumer, t, timeout_s)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    return tps

@@ -26,10 +26,11 @@ import socket
 from collections.abc import Callable
 from typing import Union
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from nexus.settings import KafkaSettings
+from nexus.topics import TopicMissingError, read_from_end
 from schemas import Codec, InferenceRequest, InferenceResponse, InferenceToken, SchemaError, decode_response, decode_token
 
 from .client import RequestProducer
@@ -225,21 +226,10 @@ class ReplyReader:
         )
         try:
             await consumer.start()
-            tps: list[TopicPartition] = []
-            for topic in topics:
-                partitions = consumer.partitions_for_topic(topic)
-                for _ in range(5):  # without a subscription, metadata is fetched only when asked
-                    if partitions:
-                        break
-                    await consumer._client.force_metadata_update()
-                    partitions = consumer.partitions_for_topic(topic)
-                if not partitions:
-                    raise ReplyReaderError(f"topic {topic!r} does not exist on {self._kafka.bootstrap}")
-                tps += [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:  # resolve now, not lazily: answers produced after this are seen
-                await consumer.position(tp)
+            await read_from_end(consumer, list(topics))
+        except TopicMissingError as exc:
+            await consumer.stop()
+            raise ReplyReaderError(f"{exc} (at {self._kafka.bootstrap})") from None
         except KafkaError as exc:
             await consumer.stop()
             raise ReplyReaderError(f"cannot read {list(topics)} at {self._kafka.bootstrap}: {exc}") from None

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from nexus.settings import KafkaSettings
+from nexus.topics import TopicMissingError, read_from_end
 from schemas import Codec, InferenceResponse, SchemaError, decode_response
 
 log = logging.getLogger(__name__)
@@ -42,22 +43,10 @@ class ResponseListener:
         )
         try:
             await consumer.start()
-            partitions = consumer.partitions_for_topic(topic)
-            for _ in range(3):  # without a subscription, metadata is fetched only when asked
-                if partitions:
-                    break
-                await consumer._client.force_metadata_update()
-                partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                raise ListenerError(
-                    f"topic {topic!r} does not exist on {self._kafka.bootstrap}: start a Nexus worker or "
-                    "gateway there first (they create the topics)"
-                )
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:  # resolve now: responses to requests produced after this are seen
-                await consumer.position(tp)
+            await read_from_end(consumer, [topic])
+        except TopicMissingError as exc:
+            await consumer.stop()
+            raise ListenerError(f"{exc} (at {self._kafka.bootstrap})") from None
         except KafkaError as exc:
             await consumer.stop()
             raise ListenerError(f"cannot read {topic!r} at {self._kafka.bootstrap}: {exc}") from None

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 from nexus.localkafka import free_port
+from nexus.topics import read_from_end
 from schemas import Codec, InferenceResponse, decode_response
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,15 +133,7 @@ class TopicReader:
 
     async def start(self) -> "TopicReader":
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        while not partitions:
-            await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(self.topic)
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve positions now, not lazily after records arrive
-            await self._consumer.position(tp)
+        await read_from_end(self._consumer, [self.topic], timeout_s=30)
         return self
 
     async def stop(self) -> None:
