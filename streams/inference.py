@@ -306,6 +306,13 @@ class Inference:
             waiter.event.set()
             slots -= 1
 
+    async def aclose(self) -> None:
+        """Stop probing (before the HTTP client it uses is closed)."""
+        tasks = [t for t in (self._watcher, *self._probes) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _watch_circuits(self) -> None:
         """Keep probing open circuits in the background (started with the first request).
 
