@@ -228,6 +228,9 @@ async def test_sticky_sessions_hold_while_capacity_allows_and_sessions_spread(
     sessions, rounds = 8, 6
     seen: dict[str, list[str]] = {f"session-{s}": [] for s in range(sessions)}
     async with nexus(bootstrap, logs_dir, tmp_path, config, [a, b]) as nx:
+        # Both endpoints observed first, so speed alone would not keep a session anywhere.
+        warm = await nx.ask([nx.request(f"warm-{i}") for i in range(16)])
+        assert set(by_endpoint(warm)) == {a.url, b.url}
         # Each round sends every session's next request at once: 8 in flight, 16 slots,
         # so nothing is full and only stickiness keeps a session where it was.
         for r in range(rounds):
@@ -325,13 +328,15 @@ async def test_deadlines_past_or_too_close_are_answered_as_expired_and_spare_the
         now = utcnow()
         past = [nx.request(f"past-{i}", deadline=now - timedelta(seconds=1)) for i in range(3)]
         # Reaches the worker in time but cannot be answered in time (the endpoint takes 300 ms).
-        close = [nx.request(f"close-{i}", deadline=now + timedelta(milliseconds=150)) for i in range(5)]
+        close = [nx.request(f"close-{i}", deadline=now + timedelta(milliseconds=150)) for i in range(6)]
         late = await nx.ask(past + close)
         state = (await nx.models())["m"][sim.url]
+        reached = (await sim.stats())["received"].get("/api/generate", 0)
         # The endpoint did nothing wrong: a request with room to spare is still served.
         [fine] = (await nx.ask([nx.request("fine", deadline=utcnow() + timedelta(seconds=20))])).values()
     for answer in late.values():
         assert answer.status == "error" and (answer.error or "").startswith("expired"), answer.error
+    assert reached >= 3, "enough calls were cut by their deadline to open the circuit if they counted"
     assert state["circuit"] == "closed", state
     assert fine.status == "ok", fine.error
     assert fine.latency_ms < 3000, "no wait for a circuit opened by the senders' deadlines"
@@ -358,7 +363,6 @@ async def test_a_cached_request_is_answered_without_reaching_any_endpoint(
     assert (first.cached, second.cached, other.cached) == (False, True, False)
     assert second.output == first.output and second.id.endswith("-second")
     assert served == 1 and served_after == 2, "only the uncached requests reached the endpoint"
-    assert second.latency_ms < first.latency_ms + 50
     assert hits == 1
 
 
