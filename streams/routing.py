@@ -11,9 +11,10 @@ Among eligible endpoints the router picks the lowest expected completion time::
 
     (in_flight + 1) / capacity * observed_seconds_per_request / weight
 
-where the observed time is an EWMA of time to first token plus time per output
-token, seeded by a prior until it has data. Ties within 5% are broken at random
-so no endpoint takes all traffic. A session's last endpoint is preferred while it
+where the observed time is an EWMA of the backend call's duration; an endpoint
+without observations is assumed to take the mean of its observed siblings (1 s
+when none is), so weights alone decide at first. Ties within 5% are broken at
+random so no endpoint takes all traffic. A session's last endpoint is preferred while it
 has a free slot (Ollama keeps that context warm). When nothing is eligible the
 caller waits, holding no slot, and asks again.
 """
@@ -79,8 +80,8 @@ class EndpointState:
     def has_slot(self) -> bool:
         return self.in_flight < self.capacity()
 
-    def expected_seconds(self) -> float:
-        per_request = self.seconds_per_request or PRIOR_SECONDS_PER_REQUEST
+    def expected_seconds(self, prior: float = PRIOR_SECONDS_PER_REQUEST) -> float:
+        per_request = self.seconds_per_request or prior
         load = (self.in_flight + 1) / self.capacity()
         return load * per_request / self.settings.weight
 
@@ -140,11 +141,19 @@ class ModelRouter:
         sticky = self._sessions.get(session_id) if session_id else None
         chosen = next((e for e in eligible if e.url == sticky), None)
         if chosen is None:
-            best = min(e.expected_seconds() for e in eligible)
-            near = [e for e in eligible if e.expected_seconds() <= best * (1 + TIE_TOLERANCE)]
+            prior = self._prior()
+            best = min(e.expected_seconds(prior) for e in eligible)
+            near = [e for e in eligible if e.expected_seconds(prior) <= best * (1 + TIE_TOLERANCE)]
             chosen = self._rng.choice(near)
         self._start(chosen, now, session_id)
         return chosen
+
+    def _prior(self) -> float:
+        """What an endpoint without observations is assumed to take: the mean of its observed
+        siblings. A fixed pessimistic prior let the first endpoint observed take all the
+        traffic below saturation, so the others were never observed at all."""
+        observed = [e.seconds_per_request for e in self.endpoints.values() if e.seconds_per_request]
+        return sum(observed) / len(observed) if observed else PRIOR_SECONDS_PER_REQUEST
 
     def wait_hint(self, now: float) -> float:
         """How long nothing can change by the clock alone (rate windows, open circuits)."""

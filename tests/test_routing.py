@@ -152,9 +152,23 @@ def test_weights_are_the_prior_before_any_observation() -> None:
 
 def test_observations_outweigh_the_prior() -> None:
     r = router(EndpointSettings(A, weight=3.0), EndpointSettings(B, weight=1.0))
-    observe(r, B, 0.05)  # A has no data: its prior is one second per request
+    observe(r, A, 0.5)  # ten times slower than B: a weight of 3 does not make up for it
+    observe(r, B, 0.05)
     e = r.choose(0.0)
     assert e is not None and e.url == B
+
+
+def test_an_endpoint_not_yet_observed_gets_traffic_below_saturation() -> None:
+    """One request at a time never fills anything: without data, B must still be tried."""
+    r = two()
+    picks = Counter()
+    for i in range(200):
+        e = r.choose(float(i))
+        assert e is not None
+        picks[e.url] += 1
+        r.succeeded(e.url, 0.02)
+    assert min(picks.values()) > 50, picks
+    assert r.endpoints[A].seconds_per_request and r.endpoints[B].seconds_per_request
 
 
 def test_ties_are_broken_randomly_so_both_endpoints_get_traffic() -> None:
