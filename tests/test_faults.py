@@ -94,6 +94,8 @@ async def test_worker_killed_mid_batch_loses_nothing(bootstrap: str, logs_dir: P
             # Kill once some answers are out and others are still in flight.
             await responses.read_until(lambda records: len(records) >= 30, timeout=90)
             worker.kill()
+            # Everything the dead worker wrote is below the end offsets now: read all of it.
+            await responses.drain()
             answered_before_kill = len({decode_response(CODEC, r.value).id for r in responses.records})
             assert answered_before_kill < total, "the worker finished before it could be killed"
             restarted = Role("worker-restarted", ["worker"], env, logs_dir).start()
