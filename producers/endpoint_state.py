@@ -39,6 +39,8 @@ def merge_states(
                 live["in_flight"] = sum(e.get("in_flight", 0) for e in seen)
                 live["served"] = sum(e.get("served", 0) for e in seen)
                 live["failed"] = sum(e.get("failed", 0) for e in seen)
+                limits = [e["concurrency_limit"] for e in seen if isinstance(e.get("concurrency_limit"), int)]
+                live["concurrency_limit"] = min(limits) if limits else None  # lowered by "server busy"
                 live["ewma_seconds_per_request"] = _mean(e.get("ewma_seconds_per_request") for e in seen)
                 live["ewma_ttft_seconds"] = _mean(e.get("ewma_ttft_seconds") for e in seen)
                 live["tokens_per_second"] = _mean(e.get("tokens_per_second") for e in seen)
