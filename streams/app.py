@@ -84,10 +84,16 @@ class KafkaTokenSink:
         self.sent = 0
         self.started = False
 
-    async def chunk(self, text: str) -> None:
+    async def chunk(self, text: str, *, flush: bool = False) -> None:
+        """Add a chunk; with ``flush``, publish it now rather than batched with the next ones."""
         self.started = True
         self._buffer.append(text)
-        if self._timer is None:
+        if flush:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            await self._flush()
+        elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(TOKEN_FLUSH_S, self._flush_soon)
 
     def _flush_soon(self) -> None:

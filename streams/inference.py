@@ -40,7 +40,7 @@ class TokenSink(Protocol):
 
     started: bool  # a chunk was given: the answer can no longer be retried elsewhere
 
-    async def chunk(self, text: str) -> None: ...
+    async def chunk(self, text: str, *, flush: bool = False) -> None: ...
 
 
 class CacheStore(Protocol):
@@ -357,7 +357,8 @@ class Inference:
     ) -> Answer:
         if sink is not None:
             for piece in cache.chunks_of(entry.output):
-                await sink.chunk(piece)
+                # A cached answer is all there at once: one record per chunk, not one in all.
+                await sink.chunk(piece, flush=True)
         return Answer(
             self._response(
                 request,
