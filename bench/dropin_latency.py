@@ -14,44 +14,15 @@ machine, so the difference is Nexus's overhead.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 
-from nexus.localkafka import LocalKafka, free_port
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def role(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nexus", *args], env=env, cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
-async def wait_http(url: str) -> None:
-    async with httpx.AsyncClient() as http:
-        for _ in range(600):
-            try:
-                await http.get(url, timeout=1)
-                return
-            except httpx.HTTPError:
-                await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} never answered")
+from common import percentile, role, run_on_broker, wait_http
+from nexus.localkafka import free_port
 
 
 async def measure(bootstrap: str, n: int) -> None:
@@ -110,11 +81,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
-    if args.bootstrap:
-        asyncio.run(measure(args.bootstrap, args.n))
-        return
-    with tempfile.TemporaryDirectory() as data, LocalKafka(port=free_port(), data_dir=Path(data)) as kafka:
-        asyncio.run(measure(kafka.bootstrap, args.n))
+    run_on_broker(lambda bootstrap: measure(bootstrap, args.n), args.bootstrap)
 
 
 if __name__ == "__main__":

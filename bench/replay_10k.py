@@ -18,37 +18,16 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-import httpx
-
-from nexus.localkafka import LocalKafka, free_port
+from common import REPO, role, run_on_broker, wait_http
+from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics
 from producers.client import RequestProducer
 from producers.responses import ResponseListener
 from schemas import Codec, InferenceRequest, ModelContext
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def role(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "nexus", *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def wait_http(url: str) -> None:
-    async with httpx.AsyncClient() as http:
-        for _ in range(600):
-            try:
-                await http.get(url, timeout=1)
-                return
-            except httpx.HTTPError:
-                await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} never answered")
 
 
 async def measure(bootstrap: str, n: int) -> None:
@@ -119,11 +98,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
-    if args.bootstrap:
-        asyncio.run(measure(args.bootstrap, args.n))
-        return
-    with tempfile.TemporaryDirectory() as data, LocalKafka(port=free_port(), data_dir=Path(data)) as kafka:
-        asyncio.run(measure(kafka.bootstrap, args.n))
+    run_on_broker(lambda bootstrap: measure(bootstrap, args.n), args.bootstrap)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Helpers shared by the benchmarks: start Nexus's roles as real processes, wait for them, percentiles.
+
+Every benchmark runs the roles the way an operator does (``python -m nexus <role>`` with
+``NEXUS_*`` settings), so what is measured is the shipped code, not an in-process imitation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from nexus.localkafka import LocalKafka, free_port
+from nexus.settings import KafkaSettings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank: the same definition in every benchmark, so they compare."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def role(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``python -m nexus <args>`` from the repository, its output discarded."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "nexus", *args], env=env, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate every started role and wait for each, so no process outlives the benchmark."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_http(url: str) -> None:
+    """Return once ``url`` answers at all (any status): the role is listening."""
+    async with httpx.AsyncClient() as http:
+        for _ in range(600):
+            try:
+                await http.get(url, timeout=1)
+                return
+            except httpx.HTTPError:
+                await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} never answered")
+
+
+def isolated_env(bootstrap: str, ollama_host: str, config: Path | None = None) -> tuple[dict[str, str], KafkaSettings]:
+    """Environment for roles on topics and a group of their own, and the matching KafkaSettings.
+
+    Fresh topics per run keep one benchmark's backlog out of the next one's numbers.
+    """
+    run = uuid.uuid4().hex[:6]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_") or k.startswith("NEXUS_WORKER_")}
+    topics = {"requests": f"bench{run}.requests", "responses": f"bench{run}.responses",
+              "tokens": f"bench{run}.tokens", "dlq": f"bench{run}.dlq", "state": f"bench{run}.state"}
+    env.update(
+        NEXUS_KAFKA_BOOTSTRAP=bootstrap, OLLAMA_HOST=ollama_host,
+        NEXUS_WORKER_WEB_PORT=str(free_port()), NEXUS_WORKER_APP_ID=f"bench-{run}",
+        **{f"NEXUS_KAFKA_{name.upper()}_TOPIC": topic for name, topic in topics.items()},
+    )
+    if config is not None:
+        env["NEXUS_CONFIG"] = str(config)
+    kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=topics["requests"],
+                          responses_topic=topics["responses"], tokens_topic=topics["tokens"],
+                          dlq_topic=topics["dlq"], state_topic=topics["state"])
+    return env, kafka
+
+
+@contextmanager
+def broker(bootstrap: str | None) -> Iterator[str]:
+    """The given cluster, or a fresh local single-node broker for the duration."""
+    if bootstrap:
+        yield bootstrap
+        return
+    with tempfile.TemporaryDirectory() as data, LocalKafka(port=free_port(), data_dir=Path(data)) as kafka:
+        yield kafka.bootstrap
+
+
+def run_on_broker(measure: Callable[[str], Awaitable[None]], bootstrap: str | None) -> None:
+    """Run ``measure(bootstrap)`` on --bootstrap or on a local broker started for it."""
+    with broker(bootstrap) as address:
+        asyncio.run(measure(address))  # type: ignore[arg-type]
