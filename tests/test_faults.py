@@ -71,9 +71,9 @@ async def test_backend_down_answers_every_request_with_an_error(
     assert {dict(r.headers)["nexus-error-kind"] for r in dead_letters} == {b"failed"}
 
 
-async def test_worker_killed_mid_batch_loses_nothing(bootstrap: str, logs_dir: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+async def test_workers_killed_repeatedly_mid_run_lose_nothing(bootstrap: str, logs_dir: Path, record_property) -> None:  # type: ignore[no-untyped-def]
     run = uuid.uuid4().hex[:8]
-    # Slow enough that a batch is in flight when the worker dies.
+    # Slow enough that requests are in flight whenever a worker dies.
     simulator = start_simulator(logs_dir, ["--ttft-ms", "150", "--tokens-per-s", "0", "--parallel", "16"])
     env = _isolated_env(bootstrap, simulator.url, run)
     kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
@@ -85,34 +85,37 @@ async def test_worker_killed_mid_batch_loses_nothing(bootstrap: str, logs_dir: P
         InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"q{i}", ModelContext(f"s{i % 5}"))
         for i in range(total)
     ]
-    worker = Role("worker-killed", ["worker"], env, logs_dir).start()
-    restarted = None
+
+    def answered(records: list) -> set[str]:  # type: ignore[type-arg]
+        return {decode_response(CODEC, r.value).id for r in records}
+
+    kills: list[tuple[int, int]] = []  # (requests answered, response records written) at each kill
+    worker = Role("worker-0", ["worker"], env, logs_dir).start()
     try:
         async with TopicReader(bootstrap, kafka.responses_topic) as responses:
             async with RequestProducer(kafka) as producer:
                 await producer.submit_many(requests)
-            # Kill once some answers are out and others are still in flight.
-            await responses.read_until(lambda records: len(records) >= 30, timeout=90)
-            worker.kill()
-            # Everything the dead worker wrote is below the end offsets now: read all of it.
-            await responses.drain()
-            answered_before_kill = len({decode_response(CODEC, r.value).id for r in responses.records})
-            assert answered_before_kill < total, "the worker finished before it could be killed"
-            restarted = Role("worker-restarted", ["worker"], env, logs_dir).start()
+            for threshold in (30, 75, 120):  # SIGKILL three times, each with answers in flight
+                await responses.read_until(lambda records: len(answered(records)) >= threshold, timeout=90)
+                worker.kill()
+                # Everything the dead worker wrote is below the end offsets now: read all of it.
+                await responses.drain()
+                kills.append((len(answered(responses.records)), len(responses.records)))
+                assert kills[-1][0] < total, "the worker finished before it could be killed"
+                worker = Role(f"worker-{len(kills)}", ["worker"], env, logs_dir).start()
             answers = await wait_for_responses(responses, {r.id for r in requests}, timeout=120)
     finally:
-        if restarted:
-            restarted.stop()
+        worker.stop()
         simulator.stop()
 
     assert set(answers.by_id) == {r.id for r in requests}
     assert all(rs[0].status == "ok" for rs in answers.by_id.values())
     duplicates = answers.duplicates()
-    record_property("duplicates_after_sigkill", duplicates)
-    print(f"\nSIGKILL mid-run: {total} requests, {answered_before_kill} answered before the kill, "
-          f"{duplicates} answered twice after the restart")
-    # Only work done before the kill can be redone: at most what was answered by then.
-    assert duplicates <= answered_before_kill
+    record_property("duplicates_after_sigkills", duplicates)
+    print(f"\nSIGKILL x{len(kills)}: {total} requests, answered at each kill {[k[0] for k in kills]}, "
+          f"{duplicates} answered twice")
+    # Only answers written before a kill can be written again after it.
+    assert duplicates <= sum(written for _, written in kills)
 
 
 def _isolated_env(bootstrap: str, ollama: str, run: str) -> dict[str, str]:
