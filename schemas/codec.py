@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
