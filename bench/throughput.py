@@ -1,0 +1,156 @@
+"""Requests/s through the whole pipeline, against the raw ceiling of Kafka on the same broker.
+
+    .venv/bin/python bench/throughput.py [-n 5000] [--bootstrap HOST:PORT] [--profile FILE]
+
+Starts (unless --bootstrap) a local broker and a zero-latency simulator (``--ttft-ms 0
+--tokens-per-s 0 --parallel 64``). Two runs, each on topics of its own (8 partitions), each
+with its consumer in a separate process, each fed N requests by the producer API as fast as
+acks allow (two models, so two keys) and timed from the first submit to the N-th response read:
+
+- Nexus: the worker (``python -m nexus worker``), both models at the simulator with
+  ``max_concurrency = 64`` (a TOML file in NEXUS_CONFIG);
+- raw ceiling: this file with ``--raw-worker``, a plain aiokafka loop doing what any Kafka
+  processor must: a consumer in a group reads the requests, produces a small response per
+  record (acks=all, idempotent) and commits after the produce acks. No decoding, no HTTP.
+
+Prints both rates and their ratio (target of issue 6: at least 0.5). With --profile FILE the
+worker runs under pyinstrument and its text report goes to FILE (pip install pyinstrument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from common import REPO, role, run_on_broker, stop_all, wait_http, isolated_env
+from nexus.localkafka import free_port
+from nexus.settings import KafkaSettings
+from nexus.topics import ensure_topics, read_from_end
+from producers.client import RequestProducer
+from schemas import InferenceRequest, ModelContext
+
+
+async def raw_worker(bootstrap: str, requests_topic: str, responses_topic: str, group: str) -> None:
+    """The ceiling: consume, produce one small record per request with acks=all, commit after the acks."""
+    consumer = AIOKafkaConsumer(requests_topic, bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=1)
+    await consumer.start()
+    await producer.start()
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=100, max_records=500)
+            acks = [await producer.send(responses_topic, key=record.key, value=b"ok:%d" % record.offset)
+                    for records in batches.values() for record in records]
+            if acks:
+                await asyncio.gather(*acks)
+                await consumer.commit()
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def drive(kafka: KafkaSettings, n: int) -> float:
+    """Submit N requests as fast as acks allow; return requests/s until the N-th response is read."""
+    run = uuid.uuid4().hex[:8]
+    reader = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False)
+    await reader.start()
+    try:
+        async with RequestProducer(kafka) as producer:
+            # Warm-up: the consumer has joined its group once this is answered.
+            await read_from_end(reader, [kafka.responses_topic])
+            await producer.submit(InferenceRequest(f"{run}-warm", "llama3.1", "warm up", ModelContext(f"{run}-w")))
+            while not await reader.getmany(timeout_ms=1000):
+                pass
+            await read_from_end(reader, [kafka.responses_topic])
+            requests = [InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"question {i}",
+                                         ModelContext(f"{run}-s{i % 100}")) for i in range(n)]
+
+            async def produce() -> None:
+                for chunk in range(0, n, 1000):
+                    await producer.submit_many(requests[chunk:chunk + 1000])
+
+            started = time.perf_counter()
+            producing = asyncio.create_task(produce())
+            seen = 0
+            while seen < n:
+                for records in (await reader.getmany(timeout_ms=1000)).values():
+                    seen += len(records)
+            elapsed = time.perf_counter() - started
+            await producing
+            return n / elapsed
+    finally:
+        await reader.stop()
+
+
+async def measure(bootstrap: str, n: int, profile: Path | None) -> None:
+    sim_port = free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "nexus.toml"
+        config.write_text("".join(
+            f'[models."{model}"]\nendpoints = [{{ url = "{sim_url}", max_concurrency = 64 }}]\n'
+            for model in ("llama3.1", "mistral")))
+        env, nexus_kafka = isolated_env(bootstrap, sim_url, config)
+        _, raw_kafka = isolated_env(bootstrap, sim_url)
+        await ensure_topics(nexus_kafka)
+        await ensure_topics(raw_kafka)
+        procs = [role(["simulate-ollama", "--port", str(sim_port), "--ttft-ms", "0", "--tokens-per-s", "0",
+                       "--parallel", "64", "--max-queue", "100000"], env)]
+        try:
+            await wait_http(f"{sim_url}/")
+            raw = subprocess.Popen(
+                [sys.executable, __file__, "--bootstrap", bootstrap, "--raw-worker", raw_kafka.requests_topic,
+                 raw_kafka.responses_topic, f"raw-{uuid.uuid4().hex[:6]}"], cwd=REPO)
+            procs.append(raw)
+            raw_rate = await drive(raw_kafka, n)
+            stop_all([procs.pop()])
+            if profile is None:
+                worker = role(["worker"], env)
+            else:
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile), "-m", "nexus", "worker"],
+                    env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(worker)
+            nexus_rate = await drive(nexus_kafka, n)
+            if profile is not None:  # SIGINT: a clean stop, so pyinstrument writes its report
+                worker.send_signal(signal.SIGINT)
+                worker.wait(timeout=60)
+        finally:
+            stop_all(procs)
+
+    print(f"{n} requests (two models), 8 partitions, simulator --ttft-ms 0 --tokens-per-s 0 --parallel 64")
+    print(f"  raw aiokafka consume -> produce (acks=all) -> commit: {raw_rate:8.0f} requests/s")
+    print(f"  Nexus (producer API -> worker -> simulator -> Kafka): {nexus_rate:8.0f} requests/s")
+    print(f"  ratio Nexus / raw: {nexus_rate / raw_rate:.2f} (target of issue 6: >= 0.5)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=5000)
+    parser.add_argument("--bootstrap")
+    parser.add_argument("--profile", type=Path)
+    parser.add_argument("--raw-worker", nargs=3, metavar=("REQUESTS", "RESPONSES", "GROUP"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_worker:
+        try:
+            asyncio.run(raw_worker(args.bootstrap, *args.raw_worker))
+        except KeyboardInterrupt:
+            pass
+        return
+    run_on_broker(lambda b: measure(b, args.n, args.profile), args.bootstrap)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
