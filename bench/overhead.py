@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from common import percentile, role, run_on_broker, stop_all, wait_http, isolated_env
+from common import isolated_env, percentile, role, run_on_broker, stop_all, wait_http
 from nexus.localkafka import free_port
 from nexus.topics import ensure_topics
 from producers.responses import ResponseListener

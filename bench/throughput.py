@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from common import REPO, role, run_on_broker, stop_all, wait_http, isolated_env
+from common import REPO, isolated_env, role, run_on_broker, stop_all, wait_http
 from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics, read_from_end
