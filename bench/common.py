@@ -98,3 +98,9 @@ def run_on_broker(measure: Callable[[str], Awaitable[None]], bootstrap: str | No
     """Run ``measure(bootstrap)`` on --bootstrap or on a local broker started for it."""
     with broker(bootstrap) as address:
         asyncio.run(measure(address))  # type: ignore[arg-type]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc): tells which role is the bottleneck."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from common import REPO, isolated_env, role, run_on_broker, stop_all, wait_http
+from common import REPO, cpu_seconds, isolated_env, role, run_on_broker, stop_all, wait_http
 from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics, read_from_end
@@ -60,8 +60,9 @@ async def raw_worker(bootstrap: str, requests_topic: str, responses_topic: str, 
         await consumer.stop()
 
 
-async def drive(kafka: KafkaSettings, n: int) -> float:
-    """Submit N requests as fast as acks allow; return requests/s until the N-th response is read."""
+async def drive(kafka: KafkaSettings, n: int, pids: list[int]) -> tuple[float, list[float]]:
+    """Submit N requests as fast as acks allow; return requests/s until the N-th response is read,
+    and the CPU seconds each of ``pids`` used meanwhile (after the warm-up)."""
     run = uuid.uuid4().hex[:8]
     reader = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False)
     await reader.start()
@@ -80,6 +81,7 @@ async def drive(kafka: KafkaSettings, n: int) -> float:
                 for chunk in range(0, n, 1000):
                     await producer.submit_many(requests[chunk:chunk + 1000])
 
+            cpu = [cpu_seconds(pid) for pid in pids]
             started = time.perf_counter()
             producing = asyncio.create_task(produce())
             seen = 0
@@ -87,8 +89,9 @@ async def drive(kafka: KafkaSettings, n: int) -> float:
                 for records in (await reader.getmany(timeout_ms=1000)).values():
                     seen += len(records)
             elapsed = time.perf_counter() - started
+            cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu)]
             await producing
-            return n / elapsed
+            return n / elapsed, cpu
     finally:
         await reader.stop()
 
@@ -113,7 +116,7 @@ async def measure(bootstrap: str, n: int, profile: Path | None) -> None:
                 [sys.executable, __file__, "--bootstrap", bootstrap, "--raw-worker", raw_kafka.requests_topic,
                  raw_kafka.responses_topic, f"raw-{uuid.uuid4().hex[:6]}"], cwd=REPO)
             procs.append(raw)
-            raw_rate = await drive(raw_kafka, n)
+            raw_rate, (raw_cpu,) = await drive(raw_kafka, n, [raw.pid])
             stop_all([procs.pop()])
             if profile is None:
                 worker = role(["worker"], env)
@@ -122,7 +125,7 @@ async def measure(bootstrap: str, n: int, profile: Path | None) -> None:
                     [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile), "-m", "nexus", "worker"],
                     env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(worker)
-            nexus_rate = await drive(nexus_kafka, n)
+            nexus_rate, (worker_cpu, sim_cpu) = await drive(nexus_kafka, n, [worker.pid, procs[0].pid])
             if profile is not None:  # SIGINT: a clean stop, so pyinstrument writes its report
                 worker.send_signal(signal.SIGINT)
                 worker.wait(timeout=60)
@@ -132,6 +135,8 @@ async def measure(bootstrap: str, n: int, profile: Path | None) -> None:
     print(f"{n} requests (two models), 8 partitions, simulator --ttft-ms 0 --tokens-per-s 0 --parallel 64")
     print(f"  raw aiokafka consume -> produce (acks=all) -> commit: {raw_rate:8.0f} requests/s")
     print(f"  Nexus (producer API -> worker -> simulator -> Kafka): {nexus_rate:8.0f} requests/s")
+    print(f"  CPU per request: raw loop {raw_cpu / n * 1000:.2f} ms; Nexus worker {worker_cpu / n * 1000:.2f} ms, "
+          f"simulator {sim_cpu / n * 1000:.2f} ms")
     print(f"  ratio Nexus / raw: {nexus_rate / raw_rate:.2f} (target of issue 6: >= 0.5)")
 
 
