@@ -112,6 +112,8 @@ async def measure(bootstrap: str, n: int, parallel: int, ttft_ms: int, load: flo
                     backend.clear()
                     nexus = await run(through_nexus)
                     nexus_own, nexus_backend = list(own), list(backend)
+                    stats = (await http.get(f"{sim_url}/simulator/stats")).json()
+                    print(f"{name}: simulator's most concurrent calls so far {stats.get('max_concurrent')}")
                     baseline = await run(direct)
                     results.append((name, nexus, baseline, nexus_own, nexus_backend))
             await listener.stop()
