@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -53,6 +54,7 @@ from nexus.topics import ensure_topics
 from producers.client import RequestProducer
 from schemas import Codec, InferenceRequest, ModelContext, decode_response
 from streams.cache import CacheEntry
+from streams.ollama import new_session
 from streams.inference import Inference
 from streams.metrics import WorkerMetrics
 
@@ -190,7 +192,7 @@ class NoCache:
 class RouterAlone:
     """The worker's Inference in this process: Nexus's routing without Kafka around it."""
 
-    def __init__(self, http: httpx.AsyncClient, config: Path, names: dict[str, str]) -> None:
+    def __init__(self, http: aiohttp.ClientSession, config: Path, names: dict[str, str]) -> None:
         self.inference = Inference(load_settings(config, environ={}), http, WorkerMetrics(), NoCache())
         self.names = names
 
@@ -353,9 +355,10 @@ async def run(bootstrap: str, n: int, rate: float, failing: str, weights: list[i
         try:
             for e in running:
                 await wait_http(e.url)
-            async with Nexus(bootstrap, config, names) as nexus, httpx.AsyncClient(limits=LIMITS) as http:
+            async with Nexus(bootstrap, config, names) as nexus, httpx.AsyncClient(limits=LIMITS) as http, \
+                    new_session() as worker_http:
                 await nexus.run("no-such-model", 1, None, timeout=90)  # the worker joined its group
-                alone = RouterAlone(http, config, names)
+                alone = RouterAlone(worker_http, config, names)  # the worker's own HTTP client
                 wrr = WeightedRoundRobin(http, mixed, PARALLEL, RETRIES)
                 dispatchers: dict[str, Callable[[int, float | None], Awaitable[Result]]] = {
                     "Nexus (Kafka)": lambda k, r: nexus.run("m", k, r),

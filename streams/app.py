@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import faust
-import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -53,6 +52,7 @@ from . import cache
 from .acks import InOrderAcks
 from .inference import Answer, Inference
 from .metrics import WorkerMetrics
+from .ollama import new_session
 from .prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,6 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
 
     @app.agent(requests, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         acks: InOrderAcks[EventT] = InOrderAcks()
         in_flight = asyncio.Semaphore(worker.max_in_flight)
         running: set[asyncio.Task[None]] = set()
@@ -263,7 +262,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                 in_flight.release()
             await finished([event for event, _ in group])
 
-        async with httpx.AsyncClient(limits=limits) as http:
+        async with new_session() as http:
             inference = state["inference"] = Inference(
                 settings, http, metrics, TableCache(cache_table, lambda k, v: produce(cache_updates, k, v))
             )
@@ -377,7 +376,6 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     asyncio.run(ensure_topics(settings.kafka))
     asyncio.run(_ensure_cache_updates_topic(settings))
     app = create_app(settings)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     worker = Worker(app, loglevel=loglevel)
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every
     # record: every library's debug record would be built, then dropped by the handler.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-import httpx
+import aiohttp
 
 from nexus.settings import ModelSettings, Settings
 from schemas import InferenceRequest, InferenceResponse, utcnow
@@ -78,7 +78,7 @@ class Inference:
     def __init__(
         self,
         settings: Settings,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         metrics: WorkerMetrics,
         store: CacheStore,
         clock: Callable[[], float] = time.monotonic,
@@ -337,9 +337,10 @@ class Inference:
         async def probe() -> None:
             ok = False
             try:
-                response = await self._http.get(f"{url}/api/version", timeout=PROBE_TIMEOUT_S)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
+                timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+                async with self._http.get(f"{url}/api/version", timeout=timeout) as response:
+                    ok = response.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 ok = False
             finally:
                 router.probe_finished(url, ok, self._clock())

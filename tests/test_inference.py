@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
-import httpx
+import aiohttp
 import pytest
 
 from nexus.settings import EndpointSettings, ModelSettings, Settings
@@ -39,7 +39,7 @@ async def inference() -> AsyncIterator[Inference]:
         ModelSettings("m", (EndpointSettings(URL, max_concurrency=1),), fallback="b"),
         ModelSettings("b", (EndpointSettings("http://b.invalid"),)),
     ))
-    async with httpx.AsyncClient() as http:  # never used: nothing here calls an endpoint
+    async with aiohttp.ClientSession() as http:  # never used: nothing here calls an endpoint
         yield Inference(settings, http, WorkerMetrics(), NoCache())
 
 
