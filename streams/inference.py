@@ -183,8 +183,12 @@ class Inference:
     ) -> tuple[tuple[Generation, str] | None, int]:
         router = self.routers[model.id]
         tried: set[str] = set()
-        attempts = 0
-        while attempts <= model.retries:
+        attempts = 0  # calls made, reported as the response's retries
+        # Retries bound repeated model work: a call that never connected spent none, so it
+        # does not count. Against endpoints that are all down, the request then waits for
+        # a recovery (their circuits open) until its deadline, instead of failing at once.
+        spent = 0
+        while spent <= model.retries:
             # Prefer endpoints not tried yet; once all were, any will do.
             exclude = frozenset(tried) if len(tried) < len(router.endpoints) else frozenset()
             try:
@@ -226,7 +230,8 @@ class Inference:
                 if not exc.retryable or (sink is not None and sink.started):
                     return None, attempts - 1
                 tried.add(url)
-                if attempts <= model.retries:
+                spent += exc.reached
+                if spent <= model.retries:
                     self._metrics.retries.labels(model=model.id).inc()
                     pause = backoff_seconds(attempts - 1, self._rng)
                     if self._clock() + pause >= deadline:

@@ -30,12 +30,14 @@ class BackendError(RuntimeError):
     ``retryable`` failures (busy, 5xx, timeout, unreachable) may succeed on another
     endpoint; the others (4xx) would fail anywhere. ``busy`` (429, Ollama's 503 "server
     busy") means the endpoint works but is full: back off, don't open its circuit.
+    ``reached`` is false when no connection was made: no model work was spent on it.
     """
 
-    def __init__(self, message: str, *, retryable: bool, busy: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool, busy: bool = False, reached: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.busy = busy
+        self.reached = reached
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ async def generate(
         raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
     except aiohttp.ClientError as exc:
         raise BackendError(
-            f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True
+            f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
+            reached=not isinstance(exc, aiohttp.ClientConnectorError),
         ) from None
 
 

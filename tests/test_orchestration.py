@@ -26,7 +26,9 @@ from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics
 from producers.client import RequestProducer
-from schemas import InferenceOptions, InferenceRequest, InferenceResponse, ModelContext, decode_token, utcnow
+from schemas import (
+    InferenceOptions, InferenceRequest, InferenceResponse, ModelContext, decode_response, decode_token, utcnow,
+)
 from tests.support import CODEC, Role, TopicReader, stack_env, wait_for_responses
 
 DETERMINISTIC = InferenceOptions(temperature=0.0)
@@ -340,6 +342,67 @@ async def test_deadlines_past_or_too_close_are_answered_as_expired_and_spare_the
     assert state["circuit"] == "closed", state
     assert fine.status == "ok", fine.error
     assert fine.latency_ms < 3000, "no wait for a circuit opened by the senders' deadlines"
+
+
+OUTAGE_S = 60.0  # the issue's "every endpoint down for a minute"
+
+
+async def test_every_endpoint_down_for_a_minute_requests_wait_or_expire_then_the_backlog_drains(
+    bootstrap: str, logs_dir: Path, tmp_path: Path
+) -> None:
+    args = ["--models", "m,n", "--ttft-ms", "5", "--tokens-per-s", "0", "--parallel", "8"]
+    a, b = simulators(logs_dir, args, args)
+    # Default deadline: 30 s x (2 retries + 1) = 90 s after creation, longer than the outage.
+    config = (endpoint_toml("m", endpoint(a), endpoint(b), timeout_s=30, retries=2)
+              + endpoint_toml("n", endpoint(a), timeout_s=30, retries=2))
+    async with nexus(bootstrap, logs_dir, tmp_path, config, [a, b]) as nx:
+        assert all_ok(await nx.ask([nx.request(f"before-{i}", model="mn"[i % 2]) for i in range(6)]))
+        a.role.kill()
+        b.role.kill()
+        down_at = time.monotonic()
+        # Alone, the first request makes every call that opens the circuit of n's endpoint:
+        # refused connections must not use up its retries.
+        patient = [nx.request("first", model="n")]
+        await nx.producer.submit_many(patient)
+
+        async def circuit() -> str:
+            return str((await nx.models())["n"][a.url]["circuit"])
+
+        await nx.until("n's endpoint circuit opens", lambda: _is(circuit(), "open"))
+        expired: dict[str, InferenceResponse] = {}
+        for wave in range(4):  # a wave every 15 s through the outage
+            await asyncio.sleep(max(0.0, down_at + 15 * wave - time.monotonic()))
+            waiting = [nx.request(f"wait-{wave}-{i}", model="mn"[i % 2]) for i in range(10)]
+            hurried = [nx.request(f"hurry-{wave}-{i}", model="mn"[i % 2], deadline=utcnow() + timedelta(seconds=4))
+                       for i in range(4)]
+            patient += waiting
+            # The worker keeps answering through the outage: the hurried ones, by their deadline.
+            await nx.producer.submit_many(waiting + hurried)
+            answered = await wait_for_responses(nx.responses, {r.id for r in hurried}, timeout=12)
+            expired.update({rid: rs[0] for rid, rs in answered.by_id.items()})
+        seen = {decode_response(CODEC, r.value).id for r in nx.responses.records}
+        assert not seen & {r.id for r in patient}, "requests with time left wait for the endpoints"
+        await asyncio.sleep(max(0.0, down_at + OUTAGE_S - time.monotonic()))
+        assert nx.worker.alive(), nx.worker.log_tail()
+        a.restart()
+        b.restart()
+        back_at = time.time()
+        drained = await wait_for_responses(nx.responses, {r.id for r in patient}, timeout=60)
+        answers = {rid: rs[0] for rid, rs in drained.by_id.items()}
+        last = max(r.timestamp for r in nx.responses.records if decode_response(CODEC, r.value).id in answers)
+    drain_s = last / 1000 - back_at
+    print(f"\noutage {OUTAGE_S:.0f} s: {len(expired)} expired by their deadline, {len(patient)} waited "
+          f"and were answered {drain_s:.1f} s after the endpoints came back; "
+          f"retries per request {sorted(Counter(x.retries for x in answers.values()).items())}")
+    assert set(answers) == {r.id for r in patient} and all_ok(answers), errors(answers)
+    assert drained.duplicates() == 0
+    assert len(expired) == 16 and len(patient) == 41
+    for answer in expired.values():
+        error = answer.error or ""
+        assert answer.status == "error" and error.startswith("expired"), error
+        assert a.url in error and "open" in error, error  # the reason names the endpoints' state
+    # Recovery is noticed by a probe within the circuit's 5 s cool-down, not by a retry storm.
+    assert drain_s < 15, drain_s
 
 
 # ----------------------------------------------------------------------------- cache and streaming
