@@ -170,7 +170,8 @@ def load_versions(directory: Path = SCHEMA_DIR) -> list[SchemaVersion]:
         # fastavro renders the CRC-64-AVRO as hex of its little-endian bytes, as the header wants.
         fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
         versions.append(
-            SchemaVersion(name, version, fp, parse_schema(expanded, _write_hint=False), canonical)
+            # Parsed once, with fastavro's marker: without it every encode and decode parses again.
+            SchemaVersion(name, version, fp, parse_schema(expanded), canonical)
         )
     return versions
 
