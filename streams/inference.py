@@ -108,7 +108,8 @@ class Inference:
                 f"unknown model {request.model_id!r}; this worker serves {sorted(self._settings.model_ids)}",
             )
         deadline = self._deadline(request, model)
-        key = cache.cache_key(request)
+        cacheable = cache.should_look_up(request, model) or cache.should_store(request, model)
+        key = cache.cache_key(request) if cacheable else b""
         if cache.should_look_up(request, model):
             entry = self._store.get(key)
             if entry is not None and entry.fresh(time.time()):
