@@ -13,7 +13,8 @@ and a worker configured with those four endpoints (``max_concurrency = 4``, weig
   request's production to its answer's arrival on the responses topic.
 - router alone: the worker's ``Inference`` (routing, retries, circuits) in this process,
   no Kafka: the routing's share of the result without the pipeline's cost.
-- weighted RR, the baseline: straight to the simulators with httpx, nginx's smooth weighted
+- weighted RR, the baseline: straight to the simulators with aiohttp (the worker's own HTTP
+  client, so both pay the same per-call cost), nginx's smooth weighted
   round-robin with the same weights, 4 requests at once per endpoint, a failure retried on
   the next endpoint of the list, up to 2 retries. No Kafka in its path.
 
@@ -23,7 +24,7 @@ paced at --rate requests/s (latency under a load every dispatcher can carry).
 Then the capacity case: two simulators of model ``pair``, 30 and 90 ms (one three times
 faster), 4 slots each; N requests at once through Nexus and through the router alone;
 throughput against the sum of their capacities, nominal (4/0.030 + 4/0.090 = 177.8/s)
-and measured (each endpoint saturated alone from httpx: HTTP overhead included).
+and measured (each endpoint saturated alone from aiohttp: HTTP overhead included).
 
 Everything runs on one machine (the broker, the worker, the simulators and this client
 share its CPUs); the numbers are of one run.
@@ -62,7 +63,7 @@ REPO = Path(__file__).resolve().parent.parent
 PARALLEL = 4
 RETRIES = 2
 WARM_UP = 20
-LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class WeightedRoundRobin:
     """nginx's smooth weighted round-robin, a slot limit per endpoint, and a failed request
     moved to the next endpoint of the list. It knows nothing of speed or health."""
 
-    def __init__(self, http: httpx.AsyncClient, endpoints: list[Endpoint], slots: int, retries: int) -> None:
+    def __init__(self, http: aiohttp.ClientSession, endpoints: list[Endpoint], slots: int, retries: int) -> None:
         self._http = http
         self._endpoints = endpoints
         self._slots = {e.url: asyncio.Semaphore(slots) for e in endpoints}
@@ -168,11 +169,12 @@ class WeightedRoundRobin:
             endpoint = self._endpoints[index]
             async with self._slots[endpoint.url]:
                 try:
-                    reply = await self._http.post(f"{endpoint.url}/api/generate", timeout=30, json={
-                        "model": endpoint.model, "prompt": prompt, "stream": False})
-                    if reply.status_code == 200:
-                        return endpoint.name
-                except httpx.HTTPError:
+                    async with self._http.post(f"{endpoint.url}/api/generate", timeout=TIMEOUT, json={
+                            "model": endpoint.model, "prompt": prompt, "stream": False}) as reply:
+                        await reply.read()
+                        if reply.status == 200:
+                            return endpoint.name
+                except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
             index = (index + 1) % len(self._endpoints)
         return None
@@ -283,7 +285,7 @@ class Nexus:
 # ----------------------------------------------------------------------------- capacity
 
 
-async def saturate(http: httpx.AsyncClient, endpoint: Endpoint, n: int) -> float:
+async def saturate(http: aiohttp.ClientSession, endpoint: Endpoint, n: int) -> float:
     """Requests/s the endpoint serves with its slots always full (no Kafka, no router)."""
     async def lanes() -> None:
         left = list(range(n))
@@ -291,9 +293,9 @@ async def saturate(http: httpx.AsyncClient, endpoint: Endpoint, n: int) -> float
         async def lane() -> None:
             while left:
                 i = left.pop()
-                reply = await http.post(f"{endpoint.url}/api/generate", timeout=30,
-                                        json={"model": endpoint.model, "prompt": f"cap {i}", "stream": False})
-                reply.raise_for_status()
+                async with http.post(f"{endpoint.url}/api/generate", timeout=TIMEOUT, raise_for_status=True,
+                                     json={"model": endpoint.model, "prompt": f"cap {i}", "stream": False}) as reply:
+                    await reply.read()
 
         await asyncio.gather(*(lane() for _ in range(PARALLEL)))
 
@@ -355,8 +357,7 @@ async def run(bootstrap: str, n: int, rate: float, failing: str, weights: list[i
         try:
             for e in running:
                 await wait_http(e.url)
-            async with Nexus(bootstrap, config, names) as nexus, httpx.AsyncClient(limits=LIMITS) as http, \
-                    new_session() as worker_http:
+            async with Nexus(bootstrap, config, names) as nexus, new_session() as http, new_session() as worker_http:
                 await nexus.run("no-such-model", 1, None, timeout=90)  # the worker joined its group
                 alone = RouterAlone(worker_http, config, names)  # the worker's own HTTP client
                 wrr = WeightedRoundRobin(http, mixed, PARALLEL, RETRIES)
