@@ -251,3 +251,37 @@ async def test_secrets_never_appear_in_logs_or_metrics(keyed: Keyed) -> None:
     for secret in (ALPHA, BETA, WRONG):
         assert secret not in logs
         assert secret not in metrics
+
+
+async def test_the_keyed_gateways_answers_fit_its_openapi_document(keyed: Keyed) -> None:
+    from openapi_spec_validator import validate as validate_openapi
+
+    from tests.test_openapi import check
+
+    async with httpx.AsyncClient(base_url=keyed.url, timeout=30) as http:
+        spec = (await http.get("/openapi.json")).json()  # open: documentation needs no key
+        validate_openapi(spec)
+        scheme = spec["components"]["securitySchemes"]["bearerAuth"]
+        assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+        assert spec["paths"]["/infer"]["post"]["security"] == [{"bearerAuth": []}]
+        assert "security" not in spec["paths"]["/health"]["get"]
+        body = _infer("llama3.1", "spec", "s-spec")
+        cases = [
+            ("post", "/infer", {"json": body}, 401),
+            ("post", "/infer", {"json": body, "headers": bearer(WRONG)}, 401),
+            ("post", "/infer", {"json": body, "headers": bearer(BETA)}, 403),
+            ("post", "/infer", {"json": body, "headers": bearer(ALPHA)}, 202),
+            ("get", "/metrics", {}, 401),
+            ("get", "/models", {"headers": bearer(BETA)}, 200),
+            ("post", "/v1/chat/completions", {"json": {"model": "llama3.1", "messages": []}}, 401),
+            ("post", "/v1/chat/completions", {"headers": bearer(BETA), "json": {
+                "model": "llama3.1", "messages": [{"role": "user", "content": "x"}]}}, 403),
+            ("get", "/v1/models", {"headers": bearer(WRONG)}, 401),
+            ("post", "/api/generate", {"json": {"model": "llama3.1", "prompt": "x"}}, 401),
+            ("post", "/api/generate", {"headers": bearer(BETA), "json": {"model": "llama3.1", "prompt": "x"}}, 403),
+            ("get", "/api/tags", {}, 401),
+        ]
+        for method, path, kwargs, status in cases:
+            reply = await http.request(method.upper(), path, **kwargs)
+            assert reply.status_code == status, (path, reply.text)
+            check(spec, method, path, reply)
