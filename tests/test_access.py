@@ -188,3 +188,18 @@ def test_a_plaintext_token_where_the_hash_belongs_is_refused_and_not_echoed(tmp_
 def test_access_section_shape_is_checked(tmp_path: Path) -> None:
     assert "[access] holds only keys" in _error(_toml(tmp_path, "[access]\nopen = true\n"), {})
     assert "must be a table" in _error(_toml(tmp_path, "[access]\nkeys = [1]\n"), {})
+
+
+def test_new_key_prints_a_token_and_config_lines_that_accept_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nexus.cli import main
+
+    assert main(["new-key", "team-c", "--models", "mistral"]) == 0
+    out = capsys.readouterr().out
+    token = out.split("it is not stored anywhere): ", 1)[1].split()[0]
+    env_line = out.rsplit("): ", 1)[1].strip()
+    toml = out.split("configs/nexus.toml:\n", 1)[1].split("\n\n", 1)[0]
+    assert token not in env_line and token not in toml
+    for settings in (load_settings(_toml(tmp_path, ""), environ={"NEXUS_API_KEYS": env_line}),
+                     load_settings(_toml(tmp_path, toml), environ={})):
+        key = AccessPolicy(settings.access).authenticate(token)
+        assert key is not None and (key.name, key.models) == ("team-c", ("mistral",))
