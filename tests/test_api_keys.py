@@ -285,3 +285,33 @@ async def test_the_keyed_gateways_answers_fit_its_openapi_document(keyed: Keyed)
             reply = await http.request(method.upper(), path, **kwargs)
             assert reply.status_code == status, (path, reply.text)
             check(spec, method, path, reply)
+
+
+async def test_the_page_asks_for_a_key_and_works_with_one(keyed: Keyed) -> None:
+    async_api = pytest.importorskip("playwright.async_api", reason="playwright is in the [test] extra")
+    from tests.test_bridge import CHROMIUM_ARGS, chromium_path
+
+    executable = chromium_path()
+    prompt = "Hello from the page, with a key"
+    async with async_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(keyed.url + "/")
+            await page.wait_for_selector("#key-token", state="visible", timeout=15_000)  # no token: it asks
+            await page.fill("#key-token", BETA)
+            await page.click("#key button")
+            await page.wait_for_selector("#connection[data-state=open]", timeout=15_000)
+            assert await page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["mistral"]
+            await page.fill("#prompt", prompt)
+            await page.click("#submit")
+            await page.wait_for_selector("#answer[data-state=done]", timeout=30_000)
+            answer = await page.text_content("#answer")
+            url = page.url
+        finally:
+            await browser.close()
+    assert errors == []
+    assert answer == f"[simulated mistral] You said: {prompt}"
+    assert BETA not in url
