@@ -16,7 +16,7 @@ import httpx
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from nexus.access import AccessPolicy
+from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
 from nexus.topics import ensure_topics
 
@@ -100,11 +100,12 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         except RejectedRequest as exc:
             metrics.requests.labels(model="", code=str(exc.status)).inc()
             return _error(exc.status, exc.message)
-        key = access_http.key_of(request)
-        if not app[access_http.POLICY].may_use(key, infer_request.model_id):
+        try:
+            access_http.authorize(request, infer_request.model_id)
+        except Forbidden:
             metrics.requests.labels(model=infer_request.model_id, code="403").inc()
-            access_http.authorize(request, infer_request.model_id)  # raises Forbidden: the middleware's 403
-        infer_request = dataclasses.replace(infer_request, key_name=AccessPolicy.owner(key))
+            raise  # the access middleware answers 403
+        infer_request = dataclasses.replace(infer_request, key_name=AccessPolicy.owner(access_http.key_of(request)))
         started = time.perf_counter()
         try:
             await app[PRODUCER].submit(infer_request)

@@ -150,9 +150,16 @@ async def test_openai_client_with_api_key(keyed: Keyed) -> None:
 
 
 async def test_ollama_client_sends_the_key_as_a_header(keyed: Keyed) -> None:
-    client = ollama.AsyncClient(host=keyed.url, headers=bearer(BETA))
+    session = f"ollama-{uuid.uuid4().hex}"
+    watcher = await WsClient.open(keyed.ws_url, additional_headers=bearer(BETA))
+    await watcher.send({"type": "subscribe", "session_id": session})
+    await watcher.next_of("subscribed")
+    client = ollama.AsyncClient(host=keyed.url, headers={**bearer(BETA), "X-Nexus-Session": session})
     answer = await client.generate(model="mistral", prompt="hi from ollama", stream=False)
     assert answer.response == "[simulated mistral] You said: hi from ollama"
+    result = await watcher.next_of("result")  # the drop-in call's request was stamped with the key
+    assert (result["key_name"], result["output"]) == ("beta", answer.response)
+    await watcher.close()
     assert [m.model for m in (await client.list()).models] == ["mistral"]
     with pytest.raises(ollama.ResponseError) as forbidden:
         await client.chat(model="llama3.1", messages=[{"role": "user", "content": "x"}])
