@@ -38,6 +38,7 @@ from .compat import (
     number,
     render_conversation,
     require_model,
+    resolve_model,
     unsupported,
 )
 from .replies import ReplyError, ReplyTimeoutError
@@ -248,16 +249,17 @@ def add_ollama_routes(app: web.Application, dropin: "DropIn") -> None:
         except DropInError as exc:
             dropin.metrics.count("ollama", route, "", exc.status)
             return _error(exc.status, exc.message)
+        model_id = resolve_model(parsed.model, known) or parsed.model  # parsing found it
+        try:
+            access_http.authorize(request, model_id)  # the load call too: it names a model
+        except Forbidden:
+            dropin.metrics.count("ollama", route, model_id, 403)
+            raise  # the access middleware answers 403
         headers = {IGNORED_HEADER: ",".join(parsed.ignored)} if parsed.ignored else {}
         if parsed.request is None:
             dropin.metrics.count("ollama", route, "", 200)
             return web.json_response(final_object(parsed, None, ""), headers=headers)
         model_label = parsed.request.model_id
-        try:
-            access_http.authorize(request, model_label)
-        except Forbidden:
-            dropin.metrics.count("ollama", route, model_label, 403)
-            raise  # the access middleware answers 403
         inference = dataclasses.replace(parsed.request, key_name=AccessPolicy.owner(access_http.key_of(request)))
         parsed = dataclasses.replace(parsed, request=inference)
         headers[REQUEST_ID_HEADER] = inference.id

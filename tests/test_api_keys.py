@@ -164,6 +164,10 @@ async def test_ollama_client_sends_the_key_as_a_header(keyed: Keyed) -> None:
     with pytest.raises(ollama.ResponseError) as forbidden:
         await client.chat(model="llama3.1", messages=[{"role": "user", "content": "x"}])
     assert forbidden.value.status_code == 403
+    with pytest.raises(ollama.ResponseError) as load_call:  # no prompt: Ollama's "load the model"
+        await client.generate(model="llama3.1:latest")
+    assert load_call.value.status_code == 403
+    assert (await client.generate(model="mistral:latest")).done_reason == "load"
     with pytest.raises(ollama.ResponseError) as unauthenticated:
         await ollama.AsyncClient(host=keyed.url).generate(model="mistral", prompt="x", stream=False)
     assert unauthenticated.value.status_code == 401
