@@ -17,12 +17,15 @@ The protocol is parsed in :mod:`consumers.frames`; this module only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import json
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -32,13 +35,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from nexus.settings import Settings
+from nexus.access import AccessPolicy, Forbidden, Unauthenticated
+from nexus.settings import ApiKey, Settings
 from nexus.topics import KafkaUnavailableError, TopicMissingError, ensure_topics, known_partitions
 from producers.client import RequestProducer, SubmitError
 from producers.validation import RejectedRequest, request_from_json
 from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
 
 from .delivery import CatchUp, Outbox, OutboxClosed, RecordKey
+from .owners import SessionOwners
 from .frames import (
     FrameError,
     Submit,
@@ -68,6 +73,8 @@ MAX_REPLAY_RECORDS = 100_000
 REPLAY_TIMEOUT_S = 60.0
 # How long a closing handshake may take before the TCP connection is dropped.
 CLOSE_TIMEOUT_S = 10.0
+# The query parameter a browser puts its token in (browsers cannot set headers on a websocket).
+TOKEN_PARAM = "token"
 
 
 class BridgeStartError(RuntimeError):
@@ -81,9 +88,10 @@ class HistoryError(RuntimeError):
 class BridgeClient:
     """One websocket connection: its outbox, its replay state and its background tasks."""
 
-    def __init__(self, number: int, ws: ServerConnection, max_queue: int) -> None:
+    def __init__(self, number: int, ws: ServerConnection, max_queue: int, key: ApiKey | None = None) -> None:
         self.number = number
         self.ws = ws
+        self.key = key  # the API key it authenticated with; None when access is open
         self.outbox = Outbox(max_queue)
         self.catchup = CatchUp()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -91,7 +99,8 @@ class BridgeClient:
         self.closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<client {self.number} {self.ws.remote_address}>"
+        who = "" if self.key is None else f" key {self.key.name}"
+        return f"<client {self.number} {self.ws.remote_address}{who}>"
 
 
 class Bridge:
@@ -101,6 +110,10 @@ class Bridge:
         self._settings = settings
         self._codec = codec or Codec.from_directory()
         self._known_models = frozenset(settings.model_ids)
+        self._access = AccessPolicy(settings.access)
+        # The key each accepted handshake authenticated with, until its handler takes it.
+        self._handshake_keys: weakref.WeakKeyDictionary[ServerConnection, ApiKey] = weakref.WeakKeyDictionary()
+        self._owners = SessionOwners()
         self._index: SubscriptionIndex[BridgeClient] = SubscriptionIndex()
         self._clients: set[BridgeClient] = set()
         self._numbers = itertools.count(1)
@@ -211,7 +224,7 @@ class Bridge:
                     self._positions[tp] = records[-1].offset + 1
 
     def _route(self, record: ConsumerRecord) -> None:
-        selected = self._decode(record, self._index.for_result, self._index.for_token)
+        selected = self._decode(record, self._live_results, self._live_tokens)
         if selected is None:
             return
         clients, frame = selected
@@ -219,20 +232,32 @@ class Bridge:
         for client in clients:
             self._deliver_live(client, key, frame)
 
+    def _live_results(self, session_id: str, request_id: str, owner: str | None) -> list[BridgeClient]:
+        if self._access.enabled:
+            self._owners.saw(session_id, owner)
+        return self._visible(self._index.for_result(session_id, request_id), owner)
+
+    def _live_tokens(self, session_id: str, request_id: str, owner: str | None) -> list[BridgeClient]:
+        return self._visible(self._index.for_token(session_id, request_id), owner)
+
+    def _visible(self, clients: set[BridgeClient], owner: str | None) -> list[BridgeClient]:
+        """Only the clients whose key may see a record of ``owner``: a key sees its own records only."""
+        return [c for c in clients if self._access.may_see(c.key, owner)]
+
     def _decode(
         self,
         record: ConsumerRecord,
-        results: Callable[[str, str], Any],
-        tokens: Callable[[str, str], Any],
+        results: Callable[[str, str, str | None], Any],
+        tokens: Callable[[str, str, str | None], Any],
     ) -> tuple[Any, str] | None:
         """Decode ``record``; ask ``results``/``tokens`` who wants it; build its frame only then."""
         try:
             if record.topic == self._settings.kafka.responses_topic:
                 response = decode_response(self._codec, record.value)
-                wanted = results(response.context.session_id, response.id)
+                wanted = results(response.context.session_id, response.id, response.key_name)
                 return (wanted, result_frame(response)) if wanted else None
             token = decode_token(self._codec, record.value)
-            wanted = tokens(token.session_id, token.id)
+            wanted = tokens(token.session_id, token.id, token.key_name)
             return (wanted, token_frame(token)) if wanted else None
         except SchemaError as exc:
             log.warning(
@@ -284,10 +309,28 @@ class Bridge:
             return connection.respond(200, json.dumps(body) + "\n")
         if path != self._settings.bridge.path:
             return connection.respond(404, f"no websocket here; connect to {self._settings.bridge.path}\n")
+        try:
+            key = self._authenticate(request)
+        except Unauthenticated as exc:
+            response = connection.respond(401, exc.reason + "\n")
+            response.headers["WWW-Authenticate"] = exc.challenge
+            return response
+        if key is not None:
+            self._handshake_keys[connection] = key
         return None
 
+    def _authenticate(self, request: Request) -> ApiKey | None:
+        """The key of the handshake: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers)."""
+        header = request.headers.get("Authorization")
+        if header is not None:
+            return self._access.authenticate_header(header)
+        query = parse_qs(urlsplit(request.path).query)
+        tokens = query.get(TOKEN_PARAM)
+        return self._access.authenticate(tokens[0] if tokens else None)
+
     async def _handle(self, ws: ServerConnection) -> None:
-        client = BridgeClient(next(self._numbers), ws, self._settings.bridge.max_queue)
+        key = self._handshake_keys.pop(ws, None)
+        client = BridgeClient(next(self._numbers), ws, self._settings.bridge.max_queue, key)
         self._clients.add(client)
         writer = asyncio.create_task(self._write(client))
         try:
@@ -329,6 +372,12 @@ class Bridge:
             await self._submit(client, frame)
 
     def _subscribe(self, client: BridgeClient, frame: Subscribe) -> None:
+        session_id = frame.target.session_id
+        if session_id is not None and not self._access.may_subscribe(client.key, self._owners.of(session_id)):
+            assert client.key is not None
+            reason = f"session {session_id!r} belongs to another API key than {client.key.name!r}"
+            self._reply(client, error_frame(reason, status=403, **frame.target.to_json()))
+            return
         try:
             self._index.add(client, frame.target)
         except TooManySubscriptions as exc:
@@ -350,6 +399,14 @@ class Bridge:
             detail = {"id": raw_id} if isinstance(raw_id, str) else {}
             self._reply(client, error_frame(exc.message, status=exc.status, **detail))
             return
+        try:
+            self._access.authorize(client.key, request.model_id)
+        except Forbidden as exc:
+            self._reply(client, error_frame(exc.reason, status=403, id=request.id))
+            return
+        request = dataclasses.replace(request, key_name=AccessPolicy.owner(client.key))
+        if self._access.enabled:
+            self._owners.saw(request.context.session_id, request.key_name)
         try:
             # Before producing: the answer cannot overtake the subscription.
             self._index.add(client, Target(request_ids=(request.id,)))
@@ -386,8 +443,10 @@ class Bridge:
         """Send ``target``'s records from ``since_ms`` up to ``cutoff``, then release held live ones."""
 
         def select(record: ConsumerRecord) -> str | None:
-            def wanted(is_token: bool) -> Callable[[str, str], bool]:
-                return lambda session_id, request_id: target.matches(session_id, request_id, is_token)
+            def wanted(is_token: bool) -> Callable[[str, str, str | None], bool]:
+                return lambda session_id, request_id, owner: (
+                    target.matches(session_id, request_id, is_token) and self._access.may_see(client.key, owner)
+                )
 
             selected = self._decode(record, wanted(False), wanted(True))
             return None if selected is None else selected[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -88,6 +89,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_new_key(args: argparse.Namespace) -> int:
+    """Print a fresh token once, and the configuration lines that hold only its SHA-256."""
+    import secrets
+
+    from nexus.access import token_sha256
+
+    token = secrets.token_urlsafe(32)
+    digest = token_sha256(token).hex()
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    toml_models = f"\nmodels = {json.dumps(models)}" if models else ""
+    env_models = f":{','.join(models)}" if models else ""
+    print(f"token (give it to the client; it is not stored anywhere): {token}\n")
+    print(f'configs/nexus.toml:\n[[access.keys]]\nname = "{args.name}"\nsha256 = "{digest}"{toml_models}\n')
+    print(f"or NEXUS_API_KEYS (entries joined by ';'): {args.name}:{digest}{env_models}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .up import run_stack
 
@@ -149,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", parents=[common], help="read the topics over a time range, for audit (--join, --resubmit)")
     add_replay_arguments(p)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("new-key", help="make an API key: a random token and the config lines with its SHA-256")
+    p.add_argument("name", help="the key's public name (logs, audit, the records' key_name)")
+    p.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
+    p.set_defaults(func=cmd_new_key)
     return parser
 
 

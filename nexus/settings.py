@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,29 @@ class BridgeSettings:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One client's key: a public ``name`` (logs, audit, records) and the SHA-256 of its secret token.
+
+    Only the hash is configured, so neither the config file nor the environment holds a usable secret.
+    """
+
+    name: str
+    sha256: bytes = field(repr=False)  # the 32-byte digest of the token's UTF-8 bytes
+    models: tuple[str, ...] = ()  # model ids this key may use; empty: every model
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """API keys; none configured means the gateway and the bridge are open (no token needed)."""
+
+    keys: tuple[ApiKey, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     id: str
     endpoints: tuple[EndpointSettings, ...]
@@ -112,6 +136,7 @@ class Settings:
     bridge: BridgeSettings = field(default_factory=BridgeSettings)
     models: tuple[ModelSettings, ...] = ()
     ollama_host: str = DEFAULT_OLLAMA_HOST
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     def model(self, model_id: str) -> ModelSettings | None:
         for model in self.models:
@@ -167,7 +192,7 @@ def load_settings(
         raise ConfigError(f"{config_path}: config file not found")
     where = str(config_path)
 
-    unknown = set(raw) - set(_SECTIONS) - {"models", "ollama_host"}
+    unknown = set(raw) - set(_SECTIONS) - {"models", "ollama_host", "access"}
     if unknown:
         raise ConfigError(f"{where}: unknown section or key {sorted(unknown)[0]!r}")
 
@@ -196,7 +221,85 @@ def load_settings(
             for m in env_models.split(",")
             if m.strip()
         )
-    return Settings(models=models, ollama_host=ollama_host, **sections)
+    access = _access(raw.get("access"), env.get("NEXUS_API_KEYS"), {m.id for m in models}, where)
+    return Settings(models=models, ollama_host=ollama_host, access=access, **sections)
+
+
+# --------------------------------------------------------------------------- API keys
+
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_KEY_FIELDS = {"name", "sha256", "models"}
+API_KEYS_SYNTAX = "name:sha256[:model,model...] entries separated by ';'"
+
+
+def _access(table: Any, env_keys: str | None, model_ids: set[str], where: str) -> AccessSettings:
+    """``[[access.keys]]`` tables, or ``NEXUS_API_KEYS`` (which replaces them when set and not empty)."""
+    if env_keys is not None and env_keys.strip():
+        specs = [_env_key(entry, i) for i, entry in enumerate(e for e in env_keys.split(";") if e.strip())]
+        here = "NEXUS_API_KEYS"
+    else:
+        if table is None:
+            return AccessSettings()
+        if not isinstance(table, dict) or set(table) - {"keys"}:
+            raise ConfigError(f"{where}: [access] holds only keys, as [[access.keys]] tables")
+        specs = table.get("keys", [])
+        if not isinstance(specs, list):
+            raise ConfigError(f"{where}: [access] keys must be an array of tables ([[access.keys]])")
+        here = f"{where}: [[access.keys]]"
+    keys = tuple(_api_key(spec, f"{here}[{i}]", model_ids) for i, spec in enumerate(specs))
+    seen_names: set[str] = set()
+    seen_hashes: set[bytes] = set()
+    for key in keys:
+        if key.name in seen_names:
+            raise ConfigError(f"{here}: key name {key.name!r} is given twice; names must be unique")
+        if key.sha256 in seen_hashes:
+            raise ConfigError(f"{here}: key {key.name!r} has the same token as another key; give each its own")
+        seen_names.add(key.name)
+        seen_hashes.add(key.sha256)
+    return AccessSettings(keys)
+
+
+def _env_key(entry: str, i: int) -> dict[str, Any]:
+    parts = entry.strip().split(":", 2)
+    if len(parts) < 2:
+        # Never echo the entry: it may be a token pasted where its hash belongs.
+        raise ConfigError(f"NEXUS_API_KEYS entry {i}: expected {API_KEYS_SYNTAX}")
+    spec: dict[str, Any] = {"name": parts[0].strip(), "sha256": parts[1].strip()}
+    if len(parts) == 3:
+        spec["models"] = [m.strip() for m in parts[2].split(",") if m.strip()]
+    return spec
+
+
+def _api_key(spec: Any, here: str, model_ids: set[str]) -> ApiKey:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{here}: must be a table with name, sha256 and optionally models")
+    unknown = set(spec) - _KEY_FIELDS
+    if unknown:
+        hint = " (configure the token's SHA-256 as sha256, never the token)" if "token" in unknown else ""
+        raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}; allowed: {sorted(_KEY_FIELDS)}{hint}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _KEY_NAME.match(name):
+        raise ConfigError(
+            f"{here} name: expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    digest = spec.get("sha256")
+    if not isinstance(digest, str) or not digest:
+        raise ConfigError(f"{here} ({name}) sha256: missing or empty; "
+                          "set it to the SHA-256 of the token: printf %s \"$TOKEN\" | sha256sum")
+    if not _SHA256.match(digest):
+        # Not echoed: a value here that is not a hash may be the plaintext token.
+        raise ConfigError(f"{here} ({name}) sha256: expected 64 hex digits, the SHA-256 of the token "
+                          "(printf %s \"$TOKEN\" | sha256sum), not the token itself")
+    models = spec.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"{here} ({name}) models: expected a list of model ids")
+    unknown_models = sorted(set(models) - model_ids)
+    if unknown_models:
+        raise ConfigError(
+            f"{here} ({name}) models: {unknown_models[0]!r} is not a configured model; known: {sorted(model_ids)}"
+        )
+    return ApiKey(name=name, sha256=bytes.fromhex(digest), models=tuple(dict.fromkeys(models)))
 
 
 def _check_retention(value: int, where: str) -> None:

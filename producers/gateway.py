@@ -7,6 +7,7 @@ to Kafka in :mod:`producers.client`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -15,9 +16,11 @@ import httpx
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
 from nexus.topics import ensure_topics
 
+from . import access_http
 from .client import RequestProducer, SubmitError
 from .dropin import add_dropin_routes
 from .endpoint_state import EndpointStateReader
@@ -74,6 +77,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     metrics = metrics or GatewayMetrics()
     app = web.Application(client_max_size=settings.gateway.max_body_bytes, middlewares=[_json_errors])
     app[MAX_BODY] = settings.gateway.max_body_bytes
+    access_http.install(app, AccessPolicy(settings.access))  # API keys: docs/security.md
     known_models = set(settings.model_ids)
     endpoint_state = EndpointStateReader(settings)
 
@@ -96,6 +100,12 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         except RejectedRequest as exc:
             metrics.requests.labels(model="", code=str(exc.status)).inc()
             return _error(exc.status, exc.message)
+        try:
+            access_http.authorize(request, infer_request.model_id)
+        except Forbidden:
+            metrics.requests.labels(model=infer_request.model_id, code="403").inc()
+            raise  # the access middleware answers 403
+        infer_request = dataclasses.replace(infer_request, key_name=AccessPolicy.owner(access_http.key_of(request)))
         started = time.perf_counter()
         try:
             await app[PRODUCER].submit(infer_request)
@@ -120,7 +130,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         )
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"models": endpoint_state.models()})
+        allowed = set(app[access_http.POLICY].models_for(access_http.key_of(request), settings.model_ids))
+        return web.json_response({"models": [m for m in endpoint_state.models() if m["id"] in allowed]})
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/infer", infer)

@@ -12,6 +12,7 @@ The body rules and answer shapes are plain functions (``parse_generate``, ``pars
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Collection
@@ -21,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from nexus.access import AccessPolicy, Forbidden
 from schemas import InferenceOptions, InferenceRequest, InferenceResponse, new_id, utcnow
 
+from . import access_http
 from .client import SubmitError
 from .compat import (
     IGNORED_HEADER,
@@ -35,6 +38,7 @@ from .compat import (
     number,
     render_conversation,
     require_model,
+    resolve_model,
     unsupported,
 )
 from .replies import ReplyError, ReplyTimeoutError
@@ -245,12 +249,19 @@ def add_ollama_routes(app: web.Application, dropin: "DropIn") -> None:
         except DropInError as exc:
             dropin.metrics.count("ollama", route, "", exc.status)
             return _error(exc.status, exc.message)
+        model_id = resolve_model(parsed.model, known) or parsed.model  # parsing found it
+        try:
+            access_http.authorize(request, model_id)  # the load call too: it names a model
+        except Forbidden:
+            dropin.metrics.count("ollama", route, model_id, 403)
+            raise  # the access middleware answers 403
         headers = {IGNORED_HEADER: ",".join(parsed.ignored)} if parsed.ignored else {}
         if parsed.request is None:
             dropin.metrics.count("ollama", route, "", 200)
             return web.json_response(final_object(parsed, None, ""), headers=headers)
-        inference = parsed.request
-        model_label = inference.model_id
+        model_label = parsed.request.model_id
+        inference = dataclasses.replace(parsed.request, key_name=AccessPolicy.owner(access_http.key_of(request)))
+        parsed = dataclasses.replace(parsed, request=inference)
         headers[REQUEST_ID_HEADER] = inference.id
         response = await _exchange(request, dropin, parsed, call, headers)
         dropin.metrics.count("ollama", route, model_label, response.status)
@@ -263,7 +274,8 @@ def add_ollama_routes(app: web.Application, dropin: "DropIn") -> None:
         return await answer(request, chat=True)
 
     async def tags(request: web.Request) -> web.Response:
-        return web.json_response(tags_object(known, started))
+        allowed = access_http.policy_of(request).models_for(access_http.key_of(request), known)
+        return web.json_response(tags_object(allowed, started))
 
     async def version(request: web.Request) -> web.Response:
         return web.json_response({"version": dropin.version})

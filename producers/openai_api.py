@@ -12,6 +12,7 @@ shapes are plain functions; the aiohttp handlers are at the bottom.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Collection
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from nexus.access import AccessPolicy, Forbidden
 from schemas import InferenceOptions, InferenceRequest, InferenceResponse, new_id
 
+from . import access_http
 from .client import SubmitError
 from .compat import (
     IGNORED_HEADER,
@@ -289,6 +292,14 @@ def add_openai_routes(app: web.Application, dropin: "DropIn") -> None:
         except DropInError as exc:
             dropin.metrics.count("openai", route, "", exc.status)
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        try:
+            access_http.authorize(request, call.request.model_id)
+        except Forbidden:
+            dropin.metrics.count("openai", route, call.request.model_id, 403)
+            raise  # the access middleware answers 403 in OpenAI's shape
+        call = dataclasses.replace(
+            call, request=dataclasses.replace(call.request, key_name=AccessPolicy.owner(access_http.key_of(request)))
+        )
         headers = {REQUEST_ID_HEADER: call.request.id, "x-request-id": call.request.id}
         if call.ignored:
             headers[IGNORED_HEADER] = ",".join(call.ignored)
@@ -302,12 +313,15 @@ def add_openai_routes(app: web.Application, dropin: "DropIn") -> None:
     async def completions(request: web.Request) -> web.StreamResponse:
         return await answer(request, chat=False)
 
+    def allowed(request: web.Request) -> list[str]:
+        return access_http.policy_of(request).models_for(access_http.key_of(request), known)
+
     async def models(request: web.Request) -> web.Response:
-        return web.json_response(models_object(known, created))
+        return web.json_response(models_object(allowed(request), created))
 
     async def model(request: web.Request) -> web.Response:
         model_id = request.match_info["model"]
-        if model_id not in known:
+        if model_id not in allowed(request):  # OpenAI answers 404 for a model the key may not use
             return error_response(404, MODEL_NOT_FOUND.format(model=model_id), param="model", code="model_not_found")
         return web.json_response(model_object(model_id, created))
 

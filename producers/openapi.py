@@ -15,6 +15,7 @@ from aiohttp import web
 from nexus.settings import Settings
 from schemas import CACHE_POLICIES
 
+from .access_http import is_open
 from .dropin_spec import dropin_parameters, dropin_paths, dropin_schemas
 from .validation import MAX_ID_LENGTH, MAX_TIMEOUT_MS
 
@@ -39,7 +40,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document for a gateway running with ``settings``."""
     models = list(settings.model_ids)
     max_body = settings.gateway.max_body_bytes
-    return {
+    spec = {
         "openapi": "3.1.0",
         "info": {
             "title": "Nexus gateway",
@@ -117,8 +118,39 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             },
             **dropin_paths(),  # Ollama's /api/* and OpenAI's /v1/* (docs/drop-in.md)
         },
-        "components": {"schemas": {**_schemas(models), **dropin_schemas()}, "parameters": dropin_parameters()},
+        "components": {
+            "schemas": {**_schemas(models), **dropin_schemas()},
+            "parameters": dropin_parameters(),
+            "securitySchemes": {BEARER_SCHEME: {
+                "type": "http", "scheme": "bearer",
+                "description": "An API key's token, when the gateway has keys configured (docs/security.md); "
+                               "the OpenAI and Ollama clients send it as their api key / Authorization header.",
+            }},
+        },
     }
+    return _with_security(spec, settings.access.enabled)
+
+
+BEARER_SCHEME = "bearerAuth"
+
+
+def _with_security(spec: dict[str, Any], required: bool) -> dict[str, Any]:
+    """Every path but the open ones (health, page, docs) answers 401 without a valid key, and the
+    calls that submit 403 for a model outside the key's list. The requirement is stated only when
+    this gateway has keys; the answers are documented always, as they depend on its configuration."""
+    for path, operations in spec["paths"].items():
+        if is_open(path):
+            continue
+        error = "OpenAIError" if path.startswith("/v1/") else "Error"
+        for method, operation in operations.items():
+            if required:
+                operation["security"] = [{BEARER_SCHEME: []}]
+            responses = operation["responses"]
+            responses["401"] = _json(error, "With API keys configured: no `Authorization: Bearer <token>`, or "
+                                            "not a valid key's token. Comes with `WWW-Authenticate: Bearer`.")
+            if method == "post":
+                responses["403"] = _json(error, "With API keys configured: the key may not use this model.")
+    return spec
 
 
 def _schemas(models: list[str]) -> dict[str, Any]:

@@ -20,11 +20,14 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def page_config(settings: Settings) -> dict[str, Any]:
     """What the page needs to find the bridge; ``bridge_url`` wins when set."""
-    return {
+    config: dict[str, Any] = {
         "bridge_url": settings.bridge.public_url or None,
         "bridge_port": settings.bridge.port,
         "bridge_path": settings.bridge.path,
     }
+    if settings.access.enabled:  # the page then asks for a token; it never learns which keys exist
+        config["api_keys"] = True
+    return config
 
 
 def add_page_routes(app: web.Application, settings: Settings) -> None:

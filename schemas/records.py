@@ -83,6 +83,7 @@ class InferenceRequest:
     deadline: datetime | None = None
     original_id: str | None = None
     reply_to: str | None = None
+    key_name: str | None = None  # the submitting API key's name, set by the edge (never from the body)
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
@@ -125,6 +126,7 @@ class InferenceResponse:
     time_to_first_token_ms: int | None = None
     retries: int = 0
     reply_to: str | None = None
+    key_name: str | None = None  # copied from the request
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
@@ -152,6 +154,7 @@ class InferenceToken:
     text: str
     created_at: datetime = field(default_factory=utcnow)
     reply_to: str | None = None
+    key_name: str | None = None  # copied from the request
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)

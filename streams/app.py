@@ -111,6 +111,7 @@ class KafkaTokenSink:
                 seq=self.sent,
                 text="".join(self._buffer),
                 reply_to=self._request.reply_to,
+                key_name=self._request.key_name,
             )
             self._buffer.clear()
             self.sent += 1
@@ -228,7 +229,9 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         await publish(answer, event, request)
         for other_event, other in group[1:]:
             metrics.shared.labels(model=request.model_id).inc()
-            response = dataclasses.replace(answer.response, id=other.id, reply_to=other.reply_to)
+            response = dataclasses.replace(
+                answer.response, id=other.id, reply_to=other.reply_to, key_name=other.key_name
+            )
             await publish(Answer(response, answer.dead_letter_reason), other_event, other)
 
     async def decode(event: EventT) -> InferenceRequest | None:

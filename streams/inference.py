@@ -418,6 +418,7 @@ class Inference:
             completed_at=completed,
             latency_ms=latency_ms,
             reply_to=request.reply_to,
+            key_name=request.key_name,
             **fields,
         )
         # Unknown model ids come from senders; keep them out of label values.

@@ -249,6 +249,7 @@ def test_plain_fastavro_decodes_a_nexus_request(codec: Codec) -> None:
         "deadline": None,
         "original_id": None,
         "reply_to": None,
+        "key_name": None,
     }
 
 
@@ -394,9 +395,9 @@ def v2_dir(tmp_path: Path) -> Path:
 
 def test_schema_dir_is_not_polluted_by_evolution_tests() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.avsc")) == [
-        "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc",
-        "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc",
-        "InferenceToken.v1.avsc", "ModelContext.v1.avsc",
+        "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc", "InferenceRequest.v3.avsc",
+        "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc", "InferenceResponse.v3.avsc",
+        "InferenceToken.v1.avsc", "InferenceToken.v2.avsc", "ModelContext.v1.avsc",
     ]
 
 
@@ -431,7 +432,7 @@ def test_v2_codec_reads_v1_with_defaults(codec: Codec, v2_dir: Path) -> None:
     assert value == {**request.to_avro(), "priority": 0}
     assert decode_request(v2, v1_bytes) == request
     # Both versions are known for reading.
-    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3]
+    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

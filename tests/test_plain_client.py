@@ -52,7 +52,7 @@ def test_crc64_matches_the_avro_spec() -> None:
 async def test_a_hand_built_request_from_a_plain_client_is_answered(stack: dict[str, str]) -> None:
     bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
     request_schema = load("InferenceRequest.v2.avsc")
-    response_schemas = {header(s): s for s in (load("InferenceResponse.v1.avsc"), load("InferenceResponse.v2.avsc"))}
+    response_schemas = {header(s): s for s in (load(f.name) for f in AVRO_DIR.glob("InferenceResponse.v*.avsc"))}
     request_id = f"plain-{uuid.uuid4().hex}"
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(request_schema), {

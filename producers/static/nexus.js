@@ -15,6 +15,9 @@ function randomId() {
 
 const page = {
   sessionId: sessionStorage.getItem("nexus-session") || randomId(),
+  // The API key's token when the gateway wants one (docs/security.md): from #token=... or typed in,
+  // kept in this tab only; sent as a bearer header to the gateway and as ?token= to the bridge.
+  token: takeTokenFromHash() || sessionStorage.getItem("nexus-token"),
   ws: null,
   url: null,
   droppedAt: null, // Date.now() when the socket closed; resume from a bit before it
@@ -24,6 +27,34 @@ const page = {
 };
 window.nexusPage = page;
 sessionStorage.setItem("nexus-session", page.sessionId);
+
+function takeTokenFromHash() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!token) return null;
+  sessionStorage.setItem("nexus-token", token);
+  history.replaceState(null, "", location.pathname + location.search); // keep it out of the address bar
+  return token;
+}
+
+function authHeaders() {
+  return page.token ? { Authorization: `Bearer ${page.token}` } : {};
+}
+
+function askForKey(message) {
+  const form = $("key");
+  form.hidden = false;
+  $("key-message").textContent = message;
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem("nexus-token", $("key-token").value.trim());
+    location.reload();
+  });
+}
+
+function withToken(url) {
+  if (!page.token) return url;
+  return `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(page.token)}`;
+}
 
 function ms(value) {
   return value == null ? "–" : `${Math.round(value)} ms`;
@@ -36,17 +67,18 @@ function setConnection(state, text) {
   $("submit").disabled = state !== "open" || !$("model").value;
 }
 
-async function bridgeUrl() {
+async function bridgeUrl(config) {
   const override = new URLSearchParams(location.search).get("bridge");
   if (override) return override;
-  const config = await (await fetch("/config.json")).json();
   if (config.bridge_url) return config.bridge_url;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   return `${scheme}://${location.hostname}:${config.bridge_port}${config.bridge_path}`;
 }
 
 async function loadModels() {
-  const { models } = await (await fetch("/models")).json();
+  const response = await fetch("/models", { headers: authHeaders() });
+  if (response.status === 401) throw new KeyNeeded((await response.json()).error);
+  const { models } = await response.json();
   const select = $("model");
   for (const model of models) {
     const option = document.createElement("option");
@@ -61,7 +93,7 @@ function send(frame) {
 
 function connect() {
   setConnection("connecting", `connecting to ${page.url}…`);
-  const ws = new WebSocket(page.url);
+  const ws = new WebSocket(withToken(page.url));
   page.ws = ws;
   ws.onopen = () => {
     setConnection("open", `live · ${page.url}`);
@@ -197,14 +229,23 @@ function submit(event) {
   });
 }
 
+class KeyNeeded extends Error {}
+
 async function main() {
   $("session").textContent = page.sessionId;
   $("ask").addEventListener("submit", submit);
   try {
+    const config = await (await fetch("/config.json")).json();
+    if (config.api_keys && !page.token) throw new KeyNeeded("this gateway needs an API key");
     await loadModels();
-    page.url = await bridgeUrl();
+    page.url = await bridgeUrl(config);
   } catch (error) {
-    setConnection("closed", `cannot load the gateway's config: ${error}`);
+    if (error instanceof KeyNeeded) {
+      setConnection("closed", "API key needed");
+      askForKey(error.message);
+    } else {
+      setConnection("closed", `cannot load the gateway's config: ${error}`);
+    }
     return;
   }
   connect();

@@ -47,12 +47,13 @@ public final class SubmitRequest {
     String prompt = args[3];
 
     // Write with the newest version of InferenceRequest; read responses of any known version.
-    Schema request = load(schemas, "InferenceRequest.v2.avsc");
+    Schema request = load(schemas, "InferenceRequest.v3.avsc");
+    Schema responseV3 = load(schemas, "InferenceResponse.v3.avsc");
     Schema responseV2 = load(schemas, "InferenceResponse.v2.avsc");
     Schema responseV1 = load(schemas, "InferenceResponse.v1.avsc");
 
     long fingerprint = SchemaNormalization.parsingFingerprint64(request);
-    System.out.println("InferenceRequest v2 fingerprint (CRC-64-AVRO): "
+    System.out.println("InferenceRequest v3 fingerprint (CRC-64-AVRO): "
         + HexFormat.of().formatHex(ByteBuffer.allocate(8).order(java.nio.ByteOrder.LITTLE_ENDIAN)
             .putLong(fingerprint).array()));
 
@@ -70,7 +71,7 @@ public final class SubmitRequest {
     value.put("stream", false);
     value.put("created_at", System.currentTimeMillis());
     value.put("cache", "default");
-    // deadline, original_id and reply_to keep their default, null
+    // deadline, original_id, reply_to and key_name keep their default, null
 
     // Single-object encoding: C3 01, the 8-byte little-endian fingerprint, the Avro body.
     byte[] bytes = new BinaryMessageEncoder<GenericRecord>(GenericData.get(), request).encode(value).array();
@@ -102,8 +103,9 @@ public final class SubmitRequest {
       }
 
       BinaryMessageDecoder<GenericRecord> decoder =
-          new BinaryMessageDecoder<>(GenericData.get(), responseV2);
-      decoder.addSchema(responseV1);   // older writers are resolved to v2 by fingerprint
+          new BinaryMessageDecoder<>(GenericData.get(), responseV3);
+      decoder.addSchema(responseV2);   // older writers are resolved to v3 by fingerprint
+      decoder.addSchema(responseV1);
       long deadline = System.currentTimeMillis() + 60_000;
       while (System.currentTimeMillis() < deadline) {
         for (ConsumerRecord<byte[], byte[]> record : consumer.poll(Duration.ofMillis(500))) {
