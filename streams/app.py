@@ -36,6 +36,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from nexus.access import AccessPolicy, Unauthenticated
 from nexus.settings import Settings
 from nexus.topics import partitions_of
 from schemas import (
@@ -181,6 +182,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes)
     codec = Codec.from_directory()
     metrics = WorkerMetrics()
+    access = AccessPolicy(settings.access)
     PromptTemplate(worker.prompt_template)  # a bad template fails the start, not each request
     state: dict[str, Inference] = {}
 
@@ -314,12 +316,24 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         except Exception as exc:  # metrics must never take the worker down
             log.warning("could not measure consumer lag: %r", exc)
 
+    def refused(web: Any, request: Any) -> Any | None:
+        """401 unless the caller shows an API key, when keys are configured (docs/security.md)."""
+        try:
+            access.authenticate_header(request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            return web.json({"error": exc.reason}, status=401, headers={"WWW-Authenticate": exc.challenge})
+        return None
+
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
+        if (refusal := refused(web, request)) is not None:
+            return refusal
         return web.bytes(generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.page("/models")
     async def models_page(web: Any, request: Any) -> Any:
+        if (refusal := refused(web, request)) is not None:
+            return refusal
         inference = state.get("inference")
         return web.json({"models": inference.snapshot() if inference else {}})
 

@@ -125,6 +125,18 @@ async def test_infer_metrics_and_models_need_a_bearer_token(keyed: Keyed) -> Non
         assert page.status_code == 200 and 'id="key-token"' in page.text
 
 
+async def test_the_workers_metrics_and_models_pages_need_a_token_too(keyed: Keyed) -> None:
+    web = f"http://127.0.0.1:{keyed.worker.env['NEXUS_WORKER_WEB_PORT']}"
+    keyed.worker.wait_http(f"{web}/metrics")
+    async with httpx.AsyncClient(base_url=web, timeout=30) as http:
+        for path in ("/metrics", "/models"):
+            missing = await http.get(path)
+            assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == 'Bearer realm="nexus"', path
+            assert (await http.get(path, headers=bearer(WRONG))).status_code == 401, path
+            assert (await http.get(path, headers=bearer(BETA))).status_code == 200, path
+        assert "nexus_worker_requests_total" in (await http.get("/metrics", headers=bearer(ALPHA))).text
+
+
 async def test_openai_client_with_api_key(keyed: Keyed) -> None:
     client = openai.AsyncOpenAI(base_url=f"{keyed.url}/v1", api_key=ALPHA, max_retries=0)
     answer = await client.chat.completions.create(
