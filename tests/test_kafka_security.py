@@ -1,0 +1,265 @@
+"""Kafka with SASL/SCRAM and TLS, on a real broker: every role connects through the settings.
+
+One broker for the module: a SASL_PLAINTEXT listener (SCRAM-SHA-256/512, PLAIN) and a
+SASL_SSL listener whose certificate a throwaway CA signed. Both reach the same cluster,
+so a worker on one listener answers requests produced on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from nexus.kafka_clients import KafkaAccessError, client_options
+from nexus.localkafka import LocalKafka, free_port
+from nexus.settings import ConfigError, KafkaSettings, load_settings
+from nexus.topics import ensure_topics
+from producers.client import RequestProducer, SubmitError
+from schemas import InferenceRequest, ModelContext
+from tests.support import REPO, Role, TopicReader, stack_env, start_gateway, wait_for_responses
+
+USER = "nexus-svc"
+# Unique, so finding it in any output means it leaked.
+PASSWORD = f"pw-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    kafka = LocalKafka(
+        port=free_port(), data_dir=tmp_path_factory.mktemp("kafka-sasl"),
+        sasl_users={USER: PASSWORD}, tls_port=free_port(),
+    )
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+def scram(broker: LocalKafka, mechanism: str = "SCRAM-SHA-256", password: str = PASSWORD) -> KafkaSettings:
+    """Settings for the SASL_PLAINTEXT listener."""
+    return KafkaSettings(
+        bootstrap=broker.bootstrap, security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism=mechanism, sasl_username=USER, sasl_password=password,
+    )
+
+
+def scram_tls(broker: LocalKafka, cafile: str | None = None) -> KafkaSettings:
+    """Settings for the SASL_SSL listener, trusting the broker's CA unless told otherwise."""
+    return KafkaSettings(
+        bootstrap=broker.tls_bootstrap, security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512", sasl_username=USER, sasl_password=PASSWORD,
+        ssl_cafile=str(broker.ca_file) if cafile is None else cafile,
+    )
+
+
+def role_env(kafka: KafkaSettings, simulator: str) -> dict[str, str]:
+    """What a user exports to run a role against ``kafka``: the NEXUS_KAFKA_* variables."""
+    security = {
+        f"NEXUS_KAFKA_{key.upper()}": str(getattr(kafka, key))
+        for key in ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile")
+        if getattr(kafka, key)
+    }
+    return stack_env(kafka.bootstrap, simulator, **security)
+
+
+def leaks(roles: list[Role]) -> list[str]:
+    return [role.name for role in roles if PASSWORD in role.log_path.read_text(errors="replace")]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_security_settings_come_from_the_environment_and_the_password_is_never_shown(tmp_path: Path) -> None:
+    settings = load_settings(environ={
+        "NEXUS_CONFIG": str(_toml(tmp_path, "")),
+        "NEXUS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "NEXUS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "NEXUS_KAFKA_SASL_USERNAME": USER,
+        "NEXUS_KAFKA_SASL_PASSWORD": PASSWORD,
+        "NEXUS_KAFKA_SSL_CAFILE": str(_toml(tmp_path, "not read here", "ca.pem")),
+    })
+    assert (settings.kafka.security_protocol, settings.kafka.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert settings.kafka.sasl_password == PASSWORD
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.kafka)
+    assert "sasl_username='nexus-svc'" in repr(settings.kafka)
+
+    # A wrong type is reported without echoing the value.
+    path = _toml(tmp_path, "[kafka]\nsecurity_protocol = \"SASL_SSL\"\nsasl_password = 1234567\n")
+    with pytest.raises(ConfigError, match="sasl_password: expected str") as info:
+        load_settings(path, environ={})
+    assert "1234567" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SASL_TLS"},
+         "security_protocol .*expected one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got 'SASL_TLS'"),
+        ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "NEXUS_KAFKA_SASL_PASSWORD": "x"},
+         "sasl_username .*required with security_protocol = 'SASL_SSL'"),
+        ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "NEXUS_KAFKA_SASL_USERNAME": "u"},
+         "sasl_password .*NEXUS_KAFKA_SASL_PASSWORD.*required"),
+        ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "NEXUS_KAFKA_SASL_USERNAME": "u",
+          "NEXUS_KAFKA_SASL_PASSWORD": "x", "NEXUS_KAFKA_SASL_MECHANISM": "GSSAPI"},
+         "sasl_mechanism .*expected one of SCRAM-SHA-256, SCRAM-SHA-512, PLAIN, got 'GSSAPI'"),
+        ({"NEXUS_KAFKA_SASL_USERNAME": "u", "NEXUS_KAFKA_SASL_PASSWORD": "x"},
+         "SASL credentials are set but security_protocol is 'PLAINTEXT'"),
+        ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SSL", "NEXUS_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
+         "ssl_cafile .*file not found: /nonexistent/ca.pem"),
+        ({"NEXUS_KAFKA_SSL_CAFILE": __file__}, "ssl_cafile .*security_protocol is 'PLAINTEXT'.*use SSL or SASL_SSL"),
+    ],
+)
+def test_unusable_security_settings_stop_the_load_with_what_to_change(
+    tmp_path: Path, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(_toml(tmp_path, ""), environ=environ)
+    assert "'x'" not in str(info.value)  # the password "x" is never quoted
+
+
+def _toml(tmp_path: Path, text: str, name: str = "nexus.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- the roles, end to end
+
+
+def test_gateway_worker_and_bridge_work_over_scram_and_tls_and_never_log_the_password(
+    broker: LocalKafka, simulator: str, logs_dir: Path
+) -> None:
+    tls = scram_tls(broker)
+    env = role_env(tls, simulator)
+    worker = Role("worker", ["worker"], env, logs_dir).start()
+    bridge_port = free_port()
+    bridge = Role("bridge", ["bridge"], {**env, "NEXUS_BRIDGE_HOST": "127.0.0.1",
+                                         "NEXUS_BRIDGE_PORT": str(bridge_port)}, logs_dir).start()
+    roles = [worker, bridge]
+    try:
+        gateway = start_gateway(env, logs_dir)
+        roles.append(gateway)
+
+        async def answered() -> None:
+            async with TopicReader(tls, tls.responses_topic) as responses:
+                async with httpx.AsyncClient(timeout=10) as http:
+                    reply = await http.post(f"{gateway.url}/infer", json={
+                        "id": "sasl-1", "model_id": "llama3.1", "input": "over SCRAM and TLS",
+                        "context": {"session_id": "s-sasl", "metadata": {}},
+                    })
+                    assert reply.status_code == 202, reply.text
+                    health = (await http.get(f"{gateway.url}/health")).json()
+                assert health["checks"]["kafka"]["status"] == "ok", health
+                answers = await wait_for_responses(responses, {"sasl-1"}, timeout=90)
+            [response] = answers.by_id["sasl-1"]
+            assert response.status == "ok"
+            assert response.output == "[simulated llama3.1] You said: over SCRAM and TLS"
+
+            # The producer API on the other listener (SASL_PLAINTEXT, SCRAM-SHA-256): same cluster.
+            async with RequestProducer(scram(broker)) as producer:
+                request = InferenceRequest(id="sasl-2", model_id="mistral", input="plain SASL",
+                                           context=ModelContext("s-sasl", {}))
+                answer = await producer.submit_and_wait(request, timeout_s=60)
+            assert answer.output == "[simulated mistral] You said: plain SASL"
+
+        asyncio.run(answered())
+        bridge.wait_http(f"http://127.0.0.1:{bridge_port}/", timeout=60)  # listens once its readers started
+
+        replay = subprocess.run(
+            [sys.executable, "-m", "nexus", "replay", "--request-id", "sasl-1", "--format", "jsonl",
+             "--no-progress"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert replay.returncode == 0, replay.stderr
+        assert '"sasl-1"' in replay.stdout
+        assert PASSWORD not in replay.stdout + replay.stderr
+    finally:
+        for role in reversed(roles):
+            role.stop()
+    assert leaks(roles) == []
+
+
+def test_a_wrong_password_stops_gateway_and_worker_at_once_saying_authentication_failed(
+    broker: LocalKafka, simulator: str, logs_dir: Path
+) -> None:
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    env = role_env(scram(broker, password=wrong), simulator)
+    roles = [Role(name, [name], env, logs_dir) for name in ("gateway", "worker")]
+    started = time.monotonic()
+    for role in roles:
+        role.start()
+    try:
+        codes = [role.proc.wait(timeout=60) for role in roles if role.proc is not None]
+    finally:
+        for role in roles:
+            role.stop()
+    elapsed = time.monotonic() - started
+    assert codes == [2, 2]
+    for role in roles:
+        log = role.log_path.read_text()
+        assert "configuration error" in log and "authentication failed" in log, log
+        assert f"rejected user '{USER}' with SCRAM-SHA-256" in log
+        assert "NEXUS_KAFKA_SASL_PASSWORD" in log
+        assert wrong not in log and PASSWORD not in log
+    assert elapsed < 30, f"took {elapsed:.1f}s to give up"
+
+
+# --------------------------------------------------------------------------- TLS and mechanisms
+
+
+async def test_a_client_with_the_ca_produces_and_consumes_over_tls_one_without_is_told_to_set_the_ca(
+    broker: LocalKafka,
+) -> None:
+    tls = scram_tls(broker)
+    topic = f"tls-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(**client_options(tls))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(**client_options(tls), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"over TLS")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(**client_options(tls), group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        record = await asyncio.wait_for(consumer.getone(), 30)
+    finally:
+        await consumer.stop()
+    assert record.value == b"over TLS"
+
+    untrusted = scram_tls(broker, cafile="")  # the system's CAs do not know this broker's
+    with pytest.raises(KafkaAccessError, match=r"certificate is not trusted .*set kafka.ssl_cafile"):
+        await asyncio.wait_for(ensure_topics(untrusted), 10)
+    with pytest.raises(SubmitError, match="certificate is not trusted"):
+        await asyncio.wait_for(RequestProducer(untrusted).start(), 10)
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
+async def test_each_mechanism_authenticates(broker: LocalKafka, mechanism: str) -> None:
+    async with RequestProducer(scram(broker, mechanism)) as producer:
+        await producer.ping(10)
+
+
+async def test_the_producer_api_with_a_wrong_password_says_authentication_failed(broker: LocalKafka) -> None:
+    wrong = dataclasses.replace(scram(broker), sasl_password="not-it")
+    with pytest.raises(SubmitError, match="authentication failed") as info:
+        await asyncio.wait_for(RequestProducer(wrong).start(), 10)
+    assert "not-it" not in str(info.value)
