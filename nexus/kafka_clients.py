@@ -95,6 +95,11 @@ async def refusal(kafka: KafkaSettings, timeout_s: float = 10.0) -> KafkaAccessE
             "matches the listener"
         )
     except ssl.SSLCertVerificationError as exc:
+        if "mismatch" in str(exc.verify_message).lower():  # "Hostname mismatch", "IP address mismatch"
+            return KafkaAccessError(
+                f"{where}: the broker's TLS certificate does not name {host!r} ({exc.verify_message}); "
+                "connect with (and have the brokers advertise) a name or address their certificates list"
+            )
         return KafkaAccessError(
             f"{where}: the broker's TLS certificate is not trusted ({exc.verify_message}); set "
             "kafka.ssl_cafile to the CA that signed it"
