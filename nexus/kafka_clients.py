@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import struct
 from typing import Any
 
 from aiokafka.conn import create_conn
@@ -110,6 +111,38 @@ async def refusal(kafka: KafkaSettings, timeout_s: float = 10.0) -> KafkaAccessE
             "security_protocol matches it"
         )
     except Exception:  # unreachable, or a cause retrying may fix: the caller's own error stands
-        return None
+        context = options.get("ssl_context")
+        alert = await _tls_alert(host, int(port), context, timeout_s) if context is not None else None
+        if alert is None:
+            return None
+        return KafkaAccessError(
+            f"{where}: the broker ended TLS with {alert.reason or alert}; if it requires client "
+            "certificates (mutual TLS), set kafka.ssl_certfile and kafka.ssl_keyfile to one its CA signed"
+        )
     conn.close()
+    return None
+
+
+async def _tls_alert(host: str, port: int, context: ssl.SSLContext, timeout_s: float) -> ssl.SSLError | None:
+    """The TLS alert a broker answers a first request with, if any.
+
+    A broker that requires a client certificate completes the (TLS 1.3) handshake and only
+    then sends "certificate required"; aiokafka reports that as "connection closed".
+    """
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), timeout_s)
+    except ssl.SSLError as exc:
+        return exc
+    except Exception:
+        return None
+    try:
+        # ApiVersions v0, correlation id 1, null client id: any request will do.
+        writer.write(struct.pack(">ihhih", 10, 18, 0, 1, -1))
+        await asyncio.wait_for(reader.read(4), timeout_s)
+    except ssl.SSLError as exc:
+        return exc
+    except Exception:
+        return None
+    finally:
+        writer.close()
     return None

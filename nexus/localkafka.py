@@ -106,7 +106,8 @@ _JAAS = {
 
 
 def _make_certificates(tls_dir: Path, host: str) -> None:
-    """A throwaway CA (``ca.pem``) and a server certificate it signed for ``host`` and localhost.
+    """A throwaway CA (``ca.pem``), a server certificate it signed for ``host`` and localhost,
+    and a client certificate (``client.crt``, ``client.key``) for mutual TLS.
 
     Written once per data dir with the ``openssl`` CLI: ``server.pem`` holds the key and
     the certificate, the PEM keystore Kafka reads (``ssl.keystore.type=PEM``).
@@ -121,6 +122,7 @@ def _make_certificates(tls_dir: Path, host: str) -> None:
     (tls_dir / "server.ext").write_text(
         f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
     )
+    (tls_dir / "client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
     steps = [
         ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=nexus-localkafka-ca",
          "-keyout", "ca.key", "-out", "ca.pem"],
@@ -128,6 +130,10 @@ def _make_certificates(tls_dir: Path, host: str) -> None:
          "-out", "server.csr"],
         ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
          "-days", "3650", "-extfile", "server.ext", "-out", "server.crt"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=nexus-localkafka-client", "-keyout", "client.key",
+         "-out", "client.csr"],
+        ["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "3650", "-extfile", "client.ext", "-out", "client.crt"],
     ]
     for args in steps:
         proc = subprocess.run([openssl, *args], cwd=tls_dir, capture_output=True, text=True, check=False)
@@ -295,12 +301,14 @@ class LocalKafka:
         heap: str = "512m",
         sasl_users: Mapping[str, str] | None = None,
         tls_port: int | None = None,
+        tls_client_auth: bool = False,
     ) -> None:
         """``sasl_users`` (name -> password) makes ``port`` a SASL_PLAINTEXT listener (SCRAM-SHA-256,
         SCRAM-SHA-512 and PLAIN; SCRAM users are created when the data dir is formatted, so a
         reused data dir keeps its first users). ``tls_port`` adds a TLS listener (SASL_SSL with
-        users, else SSL) whose certificate is signed by :attr:`ca_file`. Brokers and controller
-        then talk over a separate PLAINTEXT listener on another free port.
+        users, else SSL) whose certificate is signed by :attr:`ca_file`; with ``tls_client_auth``
+        it also requires a client certificate signed by that CA (:attr:`client_certfile`). Brokers
+        and controller then talk over a separate PLAINTEXT listener on another free port.
         """
         self.port = port
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir(port)
@@ -310,6 +318,7 @@ class LocalKafka:
         self.controller_port = controller_port
         self.sasl_users = dict(sasl_users or {})
         self.tls_port = tls_port
+        self.tls_client_auth = tls_client_auth
         self._internal_port: int | None = None
         self.cluster_id: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -343,6 +352,15 @@ class LocalKafka:
         return self.data_dir / "tls" / "ca.pem"
 
     @property
+    def client_certfile(self) -> Path:
+        """A client certificate the TLS listener accepts (``client_keyfile`` is its key)."""
+        return self.data_dir / "tls" / "client.crt"
+
+    @property
+    def client_keyfile(self) -> Path:
+        return self.data_dir / "tls" / "client.key"
+
+    @property
     def _secured(self) -> bool:
         return bool(self.sasl_users) or self.tls_port is not None
 
@@ -371,6 +389,9 @@ class LocalKafka:
         if self.tls_port is not None:
             tls = self.ca_file.parent
             lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={tls / 'server.pem'}"]
+            if self.tls_client_auth:
+                lines += ["listener.name.client_tls.ssl.client.auth=required", "ssl.truststore.type=PEM",
+                          f"ssl.truststore.location={self.ca_file}"]
         return lines
 
     @property

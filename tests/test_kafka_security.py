@@ -1,8 +1,9 @@
 """Kafka with SASL/SCRAM and TLS, on a real broker: every role connects through the settings.
 
 One broker for the module: a SASL_PLAINTEXT listener (SCRAM-SHA-256/512, PLAIN) and a
-SASL_SSL listener whose certificate a throwaway CA signed. Both reach the same cluster,
-so a worker on one listener answers requests produced on the other.
+SASL_SSL listener whose certificate a throwaway CA signed, which also requires a client
+certificate (mutual TLS). Both reach the same cluster, so a worker on one listener
+answers requests produced on the other.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PASSWORD = f"pw-{uuid.uuid4().hex}"
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     kafka = LocalKafka(
         port=free_port(), data_dir=tmp_path_factory.mktemp("kafka-sasl"),
-        sasl_users={USER: PASSWORD}, tls_port=free_port(),
+        sasl_users={USER: PASSWORD}, tls_port=free_port(), tls_client_auth=True,
     )
     kafka.start()
     try:
@@ -55,12 +56,14 @@ def scram(broker: LocalKafka, mechanism: str = "SCRAM-SHA-256", password: str = 
     )
 
 
-def scram_tls(broker: LocalKafka, cafile: str | None = None) -> KafkaSettings:
+def scram_tls(broker: LocalKafka, cafile: str | None = None, client_cert: bool = True) -> KafkaSettings:
     """Settings for the SASL_SSL listener, trusting the broker's CA unless told otherwise."""
     return KafkaSettings(
         bootstrap=broker.tls_bootstrap, security_protocol="SASL_SSL",
         sasl_mechanism="SCRAM-SHA-512", sasl_username=USER, sasl_password=PASSWORD,
         ssl_cafile=str(broker.ca_file) if cafile is None else cafile,
+        ssl_certfile=str(broker.client_certfile) if client_cert else "",
+        ssl_keyfile=str(broker.client_keyfile) if client_cert else "",
     )
 
 
@@ -68,7 +71,8 @@ def role_env(kafka: KafkaSettings, simulator: str) -> dict[str, str]:
     """What a user exports to run a role against ``kafka``: the NEXUS_KAFKA_* variables."""
     security = {
         f"NEXUS_KAFKA_{key.upper()}": str(getattr(kafka, key))
-        for key in ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile")
+        for key in ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
+                    "ssl_cafile", "ssl_certfile", "ssl_keyfile")
         if getattr(kafka, key)
     }
     return stack_env(kafka.bootstrap, simulator, **security)
@@ -119,6 +123,8 @@ def test_security_settings_come_from_the_environment_and_the_password_is_never_s
         ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SSL", "NEXUS_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
          "ssl_cafile .*file not found: /nonexistent/ca.pem"),
         ({"NEXUS_KAFKA_SSL_CAFILE": __file__}, "ssl_cafile .*security_protocol is 'PLAINTEXT'.*use SSL or SASL_SSL"),
+        ({"NEXUS_KAFKA_SECURITY_PROTOCOL": "SSL", "NEXUS_KAFKA_SSL_KEYFILE": __file__},
+         "ssl_keyfile .*needs ssl_certfile"),
     ],
 )
 def test_unusable_security_settings_stop_the_load_with_what_to_change(
@@ -222,7 +228,7 @@ def test_a_wrong_password_stops_every_role_at_once_saying_authentication_failed(
 # --------------------------------------------------------------------------- TLS and mechanisms
 
 
-async def test_a_client_with_the_ca_produces_and_consumes_over_tls_one_without_is_told_to_set_the_ca(
+async def test_a_client_with_the_ca_produces_and_consumes_over_tls_one_without_is_told_what_to_set(
     broker: LocalKafka,
 ) -> None:
     tls = scram_tls(broker)
@@ -253,6 +259,11 @@ async def test_a_client_with_the_ca_produces_and_consumes_over_tls_one_without_i
         await asyncio.wait_for(ensure_topics(untrusted), 10)
     with pytest.raises(SubmitError, match="certificate is not trusted"):
         await asyncio.wait_for(RequestProducer(untrusted).start(), 10)
+
+    # The listener requires a client certificate: without one, TLS itself is refused.
+    anonymous = scram_tls(broker, client_cert=False)
+    with pytest.raises(KafkaAccessError, match=r"ended TLS with .*set kafka.ssl_certfile and kafka.ssl_keyfile"):
+        await asyncio.wait_for(ensure_topics(anonymous), 10)
 
 
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
