@@ -78,6 +78,10 @@ def role_env(kafka: KafkaSettings, simulator: str) -> dict[str, str]:
     return stack_env(kafka.bootstrap, simulator, **security)
 
 
+def _workers_reporting(reply: httpx.Response) -> int:
+    return sum(e["live"]["workers_reporting"] for m in reply.json()["models"] for e in m["endpoints"])
+
+
 def leaks(roles: list[Role]) -> list[str]:
     return [role.name for role in roles if PASSWORD in role.log_path.read_text(errors="replace")]
 
@@ -173,6 +177,18 @@ def test_gateway_worker_and_bridge_work_over_scram_and_tls_and_never_log_the_pas
             assert response.status == "ok"
             assert response.output == "[simulated llama3.1] You said: over SCRAM and TLS"
 
+            async with httpx.AsyncClient(timeout=60) as http:
+                # Ollama's API: answered through the gateway's reply reader.
+                generated = await http.post(f"{gateway.url}/api/generate",
+                                            json={"model": "llama3.1", "prompt": "drop-in", "stream": False})
+                assert generated.status_code == 200, generated.text
+                assert generated.json()["response"] == "[simulated llama3.1] You said: drop-in"
+                # GET /models: the worker's endpoint state, read back from its compacted topic.
+                deadline = time.monotonic() + 30
+                while not _workers_reporting(await http.get(f"{gateway.url}/models")):
+                    assert time.monotonic() < deadline, "no worker state on GET /models"
+                    await asyncio.sleep(0.2)
+
             # The producer API on the other listener (SASL_PLAINTEXT, SCRAM-SHA-256): same cluster.
             async with RequestProducer(scram(broker)) as producer:
                 request = InferenceRequest(id="sasl-2", model_id="mistral", input="plain SASL",
@@ -195,6 +211,7 @@ def test_gateway_worker_and_bridge_work_over_scram_and_tls_and_never_log_the_pas
         for role in reversed(roles):
             role.stop()
     assert leaks(roles) == []
+    assert "could not measure consumer lag" not in worker.log_path.read_text()  # its admin client too
 
 
 def test_a_wrong_password_stops_every_role_at_once_saying_authentication_failed(
@@ -277,3 +294,12 @@ async def test_the_producer_api_with_a_wrong_password_says_authentication_failed
     with pytest.raises(SubmitError, match="authentication failed") as info:
         await asyncio.wait_for(RequestProducer(wrong).start(), 10)
     assert "not-it" not in str(info.value)
+
+
+def test_nexus_up_refuses_security_settings_its_plaintext_broker_cannot_honour(simulator: str) -> None:
+    env = role_env(KafkaSettings(security_protocol="SASL_SSL", sasl_username=USER, sasl_password=PASSWORD),
+                   simulator)
+    up = subprocess.run([sys.executable, "-m", "nexus", "up"], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=60, check=False)
+    assert up.returncode == 2
+    assert "runs a PLAINTEXT broker, but kafka.security_protocol is 'SASL_SSL': pass --bootstrap" in up.stderr
