@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faust.types import EventT
+from faust.types.auth import CredentialsT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.kafka_clients import client_options, ssl_context
@@ -344,7 +345,7 @@ async def _consumer_lag(kafka: KafkaSettings, group: str, topic: str) -> dict[in
         await admin.close()
 
 
-def faust_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+def faust_credentials(kafka: KafkaSettings) -> CredentialsT | None:
     """The settings' SASL/TLS in Faust's terms; Faust gives them to its producer, consumers and admin."""
     context = ssl_context(kafka)
     if kafka.security_protocol.startswith("SASL_"):

@@ -139,6 +139,23 @@ def test_unusable_security_settings_stop_the_load_with_what_to_change(
     assert "'x'" not in str(info.value)  # the password "x" is never quoted
 
 
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+def test_faust_gets_the_same_connection_options_as_every_other_client(protocol: str) -> None:
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    from streams.app import faust_credentials
+
+    sasl = {"sasl_username": USER, "sasl_password": PASSWORD} if protocol.startswith("SASL_") else {}
+    kafka = KafkaSettings(security_protocol=protocol, sasl_mechanism="SCRAM-SHA-512", **sasl)
+    ours = client_options(kafka)
+    del ours["bootstrap_servers"]
+    faust_options = credentials_to_aiokafka_auth(faust_credentials(kafka))  # what Faust gives aiokafka
+    faust_options = {k: v for k, v in faust_options.items() if v is not None}
+    assert faust_options.keys() == ours.keys()
+    for key, value in ours.items():
+        assert faust_options[key] == value or type(faust_options[key]) is type(value), key
+
+
 def _toml(tmp_path: Path, text: str, name: str = "nexus.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
