@@ -139,6 +139,12 @@ def test_unusable_security_settings_stop_the_load_with_what_to_change(
     assert "'x'" not in str(info.value)  # the password "x" is never quoted
 
 
+def test_a_ca_file_that_is_not_pem_is_a_configuration_error_naming_it() -> None:
+    kafka = KafkaSettings(security_protocol="SSL", ssl_cafile=__file__)
+    with pytest.raises(ConfigError, match=rf"cannot load the TLS files \(ssl_cafile = {__file__}\).*must be PEM"):
+        client_options(kafka)
+
+
 @pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
 def test_faust_gets_the_same_connection_options_as_every_other_client(protocol: str) -> None:
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
