@@ -33,6 +33,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from common import REPO, cpu_seconds, isolated_env, role, run_on_broker, stop_all, wait_http
+from nexus.kafka_clients import client_options
 from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics, read_from_end
@@ -64,7 +65,7 @@ async def drive(kafka: KafkaSettings, n: int, pids: list[int]) -> tuple[float, l
     """Submit N requests as fast as acks allow; return requests/s until the N-th response is read,
     and the CPU seconds each of ``pids`` used meanwhile (after the warm-up)."""
     run = uuid.uuid4().hex[:8]
-    reader = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False)
+    reader = AIOKafkaConsumer(**client_options(kafka), group_id=None, enable_auto_commit=False)
     await reader.start()
     try:
         async with RequestProducer(kafka) as producer:

@@ -36,7 +36,8 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from nexus.access import AccessPolicy, Forbidden, Unauthenticated
-from nexus.settings import ApiKey, Settings
+from nexus.kafka_clients import client_options
+from nexus.settings import ApiKey, KafkaSettings, Settings
 from nexus.topics import KafkaUnavailableError, TopicMissingError, ensure_topics, known_partitions
 from producers.client import RequestProducer, SubmitError
 from producers.validation import RejectedRequest, request_from_json
@@ -158,7 +159,7 @@ class Bridge:
         except (KafkaUnavailableError, SubmitError) as exc:
             raise BridgeStartError(str(exc)) from None
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False
+            **client_options(kafka), group_id=None, enable_auto_commit=False
         )
         try:
             await self._consumer.start()
@@ -453,7 +454,7 @@ class Bridge:
 
         try:
             async with self._replays:
-                history = await read_history(self._settings.kafka.bootstrap, cutoff, since_ms, select)
+                history = await read_history(self._settings.kafka, cutoff, since_ms, select)
             count = 0
             for key, frame in history:
                 if client.catchup.history(key):
@@ -471,7 +472,7 @@ class Bridge:
 
 
 async def read_history(
-    bootstrap: str,
+    kafka: KafkaSettings,
     cutoff: dict[TopicPartition, int],
     since_ms: int,
     select: Callable[[ConsumerRecord], str | None],
@@ -482,7 +483,7 @@ async def read_history(
     timestamp. Raises :class:`HistoryError` when Kafka does not deliver in time
     or the history is longer than :data:`MAX_REPLAY_RECORDS`.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_options(kafka), group_id=None, enable_auto_commit=False)
     try:
         await consumer.start()
         tps = list(cutoff)
@@ -501,7 +502,7 @@ async def read_history(
             if asyncio.get_running_loop().time() > deadline:
                 raise HistoryError(
                     f"replay since {since_ms} timed out after {REPLAY_TIMEOUT_S:.0f}s reading Kafka "
-                    f"at {bootstrap}; live delivery continues, resubscribe to retry"
+                    f"at {kafka.bootstrap}; live delivery continues, resubscribe to retry"
                 )
             batches = await consumer.getmany(*pending, timeout_ms=500)
             for tp, records in batches.items():
@@ -524,7 +525,7 @@ async def read_history(
         return [(key, frame) for _, key, frame in merged]
     except KafkaError as exc:
         raise HistoryError(
-            f"cannot read history since {since_ms} from Kafka at {bootstrap}: {exc}; "
+            f"cannot read history since {since_ms} from Kafka at {kafka.bootstrap}: {exc}; "
             "live delivery continues, resubscribe to retry"
         ) from None
     finally:

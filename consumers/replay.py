@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from nexus.kafka_clients import client_options, refusal
 from nexus.settings import KafkaSettings
 from nexus.topics import TopicMissingError, known_partitions
 from producers.client import RequestProducer
@@ -78,7 +79,7 @@ class RangeReader:
         progress: Progress | None = None,
     ) -> AsyncIterator[ReplayRecord]:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap,
+            **client_options(self._kafka),
             group_id=None,  # no group: nothing joins, nothing is committed
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # records deleted by retention meanwhile are skipped
@@ -88,7 +89,8 @@ class RangeReader:
             await consumer.start()
         except KafkaError as exc:
             await consumer.stop()
-            raise ReplayKafkaError(f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}") from None
+            refused = await refusal(self._kafka)
+            raise ReplayKafkaError(str(refused or f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}")) from None
         try:
             spans = await self._plan(consumer, kinds, windows)
             async for record in self._fetch(consumer, kinds, spans, progress):

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -95,6 +96,50 @@ def _tail(path: Path, start: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
         return "(no log output)"
     kept = data.strip().splitlines()[-lines:]
     return "\n".join(kept) if kept else "(no log output)"
+
+
+_SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
+_JAAS = {
+    "SCRAM": "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+}
+
+
+def _make_certificates(tls_dir: Path, host: str) -> None:
+    """A throwaway CA (``ca.pem``), a server certificate it signed for ``host`` and localhost,
+    and a client certificate (``client.crt``, ``client.key``) for mutual TLS.
+
+    Written once per data dir with the ``openssl`` CLI: ``server.pem`` holds the key and
+    the certificate, the PEM keystore Kafka reads (``ssl.keystore.type=PEM``).
+    """
+    if (tls_dir / "server.pem").exists():
+        return
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise KafkaError("openssl not found: install it (e.g. `apt-get install openssl`) to run a TLS listener")
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    san = f"DNS:localhost,IP:{host}" if re.fullmatch(r"[\d.]+", host) else f"DNS:localhost,DNS:{host}"
+    (tls_dir / "server.ext").write_text(
+        f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    (tls_dir / "client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=nexus-localkafka-ca",
+         "-keyout", "ca.key", "-out", "ca.pem"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}", "-keyout", "server.key",
+         "-out", "server.csr"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "3650", "-extfile", "server.ext", "-out", "server.crt"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=nexus-localkafka-client", "-keyout", "client.key",
+         "-out", "client.csr"],
+        ["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "3650", "-extfile", "client.ext", "-out", "client.crt"],
+    ]
+    for args in steps:
+        proc = subprocess.run([openssl, *args], cwd=tls_dir, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise KafkaError(f"openssl {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    (tls_dir / "server.pem").write_text((tls_dir / "server.key").read_text() + (tls_dir / "server.crt").read_text())
 
 
 def _java_executable() -> str:
@@ -254,13 +299,27 @@ class LocalKafka:
         host: str = "127.0.0.1",
         libs_dir: Path | None = None,
         heap: str = "512m",
+        sasl_users: Mapping[str, str] | None = None,
+        tls_port: int | None = None,
+        tls_client_auth: bool = False,
     ) -> None:
+        """``sasl_users`` (name -> password) makes ``port`` a SASL_PLAINTEXT listener (SCRAM-SHA-256,
+        SCRAM-SHA-512 and PLAIN; SCRAM users are created when the data dir is formatted, so a
+        reused data dir keeps its first users). ``tls_port`` adds a TLS listener (SASL_SSL with
+        users, else SSL) whose certificate is signed by :attr:`ca_file`; with ``tls_client_auth``
+        it also requires a client certificate signed by that CA (:attr:`client_certfile`). Brokers
+        and controller then talk over a separate PLAINTEXT listener on another free port.
+        """
         self.port = port
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir(port)
         self.host = host
         self.libs_dir = libs_dir
         self.heap = heap
         self.controller_port = controller_port
+        self.sasl_users = dict(sasl_users or {})
+        self.tls_port = tls_port
+        self.tls_client_auth = tls_client_auth
+        self._internal_port: int | None = None
         self.cluster_id: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -270,6 +329,70 @@ class LocalKafka:
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def security_protocol(self) -> str:
+        """What clients of :attr:`bootstrap` must speak."""
+        return "SASL_PLAINTEXT" if self.sasl_users else "PLAINTEXT"
+
+    @property
+    def tls_bootstrap(self) -> str:
+        """``host:port`` of the TLS listener (``tls_port``), whose protocol is :attr:`tls_security_protocol`."""
+        if self.tls_port is None:
+            raise KafkaError("this broker has no TLS listener: pass tls_port")
+        return f"{self.host}:{self.tls_port}"
+
+    @property
+    def tls_security_protocol(self) -> str:
+        return "SASL_SSL" if self.sasl_users else "SSL"
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM CA certificate that signed the TLS listener's certificate: the clients' ssl_cafile."""
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def client_certfile(self) -> Path:
+        """A client certificate the TLS listener accepts (``client_keyfile`` is its key)."""
+        return self.data_dir / "tls" / "client.crt"
+
+    @property
+    def client_keyfile(self) -> Path:
+        return self.data_dir / "tls" / "client.key"
+
+    @property
+    def _secured(self) -> bool:
+        return bool(self.sasl_users) or self.tls_port is not None
+
+    def _secured_listener_lines(self, controller_port: int) -> list[str]:
+        """Client listeners with SASL and/or TLS; brokers and controller keep PLAINTEXT ones."""
+        h, internal = self.host, self._internal_port
+        clients = {"CLIENT": (self.port, self.security_protocol)}
+        if self.tls_port is not None:
+            clients["CLIENT_TLS"] = (self.tls_port, self.tls_security_protocol)
+        advertised = ",".join(f"{name}://{h}:{port}" for name, (port, _) in clients.items())
+        protocols = ",".join(f"{name}:{protocol}" for name, (_, protocol) in clients.items())
+        lines = [
+            f"listeners={advertised},INTERNAL://{h}:{internal},CONTROLLER://{h}:{controller_port}",
+            f"advertised.listeners={advertised},INTERNAL://{h}:{internal}",
+            "controller.listener.names=CONTROLLER",
+            f"listener.security.protocol.map={protocols},INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=INTERNAL",
+        ]
+        if self.sasl_users:
+            lines.append(f"sasl.enabled.mechanisms={','.join(_SASL_MECHANISMS)}")
+            plain_users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+            for name in clients:
+                for mechanism in _SASL_MECHANISMS:
+                    jaas = _JAAS[mechanism.split("-")[0]].format(users=plain_users)
+                    lines.append(f"listener.name.{name.lower()}.{mechanism.lower()}.sasl.jaas.config={jaas}")
+        if self.tls_port is not None:
+            tls = self.ca_file.parent
+            lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={tls / 'server.pem'}"]
+            if self.tls_client_auth:
+                lines += ["listener.name.client_tls.ssl.client.auth=required", "ssl.truststore.type=PEM",
+                          f"ssl.truststore.location={self.ca_file}"]
+        return lines
 
     @property
     def server_properties_path(self) -> Path:
@@ -315,11 +438,13 @@ class LocalKafka:
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@{h}:{controller_port}",
-            f"listeners=PLAINTEXT://{h}:{self.port},CONTROLLER://{h}:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://{h}:{self.port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name=PLAINTEXT",
+            *(self._secured_listener_lines(controller_port) if self._secured else [
+                f"listeners=PLAINTEXT://{h}:{self.port},CONTROLLER://{h}:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://{h}:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+            ]),
             f"log.dirs={self.log_dir}",
             "num.partitions=1",
             "offsets.topic.replication.factor=1",
@@ -344,6 +469,10 @@ class LocalKafka:
         deadline = time.monotonic() + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         controller_port = self._resolve_controller_port()
+        if self._secured:
+            self._internal_port = free_port(self.host)
+        if self.tls_port is not None:
+            _make_certificates(self.ca_file.parent, self.host)
         for what, port in (("port", self.port), ("controller port", controller_port)):
             if _port_in_use(self.host, port):
                 hint = "--port" if what == "port" else "another data dir"
@@ -391,11 +520,16 @@ class LocalKafka:
             java, "-Xmx256m", "-cp", classpath, "kafka.tools.StorageTool", "format",
             "-t", cid, "-c", str(self.server_properties_path),
         ]
+        for name, password in self.sasl_users.items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                cmd += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
+            output = (proc.stdout + proc.stderr).strip()[-4000:]
+            for password in self.sasl_users.values():
+                output = output.replace(password, "***")
             raise KafkaError(
-                f"formatting Kafka storage in {self.log_dir} failed (exit {proc.returncode}):\n"
-                + (proc.stdout + proc.stderr).strip()[-4000:]
+                f"formatting Kafka storage in {self.log_dir} failed (exit {proc.returncode}):\n" + output
             )
 
     def _wait_ready(self, deadline: float, log_start: int) -> None:
@@ -415,7 +549,9 @@ class LocalKafka:
                     f"Kafka broker on {self.bootstrap} did not become ready in time; last lines "
                     f"of {self.log_path}:\n{_tail(self.log_path, log_start)}"
                 )
-            if _metadata_ready(self.host, self.port, timeout=min(2.0, max(remaining, 0.1))):
+            # A secured broker answers plain Metadata requests only on its internal listener.
+            ready_port = self._internal_port if self._secured else self.port
+            if _metadata_ready(self.host, ready_port, timeout=min(2.0, max(remaining, 0.1))):
                 return
             time.sleep(0.1)  # poll interval between readiness checks
 

@@ -43,6 +43,18 @@ class KafkaSettings:
     produce_timeout_s: float = 10.0
     # How long the topics keep records (their retention.ms): the audit window. -1 keeps them forever.
     retention_ms: int = 7 * 24 * 3600 * 1000
+    # How clients reach the brokers (docs/security.md): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = "PLAINTEXT"
+    # SASL_* only: SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN, with this user and password.
+    sasl_mechanism: str = "SCRAM-SHA-256"
+    sasl_username: str = ""
+    # Never printed: left out of repr, and no message quotes it.
+    sasl_password: str = field(default="", repr=False)
+    # SSL/SASL_SSL only: the CA that signed the brokers' certificates (empty: the system's CAs),
+    # and a client certificate and key for brokers that require one (mutual TLS).
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,8 @@ def load_settings(
         if name == "kafka" and "retention_ms" in values:
             _check_retention(values["retention_ms"], where)
         sections[name] = cls(**values)
+        if name == "kafka":
+            _check_security(sections[name], where)
 
     models = _models(raw.get("models"), ollama_host, where)
     env_models = env.get("NEXUS_MODELS")
@@ -310,6 +324,47 @@ def _check_retention(value: int, where: str) -> None:
         )
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
+# Values no message may quote.
+_SECRETS = {"sasl_password"}
+
+
+def _check_security(kafka: KafkaSettings, where: str) -> None:
+    """Refuse security settings that cannot work, at load rather than at the first connection."""
+
+    def origin(key: str) -> str:
+        return f"[kafka] {key} (from {where} or NEXUS_KAFKA_{key.upper()})"
+
+    protocol = kafka.security_protocol
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ConfigError(f"{origin('security_protocol')}: expected one of {', '.join(SECURITY_PROTOCOLS)}, "
+                          f"got {protocol!r}")
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    if sasl:
+        if kafka.sasl_mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"{origin('sasl_mechanism')}: expected one of {', '.join(SASL_MECHANISMS)}, "
+                              f"got {kafka.sasl_mechanism!r}")
+        for key in ("sasl_username", "sasl_password"):
+            if not getattr(kafka, key):
+                raise ConfigError(f"{origin(key)}: required with security_protocol = {protocol!r}")
+    elif kafka.sasl_username or kafka.sasl_password:
+        raise ConfigError(f"{origin('security_protocol')}: SASL credentials are set but security_protocol is "
+                          f"{protocol!r}, so they would not be sent; use SASL_SSL or SASL_PLAINTEXT")
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(kafka, key)
+        if not path:
+            continue
+        if not tls:
+            raise ConfigError(f"{origin(key)}: set but security_protocol is {protocol!r}, which does not use "
+                              "TLS; use SSL or SASL_SSL")
+        if not Path(path).is_file():
+            raise ConfigError(f"{origin(key)}: file not found: {path}")
+    if kafka.ssl_keyfile and not kafka.ssl_certfile:
+        raise ConfigError(f"{origin('ssl_keyfile')}: needs ssl_certfile, the certificate of that key")
+
+
 def _normalise_host(host: str) -> str:
     if "://" not in host:
         host = "http://" + host
@@ -324,7 +379,7 @@ def _section(table: Any, cls: type, where: str) -> dict[str, Any]:
     for key, value in table.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}")
-        out[key] = _coerce(value, fields[key].type, f"{where} {key}")
+        out[key] = _coerce(value, fields[key].type, f"{where} {key}", secret=key in _SECRETS)
     return out
 
 
@@ -333,23 +388,24 @@ def _env_section(env: Mapping[str, str], section: str, cls: type) -> dict[str, A
     for f in dataclasses.fields(cls):
         name = f"NEXUS_{section.upper()}_{f.name.upper()}"
         if name in env:
-            out[f.name] = _coerce(env[name], f.type, f"environment variable {name}")
+            out[f.name] = _coerce(env[name], f.type, f"environment variable {name}", secret=f.name in _SECRETS)
     return out
 
 
-def _coerce(value: Any, type_name: Any, where: str) -> Any:
+def _coerce(value: Any, type_name: Any, where: str, secret: bool = False) -> Any:
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(type_name))
     if kind is None:
         return value
+    shown = f"a {type(value).__name__}" if secret else repr(value)
     if isinstance(value, str) and kind is not str:
         try:
             return kind(value) if kind is not bool else value.lower() in ("1", "true", "yes")
         except ValueError:
-            raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {shown}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {shown}")
     return value
 
 

@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from .kafka_clients import client_options, refusal
 from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def topic_names(kafka: KafkaSettings) -> list[str]:
 
 async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[str]:
     """Create the missing topics; return the names created. Safe to call concurrently."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000)
-    await _start_with_retry(admin, kafka.bootstrap, timeout_s)
+    admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
+    await _start_with_retry(admin, kafka, timeout_s)
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in topic_names(kafka) if name not in existing]
@@ -64,17 +65,23 @@ async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[s
         await admin.close()
 
 
-async def _start_with_retry(admin: AIOKafkaAdminClient, bootstrap: str, timeout_s: float) -> None:
+async def _start_with_retry(admin: AIOKafkaAdminClient, kafka: KafkaSettings, timeout_s: float) -> None:
+    """Wait for a broker that is not up yet; fail at once if one is up but refuses us."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
             await admin.start()
             return
         except KafkaConnectionError as exc:
+            refused = await refusal(kafka)
+            if refused is not None:
+                await admin.close()
+                raise refused from None
             if asyncio.get_running_loop().time() >= deadline:
                 raise KafkaUnavailableError(
-                    f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s ({exc}); "
-                    "start one with `nexus kafka` or pass --bootstrap"
+                    f"no Kafka broker answered at {kafka.bootstrap} within {timeout_s:.0f}s ({exc}); "
+                    "start one with `nexus kafka` or pass --bootstrap; if one runs there, check that "
+                    f"kafka.security_protocol ({kafka.security_protocol}) matches its listener"
                 ) from None
             await asyncio.sleep(0.5)
 

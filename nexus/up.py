@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 
 def ollama_answers(url: str, timeout_s: float = 1.0) -> bool:
@@ -33,6 +33,11 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
     """
     from .localkafka import LocalKafka, default_data_dir
 
+    if args.bootstrap is None and settings.kafka.security_protocol != "PLAINTEXT":
+        raise ConfigError(
+            f"nexus up runs a PLAINTEXT broker, but kafka.security_protocol is "
+            f"{settings.kafka.security_protocol!r}: pass --bootstrap for your secured cluster"
+        )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from nexus.kafka_clients import client_options, refusal
 from nexus.settings import KafkaSettings
 from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
 
@@ -79,7 +80,7 @@ class RequestProducer:
         self._kafka = kafka
         self._codec = codec or Codec.from_directory()
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=kafka.bootstrap,
+            **client_options(kafka),
             acks="all",
             enable_idempotence=True,
             linger_ms=1,
@@ -93,7 +94,8 @@ class RequestProducer:
             await self._producer.start()
         except KafkaError as exc:
             await self._producer.stop()
-            raise SubmitError(f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}") from None
+            refused = await refusal(self._kafka)
+            raise SubmitError(str(refused or f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}")) from None
 
     async def stop(self) -> None:
         if self._listener is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from nexus.kafka_clients import client_options
 from nexus.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class EndpointStateReader:
 
     async def _follow(self) -> None:
         kafka = self._settings.kafka
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(**client_options(kafka), group_id=None, enable_auto_commit=False)
         await consumer.start()
         try:
             tp = TopicPartition(kafka.state_topic, 0)

@@ -29,6 +29,7 @@ from typing import Union
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from nexus.kafka_clients import client_options
 from nexus.settings import KafkaSettings
 from nexus.topics import TopicMissingError, read_from_end
 from schemas import Codec, InferenceRequest, InferenceResponse, InferenceToken, SchemaError, decode_response, decode_token
@@ -218,7 +219,7 @@ class ReplyReader:
         """Assign every partition at its current end; return once the positions are fixed."""
         topics = (self._kafka.responses_topic, self._kafka.tokens_topic)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap,
+            **client_options(self._kafka),
             group_id=None,
             enable_auto_commit=False,
             client_id=self.name,

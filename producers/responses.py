@@ -14,6 +14,7 @@ import logging
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
+from nexus.kafka_clients import client_options
 from nexus.settings import KafkaSettings
 from nexus.topics import TopicMissingError, read_from_end
 from schemas import Codec, InferenceResponse, SchemaError, decode_response
@@ -38,7 +39,7 @@ class ResponseListener:
         """Position at the end of every partition; return once the positions are fixed."""
         topic = self._kafka.responses_topic
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap, group_id=None, enable_auto_commit=False,
+            **client_options(self._kafka), group_id=None, enable_auto_commit=False,
             client_id="nexus-response-listener",
         )
         try:

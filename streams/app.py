@@ -34,10 +34,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faust.types import EventT
+from faust.types.auth import CredentialsT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.access import AccessPolicy, Unauthenticated
-from nexus.settings import Settings
+from nexus.kafka_clients import client_options, ssl_context
+from nexus.settings import KafkaSettings, Settings
 from nexus.topics import partitions_of
 from schemas import (
     Codec,
@@ -156,6 +158,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
+        broker_credentials=faust_credentials(kafka),
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
         producer_acks=-1,
@@ -311,7 +314,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     @app.timer(LAG_INTERVAL_S)
     async def consumer_lag() -> None:
         try:
-            for partition, lag in (await _consumer_lag(kafka.bootstrap, worker.app_id, kafka.requests_topic)).items():
+            for partition, lag in (await _consumer_lag(kafka, worker.app_id, kafka.requests_topic)).items():
                 metrics.consumer_lag.labels(partition=str(partition)).set(lag)
         except Exception as exc:  # metrics must never take the worker down
             log.warning("could not measure consumer lag: %r", exc)
@@ -340,10 +343,10 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     return app
 
 
-async def _consumer_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+async def _consumer_lag(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
     """End offset minus committed offset, per partition of ``topic``, for the worker group."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    admin = AIOKafkaAdminClient(**client_options(kafka))
+    consumer = AIOKafkaConsumer(**client_options(kafka), group_id=None)
     await admin.start()
     await consumer.start()
     try:
@@ -359,6 +362,21 @@ async def _consumer_lag(bootstrap: str, group: str, topic: str) -> dict[int, int
         await admin.close()
 
 
+def faust_credentials(kafka: KafkaSettings) -> CredentialsT | None:
+    """The settings' SASL/TLS in Faust's terms; Faust gives them to its producer, consumers and admin."""
+    context = ssl_context(kafka)
+    if kafka.security_protocol.startswith("SASL_"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password,
+            mechanism=kafka.sasl_mechanism,
+            ssl_context=context,  # None: SASL_PLAINTEXT, else SASL_SSL
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
 def cache_updates_topic(app_id: str) -> str:
     return f"{app_id}-cache-updates"
 
@@ -372,7 +390,7 @@ async def _ensure_cache_updates_topic(settings: Settings) -> None:
     """
     kafka = settings.kafka
     name = cache_updates_topic(settings.worker.app_id)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
     await admin.start()
     try:
         if name not in await admin.list_topics():

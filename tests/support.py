@@ -17,7 +17,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
+from nexus.kafka_clients import client_options
 from nexus.localkafka import free_port
+from nexus.settings import KafkaSettings
 from nexus.topics import read_from_end
 from schemas import Codec, InferenceResponse, decode_response
 
@@ -122,12 +124,14 @@ class TopicReader:
     """Reads every partition of a topic from the end offsets at ``start()``, with no group.
 
     Take the snapshot before producing, so everything produced after is seen.
+    ``kafka``: a bootstrap address, or settings for a cluster that needs SASL/TLS.
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, kafka: str | KafkaSettings, topic: str) -> None:
         self.topic = topic
+        settings = KafkaSettings(bootstrap=kafka) if isinstance(kafka, str) else kafka
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+            **client_options(settings), enable_auto_commit=False, group_id=None
         )
         self.records: list[ConsumerRecord] = []
 

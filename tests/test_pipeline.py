@@ -249,6 +249,6 @@ async def test_consumer_lag_is_measured_per_partition(stack: dict[str, str]) -> 
         async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
             await producer.submit(request)
         await wait_for_responses(responses, {request.id})
-    lag = await _consumer_lag(stack["NEXUS_KAFKA_BOOTSTRAP"], "nexus-worker", "inference.requests")
+    lag = await _consumer_lag(KafkaSettings(bootstrap=stack["NEXUS_KAFKA_BOOTSTRAP"]), "nexus-worker", "inference.requests")
     assert sorted(lag) == list(range(8))
     assert all(isinstance(v, int) and v >= 0 for v in lag.values())
