@@ -216,9 +216,13 @@ class Bridge:
     async def _read_live(self) -> None:
         """Route every new record; all routing is synchronous, so positions are exact cutoffs."""
         assert self._consumer is not None
+        responses = self._settings.kafka.responses_topic
         while True:
             batches = await self._consumer.getmany(timeout_ms=1000)
-            for tp, records in batches.items():
+            # Chunks first: the worker writes a request's chunks before its result, and one
+            # fetch holds both, but in no set order of partitions; a client must get the
+            # chunks before the result that ends them.
+            for tp, records in sorted(batches.items(), key=lambda item: item[0].topic == responses):
                 for record in records:
                     self._route(record)
                 if records:
