@@ -1,0 +1,350 @@
+"""What Faust's ``exactly_once`` does with Nexus's worker on a real broker, SIGKILLs included.
+
+    .venv/bin/python bench/exactly_once_probe.py [--guarantee exactly_once|at_least_once]
+        [--route-into-transactions] [-n 160] [--kills 3] [--partitions 2] [--models llama3.1,mistral]
+        [--ttft-ms 150] [--slow-ms MS] [--slots 4] [--cache-check] [--bootstrap HOST:PORT] [--logs DIR]
+
+Nexus ships no switch for it (docs/reliability.md, "Why not exactly once"): the probe runs the
+shipped worker (``nexus worker``) with the Faust app's ``processing_guarantee`` set before it
+starts. ``--route-into-transactions`` also patches Faust's ``TransactionManager.send`` so that
+records to topics the worker does not consume (responses, tokens, dead letters, endpoint state)
+join the transaction of their destination partition, the rule Faust applies to the topics it
+consumes; without it Faust produces them outside any transaction.
+
+Starts (unless --bootstrap) a local broker, a simulator (``--ttft-ms``; with ``--slow-ms`` a
+second one for llama3.1, so answers finish out of offset order) and that worker on topics of its
+own, submits N requests, SIGKILLs the worker ``--kills`` times once 20/45/70 % of them are
+answered (as a read_uncommitted reader sees it) and restarts it. Two readers with no group read
+the responses from the end offsets before the submit, one ``read_committed``, one
+``read_uncommitted``; for each it prints the requests answered, the duplicates and the records,
+then the worker logs' warnings. With ``--kills 0`` it times the run from a warm worker instead.
+``--cache-check`` asks one temperature-0 request, SIGKILLs the worker, asks it again and prints
+whether the answer came from the cache table recovered by the successor. It reports; it never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer
+
+from common import REPO, cpu_seconds, isolated_env, run_on_broker, stop_all, wait_http
+from nexus.localkafka import free_port
+from nexus.topics import ensure_topics, read_from_end
+from producers.client import RequestProducer
+from schemas import Codec, InferenceOptions, InferenceRequest, ModelContext, decode_response
+
+CODEC = Codec.from_directory()
+LOG_MARKERS = ("ERROR", "Crashed", "Traceback", "Error", "failed", "retrying", "fenced", "WARNING")
+
+
+class Reader:
+    """Every response record from the end offsets at start, at one isolation level."""
+
+    def __init__(self, bootstrap: str, topic: str, isolation_level: str) -> None:
+        self.isolation_level = isolation_level
+        self.topic = topic
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                         isolation_level=isolation_level)
+        self.ids: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        await read_from_end(self.consumer, [self.topic], timeout_s=30)
+
+    async def poll(self) -> None:
+        for records in (await self.consumer.getmany(timeout_ms=200)).values():
+            for record in records:
+                self.ids[decode_response(CODEC, record.value).id] += 1
+
+    def answered(self, wanted: set[str]) -> int:
+        return len(wanted & set(self.ids))
+
+    def duplicates(self, wanted: set[str]) -> int:
+        return sum(n - 1 for i, n in self.ids.items() if i in wanted)
+
+
+def run_worker(guarantee: str, route: bool) -> None:
+    """``nexus worker`` with the Faust app's processing_guarantee set (and its sends patched)."""
+    import streams.app
+    from nexus.cli import main as nexus_main
+
+    create = streams.app.create_app
+
+    def create_app(settings, data_dir=None):  # type: ignore[no-untyped-def]
+        app = create(settings, data_dir)
+        app.conf.processing_guarantee = guarantee
+        print(f"probe: processing_guarantee={app.conf.processing_guarantee.value}", flush=True)
+        return app
+
+    streams.app.create_app = create_app
+    if route:
+        _route_every_send_into_a_transaction()
+    sys.exit(nexus_main(["worker"]))
+
+
+def _route_every_send_into_a_transaction() -> None:
+    """Faust's rule for consumed topics, applied to all: the transaction of the destination partition.
+
+    Faust's ``TransactionManager.send`` asks the consumer for the destination partition; for a
+    topic the worker does not consume the consumer has no metadata, the answer is None and the
+    record goes to the plain, non-transactional producer (faust/transport/consumer.py).
+    """
+    from aiokafka.partitioner import DefaultPartitioner
+    from faust.transport.consumer import TransactionManager
+
+    partitioner = DefaultPartitioner()
+    original = TransactionManager.send
+
+    async def send(  # type: ignore[no-untyped-def]
+        self, topic, key, value, partition, timestamp, headers, *, transactional_id=None
+    ):
+        if self.consumer.key_partition(topic, key, partition) is not None:
+            return await original(self, topic, key, value, partition, timestamp, headers)
+        client = self.producer._ensure_producer().client
+        partitions = sorted(await client._wait_on_metadata(topic))
+        p = partition if partition is not None else partitioner(key, partitions, partitions)
+        group = self.app.assignor.group_for_topic(os.environ["NEXUS_KAFKA_REQUESTS_TOPIC"])
+        tid = f"{self.app.conf.id}-{group}-{p}"
+        return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=tid)
+
+    TransactionManager.send = send  # type: ignore[method-assign]
+
+
+def start_worker(
+    env: dict[str, str], logs: Path, n: int, guarantee: str, route: bool
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """This file with --run-worker, its output in ``logs``: a worker that can be SIGKILLed."""
+    path = logs / f"worker-{n}.log"
+    args = [sys.executable, __file__, "--run-worker", "--guarantee", guarantee]
+    args += ["--route-into-transactions"] if route else []
+    with open(path, "wb") as log:
+        proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return proc, path
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    guarantee: str
+    route: bool
+    n: int
+    kills: int
+    partitions: int
+    models: tuple[str, ...]
+    slow_ms: int  # llama3.1's time to first token on a simulator of its own; 0: same as the others
+    ttft_ms: int
+    slots: int  # max_concurrency of each model's endpoint
+
+
+async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) -> None:
+    guarantee, route, n, kills = scenario.guarantee, scenario.route, scenario.n, scenario.kills
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def simulator(ttft_ms: int) -> str:
+        port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "nexus", "simulate-ollama", "--port", str(port), "--ttft-ms", str(ttft_ms),
+             "--tokens-per-s", "0", "--parallel", "64", "--max-queue", "100000"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return f"http://127.0.0.1:{port}"
+
+    sim_url = simulator(scenario.ttft_ms)
+    slow_url = simulator(scenario.slow_ms) if scenario.slow_ms else sim_url
+    config = logs / "nexus.toml"
+    config.write_text("".join(
+        f'[models."{model}"]\nendpoints = [{{ url = "{url}", max_concurrency = {scenario.slots} }}]\n'
+        for model, url in (("llama3.1", slow_url), ("mistral", sim_url))))
+    env, kafka = isolated_env(bootstrap, sim_url, config)
+    env.update(NEXUS_KAFKA_PARTITIONS=str(scenario.partitions),
+               NEXUS_KAFKA_SESSION_TIMEOUT_MS="6000", PYTHONUNBUFFERED="1")
+    kafka = dataclasses.replace(kafka, partitions=scenario.partitions)
+    await ensure_topics(kafka)
+    readers = [Reader(bootstrap, kafka.responses_topic, level)
+               for level in ("read_committed", "read_uncommitted")]
+    committed, uncommitted = readers
+    run = uuid.uuid4().hex[:8]
+    models = scenario.models
+    requests = [InferenceRequest(f"{run}-{i}", models[i % len(models)], f"q{i}", ModelContext(f"s{i % 5}"))
+                for i in range(n)]
+    wanted = {r.id for r in requests}
+    log_paths: list[Path] = []
+    events: list[str] = []
+    try:
+        for url in {sim_url, slow_url}:
+            await wait_http(f"{url}/")
+        for reader in readers:
+            await reader.start()
+        worker, path = start_worker(env, logs, 0, guarantee, route)
+        procs.append(worker)
+        log_paths.append(path)
+
+        async def poll_until(done, seconds: float) -> bool:  # type: ignore[no-untyped-def]
+            deadline = time.monotonic() + seconds
+            while not done():
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.gather(*(r.poll() for r in readers))
+            return True
+
+        async with RequestProducer(kafka) as producer:
+            if not kills:  # time from a warm worker: one answer seen first
+                warm = InferenceRequest(f"{run}-warm", models[0], "warm up", ModelContext("w"))
+                await producer.submit(warm)
+                await poll_until(lambda: warm.id in committed.ids, timeout)
+            started = time.monotonic()
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {worker.returncode}; see {path}")
+            cpu = cpu_seconds(worker.pid)
+            await producer.submit_many(requests)
+
+        def seen() -> str:
+            return (f"t={time.monotonic() - started:5.1f}s read_uncommitted {uncommitted.answered(wanted)}, "
+                    f"read_committed {committed.answered(wanted)} of {n} answered")
+
+        for k in range(kills):
+            threshold = int(n * (0.2 + 0.25 * k))
+            if not await poll_until(lambda: uncommitted.answered(wanted) >= threshold, timeout):
+                events.append(f"stalled before kill {k + 1}: {seen()}")
+                break
+            worker.kill()
+            worker.wait()
+            events.append(f"SIGKILL {k + 1} at {seen()}")
+            worker, path = start_worker(env, logs, k + 1, guarantee, route)
+            procs.append(worker)
+            log_paths.append(path)
+        else:
+            finished = await poll_until(lambda: committed.answered(wanted) == n, timeout)
+            events.append(f"{'finished' if finished else 'stalled'}: {seen()}")
+            if finished and not kills:
+                events.append(f"{n / (time.monotonic() - started):.0f} requests/s (read_committed, from the first "
+                              f"submit); worker CPU {(cpu_seconds(worker.pid) - cpu) / n * 1000:.2f} ms per request")
+        await asyncio.gather(*(r.poll() for r in readers))  # late records
+    finally:
+        for reader in readers:
+            await reader.consumer.stop()
+        stop_all(procs)
+
+    routed = ", every send routed into a transaction" if route else ""
+    latency = f"{scenario.ttft_ms} ms" + (f", llama3.1 {scenario.slow_ms} ms" if scenario.slow_ms else "")
+    print(f"processing_guarantee={guarantee}{routed}: {n} requests of {','.join(models)}, "
+          f"{scenario.partitions} partition(s), time to first token {latency}, {scenario.slots} slots per model, "
+          f"{kills} SIGKILLs")
+    for event in events:
+        print(f"  {event}")
+    for reader in readers:
+        print(f"  {reader.isolation_level:>16}: {reader.answered(wanted)}/{n} answered, "
+              f"{reader.duplicates(wanted)} duplicates, {sum(reader.ids.values())} records")
+    for path in log_paths:
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if any(marker in line for marker in LOG_MARKERS)]
+        print(f"  {path.name}: {len(lines)} error/warning lines" + ("; first ones:" if lines else ""))
+        for line in lines[:6]:
+            print(f"    {line[:240]}")
+
+
+async def cache_check(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) -> None:
+    """Does the response cache (a Faust table) survive a SIGKILL: is the repeat answered from it?"""
+    procs: list[subprocess.Popen[bytes]] = []
+    port = free_port()
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "nexus", "simulate-ollama", "--port", str(port), "--ttft-ms", "150",
+         "--tokens-per-s", "0", "--parallel", "16"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    env, kafka = isolated_env(bootstrap, f"http://127.0.0.1:{port}")
+    env.update(NEXUS_KAFKA_PARTITIONS=str(scenario.partitions), NEXUS_KAFKA_SESSION_TIMEOUT_MS="6000")
+    kafka = dataclasses.replace(kafka, partitions=scenario.partitions)
+    await ensure_topics(kafka)
+    changelog_topic = f"{env['NEXUS_WORKER_APP_ID']}-cache-changelog"
+    changelog = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed", auto_offset_reset="earliest",
+                                 metadata_max_age_ms=1000)
+    responses = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    run = uuid.uuid4().hex[:8]
+    ask = {"model_id": "llama3.1", "input": "the same question", "context": ModelContext("s"),
+           "options": InferenceOptions(temperature=0.0)}
+    results: list[str] = []
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/")
+        await changelog.start()
+        changelog.subscribe([changelog_topic])  # created by the worker; read from the start
+        await responses.start()
+        await read_from_end(responses, [kafka.responses_topic], timeout_s=30)
+        for attempt in range(2):
+            worker, path = start_worker(env, logs, attempt, scenario.guarantee, scenario.route)
+            procs.append(worker)
+            started = time.monotonic()
+            async with RequestProducer(kafka) as producer:
+                await producer.submit(InferenceRequest(f"{run}-{attempt}", **ask))
+            response = None
+            while response is None and time.monotonic() - started < timeout:
+                for records in (await responses.getmany(timeout_ms=200)).values():
+                    response = decode_response(CODEC, records[0].value)
+            if response is None:
+                results.append(f"attempt {attempt + 1}: no answer within {timeout:.0f} s")
+                break
+            results.append(f"attempt {attempt + 1}: answered in {time.monotonic() - started:.1f} s "
+                           f"(worker start included), cached={response.cached}")
+            if attempt == 0:  # the entry is durable once a read_committed reader sees it in the changelog
+                deadline = time.monotonic() + timeout
+                entries = 0
+                while not entries and time.monotonic() < deadline:
+                    entries += sum(map(len, (await changelog.getmany(timeout_ms=200)).values()))
+                results.append(f"cache entry committed to the changelog (seen by read_committed): {entries > 0}")
+                worker.kill()
+                worker.wait()
+                results.append("SIGKILL")
+    finally:
+        await changelog.stop()
+        await responses.stop()
+        stop_all(procs)
+    print(f"processing_guarantee={scenario.guarantee}: response cache across a SIGKILL "
+          f"(the same temperature-0 request, before and after)")
+    for line in results:
+        print(f"  {line}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--guarantee", default="exactly_once", choices=["at_least_once", "exactly_once"])
+    parser.add_argument("-n", type=int, default=160)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each step")
+    parser.add_argument("--bootstrap")
+    parser.add_argument("--logs", type=Path, help="keep the worker logs here (default: a temporary directory)")
+    parser.add_argument("--route-into-transactions", action="store_true")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--models", default="llama3.1,mistral",
+                        help="comma-separated; request i asks model i mod len")
+    parser.add_argument("--ttft-ms", type=int, default=150, help="the simulator's time to first token")
+    parser.add_argument("--slots", type=int, default=4, help="max_concurrency of each model's endpoint")
+    parser.add_argument("--slow-ms", type=int, default=0,
+                        help="llama3.1's time to first token, on a simulator of its own (out-of-order answers)")
+    parser.add_argument("--cache-check", action="store_true",
+                        help="instead of the SIGKILL run: is a cached answer still cached after a SIGKILL?")
+    parser.add_argument("--run-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_worker:
+        run_worker(args.guarantee, args.route_into_transactions)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        scenario = Scenario(args.guarantee, args.route_into_transactions, args.n, args.kills, args.partitions,
+                            tuple(args.models.split(",")), args.slow_ms, args.ttft_ms, args.slots)
+        check = cache_check if args.cache_check else probe
+        run_on_broker(lambda b: check(b, scenario, args.timeout, logs), args.bootstrap)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
