@@ -74,8 +74,8 @@ class Reader:
         return sum(n - 1 for i, n in self.ids.items() if i in wanted)
 
 
-def run_worker(guarantee: str, route: bool) -> None:
-    """``nexus worker`` with the Faust app's processing_guarantee set (and its sends patched)."""
+def run_worker(faust_only: bool, route: bool) -> None:
+    """``nexus worker``; with ``faust_only``, Faust's exactly_once under the at-least-once worker."""
     import streams.app
     from nexus.cli import main as nexus_main
 
@@ -83,8 +83,9 @@ def run_worker(guarantee: str, route: bool) -> None:
 
     def create_app(settings, data_dir=None):  # type: ignore[no-untyped-def]
         app = create(settings, data_dir)
-        app.conf.processing_guarantee = guarantee
-        print(f"probe: processing_guarantee={app.conf.processing_guarantee.value}", flush=True)
+        if faust_only:
+            app.conf.processing_guarantee = "exactly_once"
+        print(f"probe: Faust processing_guarantee={app.conf.processing_guarantee.value}", flush=True)
         return app
 
     streams.app.create_app = create_app
@@ -121,13 +122,13 @@ def _route_every_send_into_a_transaction() -> None:
     TransactionManager.send = send  # type: ignore[method-assign]
 
 
-def start_worker(
-    env: dict[str, str], logs: Path, n: int, guarantee: str, route: bool
-) -> tuple[subprocess.Popen[bytes], Path]:
+def start_worker(env: dict[str, str], logs: Path, n: int, scenario: "Scenario") -> tuple[subprocess.Popen[bytes], Path]:
     """This file with --run-worker, its output in ``logs``: a worker that can be SIGKILLed."""
     path = logs / f"worker-{n}.log"
-    args = [sys.executable, __file__, "--run-worker", "--guarantee", guarantee]
-    args += ["--route-into-transactions"] if route else []
+    args = [sys.executable, __file__, "--run-worker"]
+    args += ["--faust-only"] if scenario.faust_only else []
+    args += ["--route-into-transactions"] if scenario.route else []
+    env = {**env, "NEXUS_KAFKA_PROCESSING_GUARANTEE": scenario.guarantee}
     with open(path, "wb") as log:
         proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     return proc, path
@@ -135,7 +136,8 @@ def start_worker(
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
-    guarantee: str
+    guarantee: str  # Nexus's kafka.processing_guarantee
+    faust_only: bool  # Faust's exactly_once under Nexus's at-least-once worker
     route: bool
     n: int
     kills: int
@@ -145,9 +147,15 @@ class Scenario:
     ttft_ms: int
     slots: int  # max_concurrency of each model's endpoint
 
+    def describe(self) -> str:
+        if self.faust_only:
+            routed = ", every send routed into a transaction" if self.route else ""
+            return f"Faust's exactly_once alone (Nexus at_least_once){routed}"
+        return f"kafka.processing_guarantee={self.guarantee}"
+
 
 async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) -> None:
-    guarantee, route, n, kills = scenario.guarantee, scenario.route, scenario.n, scenario.kills
+    n, kills = scenario.n, scenario.kills
     procs: list[subprocess.Popen[bytes]] = []
 
     def simulator(ttft_ms: int) -> str:
@@ -184,7 +192,7 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
             await wait_http(f"{url}/")
         for reader in readers:
             await reader.start()
-        worker, path = start_worker(env, logs, 0, guarantee, route)
+        worker, path = start_worker(env, logs, 0, scenario)
         procs.append(worker)
         log_paths.append(path)
 
@@ -219,7 +227,7 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
             worker.kill()
             worker.wait()
             events.append(f"SIGKILL {k + 1} at {seen()}")
-            worker, path = start_worker(env, logs, k + 1, guarantee, route)
+            worker, path = start_worker(env, logs, k + 1, scenario)
             procs.append(worker)
             log_paths.append(path)
         else:
@@ -234,9 +242,8 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
             await reader.consumer.stop()
         stop_all(procs)
 
-    routed = ", every send routed into a transaction" if route else ""
     latency = f"{scenario.ttft_ms} ms" + (f", llama3.1 {scenario.slow_ms} ms" if scenario.slow_ms else "")
-    print(f"processing_guarantee={guarantee}{routed}: {n} requests of {','.join(models)}, "
+    print(f"{scenario.describe()}: {n} requests of {','.join(models)}, "
           f"{scenario.partitions} partition(s), time to first token {latency}, {scenario.slots} slots per model, "
           f"{kills} SIGKILLs")
     for event in events:
@@ -280,7 +287,7 @@ async def cache_check(bootstrap: str, scenario: Scenario, timeout: float, logs: 
         await responses.start()
         await read_from_end(responses, [kafka.responses_topic], timeout_s=30)
         for attempt in range(2):
-            worker, path = start_worker(env, logs, attempt, scenario.guarantee, scenario.route)
+            worker, path = start_worker(env, logs, attempt, scenario)
             procs.append(worker)
             started = time.monotonic()
             async with RequestProducer(kafka) as producer:
@@ -307,7 +314,7 @@ async def cache_check(bootstrap: str, scenario: Scenario, timeout: float, logs: 
         await changelog.stop()
         await responses.stop()
         stop_all(procs)
-    print(f"processing_guarantee={scenario.guarantee}: response cache across a SIGKILL "
+    print(f"{scenario.describe()}: response cache across a SIGKILL "
           f"(the same temperature-0 request, before and after)")
     for line in results:
         print(f"  {line}")
@@ -321,7 +328,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each step")
     parser.add_argument("--bootstrap")
     parser.add_argument("--logs", type=Path, help="keep the worker logs here (default: a temporary directory)")
-    parser.add_argument("--route-into-transactions", action="store_true")
+    parser.add_argument("--faust-only", action="store_true",
+                        help="Nexus at_least_once with Faust's processing_guarantee set to exactly_once")
+    parser.add_argument("--route-into-transactions", action="store_true", help="with --faust-only: see above")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--models", default="llama3.1,mistral",
                         help="comma-separated; request i asks model i mod len")
@@ -334,12 +343,13 @@ def main() -> None:
     parser.add_argument("--run-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_worker:
-        run_worker(args.guarantee, args.route_into_transactions)
+        run_worker(args.faust_only, args.route_into_transactions)
         return
     with tempfile.TemporaryDirectory() as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        scenario = Scenario(args.guarantee, args.route_into_transactions, args.n, args.kills, args.partitions,
+        guarantee = "at_least_once" if args.faust_only else args.guarantee
+        scenario = Scenario(guarantee, args.faust_only, args.route_into_transactions, args.n, args.kills, args.partitions,
                             tuple(args.models.split(",")), args.slow_ms, args.ttft_ms, args.slots)
         check = cache_check if args.cache_check else probe
         run_on_broker(lambda b: check(b, scenario, args.timeout, logs), args.bootstrap)
