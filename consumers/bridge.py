@@ -32,7 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from nexus.settings import Settings
+from nexus.settings import KafkaSettings, Settings
 from nexus.topics import KafkaUnavailableError, TopicMissingError, ensure_topics, known_partitions
 from producers.client import RequestProducer, SubmitError
 from producers.validation import RejectedRequest, request_from_json
@@ -145,7 +145,8 @@ class Bridge:
         except (KafkaUnavailableError, SubmitError) as exc:
             raise BridgeStartError(str(exc)) from None
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False
+            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
+            isolation_level=kafka.isolation_level,
         )
         try:
             await self._consumer.start()
@@ -394,7 +395,7 @@ class Bridge:
 
         try:
             async with self._replays:
-                history = await read_history(self._settings.kafka.bootstrap, cutoff, since_ms, select)
+                history = await read_history(self._settings.kafka, cutoff, since_ms, select)
             count = 0
             for key, frame in history:
                 if client.catchup.history(key):
@@ -412,7 +413,7 @@ class Bridge:
 
 
 async def read_history(
-    bootstrap: str,
+    kafka: KafkaSettings,
     cutoff: dict[TopicPartition, int],
     since_ms: int,
     select: Callable[[ConsumerRecord], str | None],
@@ -423,7 +424,10 @@ async def read_history(
     timestamp. Raises :class:`HistoryError` when Kafka does not deliver in time
     or the history is longer than :data:`MAX_REPLAY_RECORDS`.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
+        isolation_level=kafka.isolation_level,
+    )
     try:
         await consumer.start()
         tps = list(cutoff)

@@ -39,7 +39,7 @@ class ResponseListener:
         topic = self._kafka.responses_topic
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._kafka.bootstrap, group_id=None, enable_auto_commit=False,
-            client_id="nexus-response-listener",
+            client_id="nexus-response-listener", isolation_level=self._kafka.isolation_level,
         )
         try:
             await consumer.start()

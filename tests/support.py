@@ -124,10 +124,10 @@ class TopicReader:
     Take the snapshot before producing, so everything produced after is seen.
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, isolation_level: str = "read_uncommitted") -> None:
         self.topic = topic
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level=isolation_level
         )
         self.records: list[ConsumerRecord] = []
 
