@@ -1,25 +1,28 @@
-"""What Faust's ``exactly_once`` does with Nexus's worker on a real broker, SIGKILLs included.
+"""Exactly once on a real broker, SIGKILLs included: Nexus's option, and Faust's alone.
 
     .venv/bin/python bench/exactly_once_probe.py [--guarantee exactly_once|at_least_once]
-        [--route-into-transactions] [-n 160] [--kills 3] [--partitions 2] [--models llama3.1,mistral]
-        [--ttft-ms 150] [--slow-ms MS] [--slots 4] [--cache-check] [--bootstrap HOST:PORT] [--logs DIR]
+        [--faust-only [--route-into-transactions]] [-n 160] [--kills 3] [--partitions 2]
+        [--models llama3.1,mistral] [--ttft-ms 150] [--slow-ms MS] [--slots 4] [--one-by-one K]
+        [--cache-check] [--bootstrap HOST:PORT] [--logs DIR]
 
-Nexus ships no switch for it (docs/reliability.md, "Why not exactly once"): the probe runs the
-shipped worker (``nexus worker``) with the Faust app's ``processing_guarantee`` set before it
-starts. ``--route-into-transactions`` also patches Faust's ``TransactionManager.send`` so that
-records to topics the worker does not consume (responses, tokens, dead letters, endpoint state)
-join the transaction of their destination partition, the rule Faust applies to the topics it
-consumes; without it Faust produces them outside any transaction.
+Runs the shipped worker with ``NEXUS_KAFKA_PROCESSING_GUARANTEE=<guarantee>``. ``--faust-only``
+runs it at least once with the Faust app's ``processing_guarantee`` set to ``exactly_once`` (what
+Faust does alone); ``--route-into-transactions`` then also patches Faust's
+``TransactionManager.send`` so that records to topics the worker does not consume (responses,
+tokens, dead letters, endpoint state) join the transaction of their destination partition, the
+rule Faust applies to the topics it consumes (without it they go outside any transaction).
 
 Starts (unless --bootstrap) a local broker, a simulator (``--ttft-ms``; with ``--slow-ms`` a
-second one for llama3.1, so answers finish out of offset order) and that worker on topics of its
+second one for llama3.1, so answers finish out of offset order) and the worker on topics of its
 own, submits N requests, SIGKILLs the worker ``--kills`` times once 20/45/70 % of them are
 answered (as a read_uncommitted reader sees it) and restarts it. Two readers with no group read
 the responses from the end offsets before the submit, one ``read_committed``, one
 ``read_uncommitted``; for each it prints the requests answered, the duplicates and the records,
-then the worker logs' warnings. With ``--kills 0`` it times the run from a warm worker instead.
-``--cache-check`` asks one temperature-0 request, SIGKILLs the worker, asks it again and prints
-whether the answer came from the cache table recovered by the successor. It reports; it never asserts.
+then the worker logs' warnings. With ``--kills 0`` it times the run from a warm worker instead:
+when each model's answers reach the read_committed reader, requests/s and worker CPU, and with
+``--one-by-one K`` first K requests asked one at a time. ``--cache-check`` asks one
+temperature-0 request, SIGKILLs the worker, asks it again and prints whether the answer came from
+the cache table the successor recovered. It reports; it never asserts (tests/test_faults.py does).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
-from common import REPO, cpu_seconds, isolated_env, run_on_broker, stop_all, wait_http
+from common import REPO, cpu_seconds, isolated_env, percentile, run_on_broker, stop_all, wait_http
 from nexus.localkafka import free_port
 from nexus.topics import ensure_topics, read_from_end
 from producers.client import RequestProducer
@@ -57,6 +60,7 @@ class Reader:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                          isolation_level=isolation_level)
         self.ids: Counter[str] = Counter()
+        self.first_seen: dict[str, float] = {}  # time.monotonic() when each id was first read
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -65,7 +69,9 @@ class Reader:
     async def poll(self) -> None:
         for records in (await self.consumer.getmany(timeout_ms=200)).values():
             for record in records:
-                self.ids[decode_response(CODEC, record.value).id] += 1
+                id_ = decode_response(CODEC, record.value).id
+                self.ids[id_] += 1
+                self.first_seen.setdefault(id_, time.monotonic())
 
     def answered(self, wanted: set[str]) -> int:
         return len(wanted & set(self.ids))
@@ -122,7 +128,9 @@ def _route_every_send_into_a_transaction() -> None:
     TransactionManager.send = send  # type: ignore[method-assign]
 
 
-def start_worker(env: dict[str, str], logs: Path, n: int, scenario: "Scenario") -> tuple[subprocess.Popen[bytes], Path]:
+def start_worker(
+    env: dict[str, str], logs: Path, n: int, scenario: "Scenario"
+) -> tuple[subprocess.Popen[bytes], Path]:
     """This file with --run-worker, its output in ``logs``: a worker that can be SIGKILLed."""
     path = logs / f"worker-{n}.log"
     args = [sys.executable, __file__, "--run-worker"]
@@ -146,6 +154,7 @@ class Scenario:
     slow_ms: int  # llama3.1's time to first token on a simulator of its own; 0: same as the others
     ttft_ms: int
     slots: int  # max_concurrency of each model's endpoint
+    one_by_one: int  # with no kills: requests asked alone first, each after the previous one's answer
 
     def describe(self) -> str:
         if self.faust_only:
@@ -187,6 +196,7 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
     wanted = {r.id for r in requests}
     log_paths: list[Path] = []
     events: list[str] = []
+    one_by_one: list[tuple[str, float]] = []
     try:
         for url in {sim_url, slow_url}:
             await wait_http(f"{url}/")
@@ -209,6 +219,12 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
                 warm = InferenceRequest(f"{run}-warm", models[0], "warm up", ModelContext("w"))
                 await producer.submit(warm)
                 await poll_until(lambda: warm.id in committed.ids, timeout)
+                for i in range(scenario.one_by_one):  # alone in the pipeline: no answer waits for another
+                    alone = InferenceRequest(f"{run}-alone-{i}", models[i % len(models)], f"a{i}", ModelContext("a"))
+                    asked = time.monotonic()
+                    await producer.submit(alone)
+                    await poll_until(lambda: alone.id in committed.ids, timeout)
+                    one_by_one.append((alone.model_id, committed.first_seen[alone.id] - asked))
             started = time.monotonic()
             if worker.poll() is not None:
                 raise RuntimeError(f"the worker exited with code {worker.returncode}; see {path}")
@@ -234,6 +250,15 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
             finished = await poll_until(lambda: committed.answered(wanted) == n, timeout)
             events.append(f"{'finished' if finished else 'stalled'}: {seen()}")
             if finished and not kills:
+                for model in models:
+                    waits = [committed.first_seen[r.id] - started for r in requests if r.model_id == model]
+                    events.append(f"{model}: seen by read_committed {percentile(waits, 0.5):.2f} s (p50), "
+                                  f"{percentile(waits, 0.9):.2f} s (p90) after the burst's first submit")
+                for model in sorted({m for m, _ in one_by_one}):
+                    alone = [t for m, t in one_by_one if m == model]
+                    events.append(f"{model} one at a time ({len(alone)}): submit to read_committed "
+                                  f"{percentile(alone, 0.5) * 1000:.0f} ms (p50), "
+                                  f"{percentile(alone, 0.9) * 1000:.0f} ms (p90)")
                 events.append(f"{n / (time.monotonic() - started):.0f} requests/s (read_committed, from the first "
                               f"submit); worker CPU {(cpu_seconds(worker.pid) - cpu) / n * 1000:.2f} ms per request")
         await asyncio.gather(*(r.poll() for r in readers))  # late records
@@ -338,6 +363,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4, help="max_concurrency of each model's endpoint")
     parser.add_argument("--slow-ms", type=int, default=0,
                         help="llama3.1's time to first token, on a simulator of its own (out-of-order answers)")
+    parser.add_argument("--one-by-one", type=int, default=0, metavar="K",
+                        help="with --kills 0: first time K requests asked one at a time")
     parser.add_argument("--cache-check", action="store_true",
                         help="instead of the SIGKILL run: is a cached answer still cached after a SIGKILL?")
     parser.add_argument("--run-worker", action="store_true", help=argparse.SUPPRESS)
@@ -349,8 +376,9 @@ def main() -> None:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         guarantee = "at_least_once" if args.faust_only else args.guarantee
-        scenario = Scenario(guarantee, args.faust_only, args.route_into_transactions, args.n, args.kills, args.partitions,
-                            tuple(args.models.split(",")), args.slow_ms, args.ttft_ms, args.slots)
+        scenario = Scenario(guarantee, args.faust_only, args.route_into_transactions, args.n, args.kills,
+                            args.partitions, tuple(args.models.split(",")), args.slow_ms, args.ttft_ms,
+                            args.slots, args.one_by_one)
         check = cache_check if args.cache_check else probe
         run_on_broker(lambda b: check(b, scenario, args.timeout, logs), args.bootstrap)
 

@@ -6,7 +6,10 @@ only once Kafka acknowledged its response, token chunks and dead letter, and
 only after every earlier event of its partition was (streams/acks.py), so a
 committed offset always has its answers durably written. A worker killed
 mid-run leaves those offsets uncommitted; its successor answers them again
-(duplicates, never losses).
+(duplicates, never losses). With ``kafka.processing_guarantee = "exactly_once"`` the
+answers are held until their requests can be acked, then written in the request
+partition's Kafka transaction, which the worker commits with the offsets
+(streams/outbox.py): ``read_committed`` readers see each answer once.
 
 The response cache is a Faust table. Tables cannot be written from inside a
 ``take()`` batch (there is no current event to tie the changelog to), so the

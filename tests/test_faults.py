@@ -133,7 +133,8 @@ async def test_exactly_once_read_committed_readers_see_each_request_answered_onc
            "NEXUS_KAFKA_PARTITIONS": "1", "NEXUS_KAFKA_PROCESSING_GUARANTEE": "exactly_once"}
     kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
                           responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
-                          dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=1, processing_guarantee="exactly_once")
+                          dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=1,
+                          processing_guarantee="exactly_once")
     await ensure_topics(kafka)
     total = 160
     requests = [
