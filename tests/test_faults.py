@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import ollama
 
 from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
@@ -173,6 +174,32 @@ async def test_exactly_once_read_committed_readers_see_each_request_answered_onc
     record_property("read_uncommitted_duplicates_after_sigkills", seen_uncommitted.duplicates())
     print(f"\nexactly once, SIGKILL x{len(kills)} at {kills} answered: {total} requests; read_committed "
           f"saw each once, read_uncommitted saw {seen_uncommitted.duplicates()} duplicates")
+
+
+async def test_exactly_once_gateway_answers_and_streams_through_read_committed_readers(
+    bootstrap: str, simulator: str, logs_dir: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    env = {**_isolated_env(bootstrap, simulator, run), "NEXUS_KAFKA_PROCESSING_GUARANTEE": "exactly_once"}
+    await ensure_topics(KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
+                                      responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
+                                      tokens_topic=env["NEXUS_KAFKA_TOKENS_TOPIC"],
+                                      dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=2))
+    worker = Role("eos-worker", ["worker"], env, logs_dir).start()
+    gateway = start_gateway(env, logs_dir)
+    try:
+        client = ollama.AsyncClient(host=gateway.url, timeout=60)
+        prompt = f"exactly once {run}"
+        # The answer is written in a transaction: the reply reader (read_committed) sees it at the commit.
+        whole = await client.generate(model="llama3.1", prompt=prompt)
+        # Token chunks are written outside the transactions, so streaming still works.
+        stream = await client.generate(model="llama3.1", prompt=prompt, stream=True)
+        chunks = [part.response async for part in stream]
+    finally:
+        gateway.stop()
+        worker.stop()
+    assert whole.response == f"[simulated llama3.1] You said: {prompt}"
+    assert "".join(chunks) == whole.response
 
 
 def _isolated_env(bootstrap: str, ollama: str, run: str) -> dict[str, str]:
