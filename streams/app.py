@@ -55,8 +55,8 @@ from . import cache
 from .acks import InOrderAcks
 from .inference import Answer, Inference
 from .metrics import WorkerMetrics
-from .outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
 from .ollama import new_session
+from .outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
 from .prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,11 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     data_dir = (data_dir or Path(".cache") / "faust" / worker.app_id).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     exactly_once = kafka.processing_guarantee == "exactly_once"
+    commits = (  # under exactly once the worker commits itself, between answers (streams/outbox.py)
+        {"broker_commit_interval": NEVER_S, "broker_commit_every": NEVER_N}
+        if exactly_once
+        else {"broker_commit_interval": worker.commit_interval_s}
+    )
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
@@ -168,9 +173,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         producer_linger_ms=1,
         broker_session_timeout=kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=min(3.0, kafka.session_timeout_ms / 3000),
-        # Under exactly once the worker commits itself, between answers (streams/outbox.py).
-        broker_commit_interval=NEVER_S if exactly_once else worker.commit_interval_s,
-        broker_commit_every=NEVER_N if exactly_once else 10_000,
+        **commits,
         processing_guarantee=kafka.processing_guarantee,
         consumer_auto_offset_reset="earliest",
         web_port=worker.web_port,
@@ -195,8 +198,12 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     state: dict[str, Any] = {}
 
     async def send(topic: faust.TopicT, key: bytes | None, value: bytes, headers: Any = None) -> Any:
-        """Queue one record; return the future of its acknowledgement."""
-        return await topic.send(key=key, value=value, headers=headers)
+        """Queue one record outside any transaction; return the future of its acknowledgement.
+
+        Token chunks, cache updates and endpoint state go this way under exactly once too: chunks
+        must stream before the commit, and the other two are idempotent.
+        """
+        return await app.producer.send(topic.get_topic_name(), key, value, None, None, headers)
 
     async def produce(topic: faust.TopicT, key: bytes | None, value: bytes) -> None:
         """Send one record and wait until Kafka acknowledged it, retrying until it does."""
