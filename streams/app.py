@@ -255,7 +255,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         acks: InOrderAcks[EventT] = InOrderAcks()
         in_flight = asyncio.Semaphore(worker.max_in_flight)
         running: set[asyncio.Task[None]] = set()
-        outbox = state["outbox"] = InCommittedPrefix(app, stream.ack) if exactly_once else AtOnce(stream.ack)
+        outbox = state["outbox"] = InCommittedPrefix(app, stream.ack) if exactly_once else AtOnce(send, stream.ack)
 
         async def finished(events: list[EventT]) -> None:
             """The answers of ``events`` are written (or held): release what is now ackable, in order."""

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]] | None
 Ack = Callable[[EventT], Awaitable[Any]]
+# Queues one record outside any transaction; returns the future of its acknowledgement.
+Send = Callable[[faust.TopicT, bytes | None, bytes, Headers], Awaitable[Any]]
 
 
 class Outbox(Protocol):
@@ -54,12 +56,13 @@ async def until_sent(what: str, send: Callable[[], Awaitable[Any]]) -> None:
 class AtOnce:
     """At least once: write now, ack in order once durable."""
 
-    def __init__(self, ack: Ack) -> None:
+    def __init__(self, send: Send, ack: Ack) -> None:
+        self._send = send
         self._ack = ack
 
     async def write(self, event: EventT, topic: faust.TopicT, key: bytes | None, value: bytes,
                     headers: Headers = None) -> None:
-        await until_sent(topic.get_topic_name(), lambda: topic.send(key=key, value=value, headers=headers))
+        await until_sent(topic.get_topic_name(), lambda: self._send(topic, key, value, headers))
 
     async def release(self, events: list[EventT]) -> None:
         for event in events:
