@@ -159,7 +159,8 @@ class Bridge:
         except (KafkaUnavailableError, SubmitError) as exc:
             raise BridgeStartError(str(exc)) from None
         self._consumer = AIOKafkaConsumer(
-            **client_options(kafka), group_id=None, enable_auto_commit=False
+            **client_options(kafka), group_id=None, enable_auto_commit=False,
+            isolation_level=kafka.isolation_level,
         )
         try:
             await self._consumer.start()
@@ -487,7 +488,9 @@ async def read_history(
     timestamp. Raises :class:`HistoryError` when Kafka does not deliver in time
     or the history is longer than :data:`MAX_REPLAY_RECORDS`.
     """
-    consumer = AIOKafkaConsumer(**client_options(kafka), group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        **client_options(kafka), group_id=None, enable_auto_commit=False, isolation_level=kafka.isolation_level
+    )
     try:
         await consumer.start()
         tps = list(cutoff)

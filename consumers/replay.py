@@ -84,6 +84,7 @@ class RangeReader:
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # records deleted by retention meanwhile are skipped
             client_id="nexus-replay",
+            isolation_level=self._kafka.isolation_level,
         )
         try:
             await consumer.start()

@@ -55,6 +55,14 @@ class KafkaSettings:
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    # "at_least_once", or "exactly_once": the worker writes each answer and its request's offset in
+    # one Kafka transaction and Nexus's readers read committed records only (docs/reliability.md).
+    processing_guarantee: str = "at_least_once"
+
+    @property
+    def isolation_level(self) -> str:
+        """What Nexus's readers of worker output pass to aiokafka: under exactly once, skip aborted answers."""
+        return "read_committed" if self.processing_guarantee == "exactly_once" else "read_uncommitted"
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,8 @@ def load_settings(
                     f"[{name}] {key} (from {where} or NEXUS_{name.upper()}_{key.upper()}): "
                     f"must be positive, got {values[key]!r}"
                 )
+        if name == "kafka" and "processing_guarantee" in values:
+            _check_guarantee(values["processing_guarantee"], where)
         if name == "kafka" and "retention_ms" in values:
             _check_retention(values["retention_ms"], where)
         sections[name] = cls(**values)
@@ -363,6 +373,17 @@ def _check_security(kafka: KafkaSettings, where: str) -> None:
             raise ConfigError(f"{origin(key)}: file not found: {path}")
     if kafka.ssl_keyfile and not kafka.ssl_certfile:
         raise ConfigError(f"{origin('ssl_keyfile')}: needs ssl_certfile, the certificate of that key")
+
+
+PROCESSING_GUARANTEES = ("at_least_once", "exactly_once")
+
+
+def _check_guarantee(value: str, where: str) -> None:
+    if value not in PROCESSING_GUARANTEES:
+        raise ConfigError(
+            f"[kafka] processing_guarantee (from {where} or NEXUS_KAFKA_PROCESSING_GUARANTEE): "
+            f"expected one of {', '.join(PROCESSING_GUARANTEES)}, got {value!r}"
+        )
 
 
 def _normalise_host(host: str) -> str:

@@ -224,6 +224,7 @@ class ReplyReader:
             enable_auto_commit=False,
             client_id=self.name,
             fetch_max_wait_ms=50,  # a waiting caller, not throughput, sets the pace
+            isolation_level=self._kafka.isolation_level,
         )
         try:
             await consumer.start()

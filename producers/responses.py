@@ -40,7 +40,7 @@ class ResponseListener:
         topic = self._kafka.responses_topic
         consumer = AIOKafkaConsumer(
             **client_options(self._kafka), group_id=None, enable_auto_commit=False,
-            client_id="nexus-response-listener",
+            client_id="nexus-response-listener", isolation_level=self._kafka.isolation_level,
         )
         try:
             await consumer.start()

@@ -6,7 +6,10 @@ only once Kafka acknowledged its response, token chunks and dead letter, and
 only after every earlier event of its partition was (streams/acks.py), so a
 committed offset always has its answers durably written. A worker killed
 mid-run leaves those offsets uncommitted; its successor answers them again
-(duplicates, never losses).
+(duplicates, never losses). With ``kafka.processing_guarantee = "exactly_once"`` the
+answers are held until their requests can be acked, then written in the request
+partition's Kafka transaction, which the worker commits with the offsets
+(streams/outbox.py): ``read_committed`` readers see each answer once.
 
 The response cache is a Faust table. Tables cannot be written from inside a
 ``take()`` batch (there is no current event to tie the changelog to), so the
@@ -56,6 +59,7 @@ from .acks import InOrderAcks
 from .inference import Answer, Inference
 from .metrics import WorkerMetrics
 from .ollama import new_session
+from .outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
 from .prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,9 @@ DLQ_SOURCE = "nexus-source"
 # gateway can skip everyone else's records without decoding them.
 REPLY_TO = "nexus-reply-to"
 TOKEN_FLUSH_S = 0.025
+# Faust's commit timer and count under exactly once: off, the worker commits (streams/outbox.py).
+NEVER_S = 10.0**9
+NEVER_N = 2**62
 LAG_INTERVAL_S = 10.0
 STATE_INTERVAL_S = 2.0
 
@@ -155,6 +162,12 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     worker = settings.worker
     data_dir = (data_dir or Path(".cache") / "faust" / worker.app_id).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
+    exactly_once = kafka.processing_guarantee == "exactly_once"
+    commits = (  # under exactly once the worker commits itself, between answers (streams/outbox.py)
+        {"broker_commit_interval": NEVER_S, "broker_commit_every": NEVER_N}
+        if exactly_once
+        else {"broker_commit_interval": worker.commit_interval_s}
+    )
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
@@ -165,7 +178,8 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         producer_linger_ms=1,
         broker_session_timeout=kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=min(3.0, kafka.session_timeout_ms / 3000),
-        broker_commit_interval=worker.commit_interval_s,
+        **commits,
+        processing_guarantee=kafka.processing_guarantee,
         consumer_auto_offset_reset="earliest",
         web_port=worker.web_port,
         web_host="0.0.0.0",
@@ -187,25 +201,21 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     metrics = WorkerMetrics()
     access = AccessPolicy(settings.access)
     PromptTemplate(worker.prompt_template)  # a bad template fails the start, not each request
-    state: dict[str, Inference] = {}
+    state: dict[str, Any] = {}
 
     async def send(topic: faust.TopicT, key: bytes | None, value: bytes, headers: Any = None) -> Any:
-        """Queue one record; return the future of its acknowledgement."""
-        return await topic.send(key=key, value=value, headers=headers)
+        """Queue one record outside any transaction; return the future of its acknowledgement.
 
-    async def produce(topic: faust.TopicT, key: bytes | None, value: bytes, headers: Any = None) -> None:
+        Token chunks, cache updates and endpoint state go this way under exactly once too: chunks
+        must stream before the commit, and the other two are idempotent.
+        """
+        return await app.producer.send(topic.get_topic_name(), key, value, None, None, headers)
+
+    async def produce(topic: faust.TopicT, key: bytes | None, value: bytes) -> None:
         """Send one record and wait until Kafka acknowledged it, retrying until it does."""
-        delay = 0.1
-        while True:
-            try:
-                await (await send(topic, key, value, headers))
-                return
-            except Exception as exc:  # the broker is away: hold the batch, lose nothing
-                log.warning("producing to %s failed (%r); retrying in %.1fs", topic.get_topic_name(), exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await until_sent(topic.get_topic_name(), lambda: send(topic, key, value))
 
-    async def dead_letter(event: EventT, reason: str, kind: str) -> None:
+    async def dead_letter(outbox: Outbox, event: EventT, reason: str, kind: str) -> None:
         message = event.message
         metrics.dead_letters.labels(kind=kind).inc()
         headers = [
@@ -213,39 +223,39 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             (DLQ_KIND, kind.encode()),
             (DLQ_SOURCE, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ]
-        await produce(dead_letters, message.key, message.value, headers)
+        await outbox.write(event, dead_letters, message.key, message.value, headers)
 
-    async def publish(answer: Answer, event: EventT, request: InferenceRequest) -> None:
+    async def publish(outbox: Outbox, answer: Answer, event: EventT, request: InferenceRequest) -> None:
         reply_to = answer.response.reply_to
         headers = [(REPLY_TO, reply_to.encode())] if reply_to else None
-        await produce(
-            responses, request.context.session_id.encode(), encode_response(codec, answer.response), headers
+        await outbox.write(
+            event, responses, request.context.session_id.encode(), encode_response(codec, answer.response), headers
         )
         if answer.dead_letter_reason is not None:
-            await dead_letter(event, answer.dead_letter_reason, "failed")
+            await dead_letter(outbox, event, answer.dead_letter_reason, "failed")
 
-    async def handle(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
+    async def handle(group: list[tuple[EventT, InferenceRequest]], inference: Inference, outbox: Outbox) -> None:
         """Answer the first request of a group; identical others get the same answer."""
         event, request = group[0]
         sink = KafkaTokenSink(lambda k, v, h: send(tokens, k, v, h), codec, request) if request.stream else None
         answer = await inference.answer(request, sink)
         if sink is not None:
             await sink.close()  # every chunk is acknowledged before the response goes out
-        await publish(answer, event, request)
+        await publish(outbox, answer, event, request)
         for other_event, other in group[1:]:
             metrics.shared.labels(model=request.model_id).inc()
             response = dataclasses.replace(
                 answer.response, id=other.id, reply_to=other.reply_to, key_name=other.key_name
             )
-            await publish(Answer(response, answer.dead_letter_reason), other_event, other)
+            await publish(outbox, Answer(response, answer.dead_letter_reason), other_event, other)
 
-    async def decode(event: EventT) -> InferenceRequest | None:
+    async def decode(outbox: Outbox, event: EventT) -> InferenceRequest | None:
         try:
             return decode_request(codec, event.message.value)
         except SchemaError as exc:
             log.warning("dead-lettering undecodable record %s/%s: %s",
                         event.message.partition, event.message.offset, exc)
-            await dead_letter(event, str(exc), "undecodable")
+            await dead_letter(outbox, event, str(exc), "undecodable")
             return None
 
     @app.agent(requests, name="nexus.infer")
@@ -253,16 +263,16 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         acks: InOrderAcks[EventT] = InOrderAcks()
         in_flight = asyncio.Semaphore(worker.max_in_flight)
         running: set[asyncio.Task[None]] = set()
+        outbox = state["outbox"] = InCommittedPrefix(app, stream.ack) if exactly_once else AtOnce(send, stream.ack)
 
         async def finished(events: list[EventT]) -> None:
-            """The answers of ``events`` are durable: ack what is now ackable, in order."""
-            for event in events:
-                for ready in acks.done(event.message.tp, event.message.offset):
-                    await stream.ack(ready)
+            """The answers of ``events`` are written (or held): release what is now ackable, in order."""
+            ready = [r for event in events for r in acks.done(event.message.tp, event.message.offset)]
+            await outbox.release(ready)
 
         async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
             try:
-                await handle(group, inference)
+                await handle(group, inference, outbox)
             except Exception:  # left unacked: the partition's commits stop, nothing is lost
                 log.exception("answering %s failed; its offset stays uncommitted", group[0][1].id)
                 return
@@ -280,7 +290,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                 metrics.batch_size.observe(len(events))
                 for event in events:
                     acks.add(event.message.tp, event.message.offset, event)
-                decoded = await asyncio.gather(*(decode(event) for event in events))
+                decoded = await asyncio.gather(*(decode(outbox, event) for event in events))
                 await finished([e for e, r in zip(events, decoded) if r is None])  # dead-lettered
                 groups: dict[object, list[tuple[EventT, InferenceRequest]]] = {}
                 for event, request in zip(events, decoded):
@@ -301,6 +311,14 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             update = json.loads(value)
             cache_table[update["key"].encode()] = update["entry"].encode()
             metrics.cache_entries.set(len(cache_table))
+
+    if exactly_once:
+
+        @app.timer(worker.commit_interval_s)
+        async def commit() -> None:
+            outbox = state.get("outbox")
+            if isinstance(outbox, InCommittedPrefix):
+                await outbox.commit()
 
     @app.timer(STATE_INTERVAL_S)
     async def publish_endpoint_state() -> None:

@@ -127,11 +127,11 @@ class TopicReader:
     ``kafka``: a bootstrap address, or settings for a cluster that needs SASL/TLS.
     """
 
-    def __init__(self, kafka: str | KafkaSettings, topic: str) -> None:
+    def __init__(self, kafka: str | KafkaSettings, topic: str, isolation_level: str = "read_uncommitted") -> None:
         self.topic = topic
         settings = KafkaSettings(bootstrap=kafka) if isinstance(kafka, str) else kafka
         self._consumer = AIOKafkaConsumer(
-            **client_options(settings), enable_auto_commit=False, group_id=None
+            **client_options(settings), enable_auto_commit=False, group_id=None, isolation_level=isolation_level
         )
         self.records: list[ConsumerRecord] = []
 

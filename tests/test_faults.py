@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import ollama
 
 from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
@@ -116,6 +117,89 @@ async def test_workers_killed_repeatedly_mid_run_lose_nothing(bootstrap: str, lo
           f"{duplicates} answered twice")
     # Only answers written before a kill can be written again after it.
     assert duplicates <= sum(written for _, written in kills)
+
+
+async def test_exactly_once_read_committed_readers_see_each_request_answered_once_despite_sigkills(
+    bootstrap: str, logs_dir: Path, tmp_path: Path, record_property  # type: ignore[no-untyped-def]
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    # One partition, llama3.1 seven times slower than mistral: answers finish out of offset order,
+    # so at every commit some answers wait for an earlier, slower request of their partition.
+    slow = start_simulator(logs_dir, ["--ttft-ms", "1000", "--tokens-per-s", "0", "--parallel", "16"])
+    fast = start_simulator(logs_dir, ["--ttft-ms", "150", "--tokens-per-s", "0", "--parallel", "16"])
+    config = tmp_path / "nexus.toml"
+    config.write_text(f'[models."llama3.1"]\nendpoints = [{{ url = "{slow.url}", max_concurrency = 8 }}]\n'
+                      f'[models."mistral"]\nendpoints = ["{fast.url}"]\n')
+    env = {**_isolated_env(bootstrap, fast.url, run), "NEXUS_CONFIG": str(config),
+           "NEXUS_KAFKA_PARTITIONS": "1", "NEXUS_KAFKA_PROCESSING_GUARANTEE": "exactly_once"}
+    kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
+                          responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
+                          dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=1,
+                          processing_guarantee="exactly_once")
+    await ensure_topics(kafka)
+    total = 160
+    requests = [
+        InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"q{i}", ModelContext(f"s{i % 5}"))
+        for i in range(total)
+    ]
+
+    def answered(records: list) -> int:  # type: ignore[type-arg]
+        return len({decode_response(CODEC, r.value).id for r in records})
+
+    kills: list[int] = []
+    worker = Role("eos-worker-0", ["worker"], env, logs_dir).start()
+    try:
+        async with TopicReader(bootstrap, kafka.responses_topic, kafka.isolation_level) as committed, TopicReader(
+            bootstrap, kafka.responses_topic, "read_uncommitted"
+        ) as uncommitted:
+            async with RequestProducer(kafka) as producer:
+                await producer.submit_many(requests)
+            for threshold in (30, 75, 120):
+                await uncommitted.read_until(lambda records: answered(records) >= threshold, timeout=90)
+                worker.kill()
+                # The successor starts at once: its transactional producers abort what the dead
+                # one left open, which read_committed readers wait for.
+                worker = Role(f"eos-worker-{len(kills) + 1}", ["worker"], env, logs_dir).start()
+                kills.append(answered(uncommitted.records))
+                assert kills[-1] < total, "the worker finished before it could be killed"
+            answers = await wait_for_responses(committed, {r.id for r in requests}, timeout=120)
+            seen_uncommitted = await wait_for_responses(uncommitted, {r.id for r in requests}, timeout=30)
+    finally:
+        worker.stop()
+        slow.stop()
+        fast.stop()
+
+    assert {id_: len(rs) for id_, rs in answers.by_id.items()} == {r.id: 1 for r in requests}
+    assert all(rs[0].status == "ok" for rs in answers.by_id.values())
+    record_property("read_uncommitted_duplicates_after_sigkills", seen_uncommitted.duplicates())
+    print(f"\nexactly once, SIGKILL x{len(kills)} at {kills} answered: {total} requests; read_committed "
+          f"saw each once, read_uncommitted saw {seen_uncommitted.duplicates()} duplicates")
+
+
+async def test_exactly_once_gateway_answers_and_streams_through_read_committed_readers(
+    bootstrap: str, simulator: str, logs_dir: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    env = {**_isolated_env(bootstrap, simulator, run), "NEXUS_KAFKA_PROCESSING_GUARANTEE": "exactly_once"}
+    await ensure_topics(KafkaSettings(bootstrap=bootstrap, requests_topic=env["NEXUS_KAFKA_REQUESTS_TOPIC"],
+                                      responses_topic=env["NEXUS_KAFKA_RESPONSES_TOPIC"],
+                                      tokens_topic=env["NEXUS_KAFKA_TOKENS_TOPIC"],
+                                      dlq_topic=env["NEXUS_KAFKA_DLQ_TOPIC"], partitions=2))
+    worker = Role("eos-worker", ["worker"], env, logs_dir).start()
+    gateway = start_gateway(env, logs_dir)
+    try:
+        client = ollama.AsyncClient(host=gateway.url, timeout=60)
+        prompt = f"exactly once {run}"
+        # The answer is written in a transaction: the reply reader (read_committed) sees it at the commit.
+        whole = await client.generate(model="llama3.1", prompt=prompt)
+        # Token chunks are written outside the transactions, so streaming still works.
+        stream = await client.generate(model="llama3.1", prompt=prompt, stream=True)
+        chunks = [part.response async for part in stream]
+    finally:
+        gateway.stop()
+        worker.stop()
+    assert whole.response == f"[simulated llama3.1] You said: {prompt}"
+    assert "".join(chunks) == whole.response
 
 
 def _isolated_env(bootstrap: str, ollama: str, run: str) -> dict[str, str]:

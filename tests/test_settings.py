@@ -308,3 +308,19 @@ def test_endpoint_tables_fallback_and_cache_policy(tmp_path: Path) -> None:
 def test_bad_model_tables_name_the_key(tmp_path: Path, body: str, names: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(names)):
         load_settings(_toml(tmp_path, body), environ={})
+
+
+def test_processing_guarantee_defaults_to_at_least_once_and_readers_follow_it(tmp_path: Path) -> None:
+    default = load_settings(_toml(tmp_path, ""), environ={})
+    assert default.kafka.processing_guarantee == "at_least_once"
+    assert default.kafka.isolation_level == "read_uncommitted"
+    path = _toml(tmp_path, '[kafka]\nprocessing_guarantee = "exactly_once"\n', "eos.toml")
+    assert load_settings(path, environ={}).kafka.isolation_level == "read_committed"
+    env = load_settings(path, environ={"NEXUS_KAFKA_PROCESSING_GUARANTEE": "at_least_once"})
+    assert env.kafka.isolation_level == "read_uncommitted"
+
+
+def test_unknown_processing_guarantee_is_refused_naming_the_choices(tmp_path: Path) -> None:
+    message = _error(_toml(tmp_path, ""), {"NEXUS_KAFKA_PROCESSING_GUARANTEE": "exactly-once"})
+    assert "NEXUS_KAFKA_PROCESSING_GUARANTEE" in message
+    assert "at_least_once, exactly_once" in message and "'exactly-once'" in message
