@@ -37,7 +37,7 @@ from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.settings import Settings
-from nexus.topics import partitions_of
+from nexus.topics import partitions_of, replication_config
 from schemas import (
     Codec,
     InferenceRequest,
@@ -177,7 +177,8 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     )
     endpoint_state = app.topic(kafka.state_topic, **raw)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes)
+    cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes,
+                            extra_topic_configs=replication_config(kafka))
     codec = Codec.from_directory()
     metrics = WorkerMetrics()
     PromptTemplate(worker.prompt_template)  # a bad template fails the start, not each request
@@ -346,20 +347,35 @@ def cache_updates_topic(app_id: str) -> str:
     return f"{app_id}-cache-updates"
 
 
-async def _ensure_cache_updates_topic(settings: Settings) -> None:
-    """Create the cache agent's topic before Faust starts.
+def cache_changelog_topic(app_id: str) -> str:
+    """Faust's name for the changelog of the ``cache`` table."""
+    return f"{app_id}-cache-changelog"
 
-    Faust declares it too, but a first start's partition assignment can run on metadata
-    from before the topic existed ("Ignoring missing topic"); the cache agent then gets
-    no partition until a later rebalance and no answer is cached for minutes.
+
+async def _ensure_internal_topics(settings: Settings) -> None:
+    """Create the cache agent's topic and the cache table's changelog before Faust starts.
+
+    Faust declares them too, but a first start's partition assignment can run on metadata
+    from before they existed ("Ignoring missing topic"). Without the updates topic the cache
+    agent gets no partition until a later rebalance and no answer is cached for minutes;
+    without the changelog, the rebalance that adds it comes seconds later, mid-run (seen on
+    a 3-broker cluster, where a new topic reaches the brokers one by one).
     """
     kafka = settings.kafka
-    name = cache_updates_topic(settings.worker.app_id)
+    app_id = settings.worker.app_id
+    replication = replication_config(kafka)
+    wanted = {
+        cache_updates_topic(app_id): replication,
+        cache_changelog_topic(app_id): {"cleanup.policy": "compact", **replication},  # as Faust makes it
+    }
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
-        if name not in await admin.list_topics():
-            result = await admin.create_topics([NewTopic(name, kafka.partitions, kafka.replication_factor)])
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=configs)
+               for name, configs in wanted.items() if name not in existing]
+        if new:
+            result = await admin.create_topics(new)
             for topic, code, *_ in result.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"creating topic {topic!r} failed with Kafka error code {code}")
@@ -374,7 +390,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     from nexus.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings.kafka))
-    asyncio.run(_ensure_cache_updates_topic(settings))
+    asyncio.run(_ensure_internal_topics(settings))
     app = create_app(settings)
     worker = Worker(app, loglevel=loglevel)
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every
