@@ -1,0 +1,174 @@
+"""Requests/s through the whole pipeline with 1, 2 and 4 worker processes, on a 3-broker cluster.
+
+    .venv/bin/python bench/scaleout.py [-n 3000] [--workers 1,2,4] [--models 8] [--bootstrap HOST:PORT,...]
+
+Starts (unless --bootstrap) a local 3-node KRaft cluster (``nexus.localcluster``) and a
+zero-latency simulator (``--ttft-ms 0 --tokens-per-s 0 --parallel 64``). For each worker count
+it creates topics of its own (8 partitions, replication factor 3, min ISR 2), starts that many
+``python -m nexus worker`` processes in one group, waits until the group is stable with all of
+them, and feeds N requests through the producer API exactly as bench/throughput.py does (same
+``drive``), timed from the first submit to the N-th response read.
+
+Requests are keyed by model id, so a partition carries traffic only if some model hashes to it:
+``--models 8`` (the default) picks 8 model ids that hash to the 8 different partitions, the best
+case for scale-out; ``--models 2`` is the two default models, which use at most 2 partitions, so
+at most 2 workers have work whatever the count.
+
+Prints one row per worker count: requests/s, the ratio to 1 worker, and the CPU seconds each
+kind of process used during the timed part (workers, simulator, brokers, this driver) with
+their sum over the elapsed time: how many of the machine's cores the run kept busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CoordinatorNotAvailableError
+from aiokafka.partitioner import murmur2
+
+from common import cpu_seconds, isolated_env, role, stop_all, wait_http
+from nexus.localcluster import LocalKafkaCluster
+from nexus.localkafka import free_port
+from nexus.topics import ensure_topics
+from throughput import drive
+
+PARTITIONS = 8
+REPLICATION = 3
+
+
+def models_on_distinct_partitions(count: int, partitions: int = PARTITIONS) -> tuple[str, ...]:
+    """``count`` model ids whose keys land on different partitions (Kafka's default partitioner)."""
+    chosen: dict[int, str] = {}
+    i = 0
+    while len(chosen) < min(count, partitions):
+        name = f"model-{i}"
+        chosen.setdefault((murmur2(name.encode()) & 0x7FFFFFFF) % partitions, name)
+        i += 1
+    return tuple(chosen.values())
+
+
+@contextmanager
+def cluster(bootstrap: str | None) -> Iterator[tuple[str, list[int]]]:
+    """The given cluster (its broker CPU is not measured), or a fresh local 3-node one; yields
+    the bootstrap and the brokers' pids."""
+    if bootstrap:
+        yield bootstrap, []
+        return
+    with tempfile.TemporaryDirectory() as data, LocalKafkaCluster(Path(data), nodes=3) as kafka:
+        yield kafka.bootstrap, [node.pid for node in kafka.nodes if node.pid is not None]
+
+
+async def wait_group(bootstrap: str, group: str, members: int, timeout: float = 120) -> None:
+    """Return once ``group`` is Stable with exactly ``members`` members: no rebalance is pending."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        state, group_members = "no coordinator yet", []
+        while True:
+            try:  # the first group of a cluster waits for __consumer_offsets to be created
+                [response] = await admin.describe_consumer_groups([group])
+                [(_error, _group, state, _protocol_type, _protocol, group_members, *_)] = response.groups
+            except CoordinatorNotAvailableError:
+                pass
+            if state == "Stable" and len(group_members) == members:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"group {group}: {state} with {len(group_members)} of {members} workers")
+            await asyncio.sleep(0.5)  # poll interval while the workers join
+    finally:
+        await admin.close()
+
+
+@dataclasses.dataclass
+class Row:
+    workers: int
+    rate: float
+    elapsed: float
+    cpu: dict[str, float]  # CPU seconds by kind of process during the timed part
+
+
+async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid: int, config: Path,
+                  workers: int, n: int, models: tuple[str, ...]) -> Row:
+    env, kafka = isolated_env(bootstrap, sim_url, config)
+    env["NEXUS_KAFKA_REPLICATION_FACTOR"] = str(REPLICATION)
+    env["NEXUS_KAFKA_PARTITIONS"] = str(PARTITIONS)
+    kafka = dataclasses.replace(kafka, partitions=PARTITIONS, replication_factor=REPLICATION)
+    await ensure_topics(kafka)
+    # One group (the app id), a web port each.
+    procs = [role(["worker"], {**env, "NEXUS_WORKER_WEB_PORT": str(free_port())}) for _ in range(workers)]
+    try:
+        await wait_group(bootstrap, env["NEXUS_WORKER_APP_ID"], workers)
+        pids = [p.pid for p in procs] + [sim_pid] + broker_pids + [os.getpid()]
+        rate, cpu = await drive(kafka, n, pids, models)
+    finally:
+        stop_all(procs)
+    cpu_by_kind = {
+        "workers": sum(cpu[:workers]),
+        "simulator": cpu[workers],
+        "brokers": sum(cpu[workers + 1:workers + 1 + len(broker_pids)]),
+        "driver": cpu[-1],
+    }
+    return Row(workers, rate, n / rate, cpu_by_kind)
+
+
+async def measure(bootstrap: str, broker_pids: list[int], n: int, counts: list[int], models: tuple[str, ...]) -> None:
+    sim_port = free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "nexus.toml"
+        config.write_text("".join(
+            f'[models."{model}"]\nendpoints = [{{ url = "{sim_url}", max_concurrency = 64 }}]\n'
+            for model in models))
+        simulator = role(["simulate-ollama", "--port", str(sim_port), "--models", ",".join(models),
+                          "--ttft-ms", "0", "--tokens-per-s", "0", "--parallel", "64", "--max-queue", "100000"],
+                         dict(os.environ))
+        try:
+            await wait_http(f"{sim_url}/")
+            for workers in counts:
+                rows.append(await run_one(bootstrap, broker_pids, sim_url, simulator.pid, config, workers, n, models))
+                print(f"  {workers} worker(s): {rows[-1].rate:.0f} requests/s", flush=True)
+        finally:
+            stop_all([simulator])
+
+    base = rows[0].rate
+    brokers = f"{len(broker_pids)} local brokers" if broker_pids else "brokers not measured (--bootstrap)"
+    used = len({(murmur2(m.encode()) & 0x7FFFFFFF) % PARTITIONS for m in models})
+    print(f"\n{n} requests per run, {len(models)} models (keys) on {used} of {PARTITIONS} partitions, "
+          f"replication {REPLICATION} (min ISR 2), {brokers}, {os.cpu_count()} cores, "
+          f"simulator --ttft-ms 0 --tokens-per-s 0 --parallel 64")
+    print("| workers | requests/s | vs 1 worker | CPU s: workers | simulator | brokers | driver | cores busy |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        c = row.cpu
+        print(f"| {row.workers} | {row.rate:.0f} | {row.rate / base:.2f} | {c['workers']:.1f} | {c['simulator']:.1f} "
+              f"| {c['brokers']:.1f} | {c['driver']:.1f} | {sum(c.values()) / row.elapsed:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=3000)
+    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (first is the baseline)")
+    parser.add_argument("--models", type=int, default=8,
+                        help="models (keys) to spread the requests over; 2 = the default llama3.1 and mistral")
+    parser.add_argument("--bootstrap", help="an existing cluster (its topics need replication factor 3)")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.workers.split(",")]
+    models = ("llama3.1", "mistral") if args.models == 2 else models_on_distinct_partitions(args.models)
+    with cluster(args.bootstrap) as (bootstrap, broker_pids):
+        asyncio.run(measure(bootstrap, broker_pids, args.n, counts, models))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
