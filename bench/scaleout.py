@@ -1,6 +1,6 @@
 """Requests/s through the whole pipeline with 1, 2 and 4 worker processes, on a 3-broker cluster.
 
-    .venv/bin/python bench/scaleout.py [-n 3000] [--workers 1,2,4] [--models 8] [--bootstrap HOST:PORT,...]
+    .venv/bin/python bench/scaleout.py [-n 3000] [--workers 1,2,4] [--models 8] [--nodes 3] [--bootstrap HOST:PORT,...]
 
 Starts (unless --bootstrap) a local 3-node KRaft cluster (``nexus.localcluster``) and a
 zero-latency simulator (``--ttft-ms 0 --tokens-per-s 0 --parallel 64``). For each worker count
@@ -14,9 +14,13 @@ Requests are keyed by model id, so a partition carries traffic only if some mode
 case for scale-out; ``--models 2`` is the two default models, which use at most 2 partitions, so
 at most 2 workers have work whatever the count.
 
+``--nodes 1`` runs the same on a 1-node cluster with replication factor 1: the price of
+replication, measured on the same machine at the same time.
+
 Prints one row per worker count: requests/s, the ratio to 1 worker, and the CPU seconds each
 kind of process used during the timed part (workers, simulator, brokers, this driver) with
-their sum over the elapsed time: how many of the machine's cores the run kept busy.
+their sum over the elapsed time: how many of the machine's cores the run kept busy. Also the
+brokers' idle CPU and the load average, since a shared machine's other load takes cores too.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ from nexus.topics import ensure_topics
 from throughput import drive
 
 PARTITIONS = 8
-REPLICATION = 3
 
 
 def models_on_distinct_partitions(count: int, partitions: int = PARTITIONS) -> tuple[str, ...]:
@@ -56,13 +59,13 @@ def models_on_distinct_partitions(count: int, partitions: int = PARTITIONS) -> t
 
 
 @contextmanager
-def cluster(bootstrap: str | None) -> Iterator[tuple[str, list[int]]]:
-    """The given cluster (its broker CPU is not measured), or a fresh local 3-node one; yields
-    the bootstrap and the brokers' pids."""
+def cluster(bootstrap: str | None, nodes: int) -> Iterator[tuple[str, list[int]]]:
+    """The given cluster (its broker CPU is not measured), or a fresh local one of ``nodes``;
+    yields the bootstrap and the brokers' pids."""
     if bootstrap:
         yield bootstrap, []
         return
-    with tempfile.TemporaryDirectory() as data, LocalKafkaCluster(Path(data), nodes=3) as kafka:
+    with tempfile.TemporaryDirectory() as data, LocalKafkaCluster(Path(data), nodes=nodes) as kafka:
         yield kafka.bootstrap, [node.pid for node in kafka.nodes if node.pid is not None]
 
 
@@ -89,6 +92,13 @@ async def wait_group(bootstrap: str, group: str, members: int, timeout: float = 
         await admin.close()
 
 
+async def idle_cores(pids: list[int], seconds: float = 5.0) -> float:
+    """Cores the processes use doing nothing (the brokers' heartbeats and fetch polls): their floor."""
+    before = [cpu_seconds(pid) for pid in pids]
+    await asyncio.sleep(seconds)  # the measuring interval itself
+    return sum(cpu_seconds(pid) - b for pid, b in zip(pids, before)) / seconds
+
+
 @dataclasses.dataclass
 class Row:
     workers: int
@@ -98,11 +108,11 @@ class Row:
 
 
 async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid: int, config: Path,
-                  workers: int, n: int, models: tuple[str, ...]) -> Row:
+                  workers: int, n: int, models: tuple[str, ...], replication: int) -> Row:
     env, kafka = isolated_env(bootstrap, sim_url, config)
-    env["NEXUS_KAFKA_REPLICATION_FACTOR"] = str(REPLICATION)
+    env["NEXUS_KAFKA_REPLICATION_FACTOR"] = str(replication)
     env["NEXUS_KAFKA_PARTITIONS"] = str(PARTITIONS)
-    kafka = dataclasses.replace(kafka, partitions=PARTITIONS, replication_factor=REPLICATION)
+    kafka = dataclasses.replace(kafka, partitions=PARTITIONS, replication_factor=replication)
     await ensure_topics(kafka)
     # One group (the app id), a web port each.
     procs = [role(["worker"], {**env, "NEXUS_WORKER_WEB_PORT": str(free_port())}) for _ in range(workers)]
@@ -121,7 +131,8 @@ async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid:
     return Row(workers, rate, n / rate, cpu_by_kind)
 
 
-async def measure(bootstrap: str, broker_pids: list[int], n: int, counts: list[int], models: tuple[str, ...]) -> None:
+async def measure(bootstrap: str, broker_pids: list[int], n: int, counts: list[int], models: tuple[str, ...],
+                  replication: int) -> None:
     sim_port = free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     rows: list[Row] = []
@@ -135,18 +146,21 @@ async def measure(bootstrap: str, broker_pids: list[int], n: int, counts: list[i
                          dict(os.environ))
         try:
             await wait_http(f"{sim_url}/")
+            idle = await idle_cores(broker_pids)
             for workers in counts:
-                rows.append(await run_one(bootstrap, broker_pids, sim_url, simulator.pid, config, workers, n, models))
+                rows.append(await run_one(bootstrap, broker_pids, sim_url, simulator.pid, config, workers, n, models,
+                                             replication))
                 print(f"  {workers} worker(s): {rows[-1].rate:.0f} requests/s", flush=True)
         finally:
             stop_all([simulator])
 
     base = rows[0].rate
-    brokers = f"{len(broker_pids)} local brokers" if broker_pids else "brokers not measured (--bootstrap)"
+    brokers = f"{len(broker_pids)} local broker(s)" if broker_pids else "brokers not measured (--bootstrap)"
     used = len({(murmur2(m.encode()) & 0x7FFFFFFF) % PARTITIONS for m in models})
     print(f"\n{n} requests per run, {len(models)} models (keys) on {used} of {PARTITIONS} partitions, "
-          f"replication {REPLICATION} (min ISR 2), {brokers}, {os.cpu_count()} cores, "
+          f"replication {replication}, {brokers}, {os.cpu_count()} cores, "
           f"simulator --ttft-ms 0 --tokens-per-s 0 --parallel 64")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}; brokers idle: {idle:.2f} cores")
     print("| workers | requests/s | vs 1 worker | CPU s: workers | simulator | brokers | driver | cores busy |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -161,12 +175,13 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (first is the baseline)")
     parser.add_argument("--models", type=int, default=8,
                         help="models (keys) to spread the requests over; 2 = the default llama3.1 and mistral")
-    parser.add_argument("--bootstrap", help="an existing cluster (its topics need replication factor 3)")
+    parser.add_argument("--nodes", type=int, default=3, help="brokers of the local cluster; replication min(3, nodes)")
+    parser.add_argument("--bootstrap", help="an existing cluster of at least --nodes brokers")
     args = parser.parse_args()
     counts = [int(c) for c in args.workers.split(",")]
     models = ("llama3.1", "mistral") if args.models == 2 else models_on_distinct_partitions(args.models)
-    with cluster(args.bootstrap) as (bootstrap, broker_pids):
-        asyncio.run(measure(bootstrap, broker_pids, args.n, counts, models))
+    with cluster(args.bootstrap, args.nodes) as (bootstrap, broker_pids):
+        asyncio.run(measure(bootstrap, broker_pids, args.n, counts, models, min(3, args.nodes)))
 
 
 if __name__ == "__main__":

@@ -37,19 +37,26 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from .localkafka import KafkaError, LocalKafka, _recv_exact, free_port
 
-# The brokers' defaults: every topic survives one lost broker and keeps accepting acks=all writes.
-# A SIGKILLed broker is fenced (and its partitions' leadership moved) after its session times
-# out: 4 s rather than 9 s keeps failovers short; heartbeats every 1 s keep a busy box from
-# fencing a live broker.
-REPLICATED_DEFAULTS = {
-    "default.replication.factor": "3",
-    "min.insync.replicas": "2",
-    "offsets.topic.replication.factor": "3",
-    "transaction.state.log.replication.factor": "3",
-    "transaction.state.log.min.isr": "2",
-    "broker.session.timeout.ms": "4000",
-    "broker.heartbeat.interval.ms": "1000",
-}
+def replicated_defaults(nodes: int) -> dict[str, str]:
+    """The brokers' defaults: with 3+ nodes every topic has 3 replicas and acks=all needs 2 of
+    them, so it survives one lost broker and keeps accepting writes (fewer nodes: all of them,
+    and 1 in sync, so a 1-node cluster is the single broker for comparison).
+
+    A SIGKILLed broker is fenced (and its partitions' leadership moved) after its session times
+    out: 4 s rather than 9 s keeps failovers short; heartbeats every 1 s keep a busy box from
+    fencing a live broker.
+    """
+    replicas = min(3, nodes)
+    min_isr = 2 if replicas >= 3 else 1
+    return {
+        "default.replication.factor": str(replicas),
+        "min.insync.replicas": str(min_isr),
+        "offsets.topic.replication.factor": str(replicas),
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": str(min_isr),
+        "broker.session.timeout.ms": "4000",
+        "broker.heartbeat.interval.ms": "1000",
+    }
 
 
 class ClusterNode(LocalKafka):
@@ -61,6 +68,7 @@ class ClusterNode(LocalKafka):
         node_id: int,
         voters: str,
         cluster_id: str,
+        defaults: dict[str, str],
         *,
         port: int,
         controller_port: int,
@@ -74,11 +82,12 @@ class ClusterNode(LocalKafka):
         self.node_id = node_id
         self.voters = voters
         self.cluster_id = cluster_id  # LocalKafka formats storage with it: one id for all nodes
+        self.defaults = defaults
 
     def _server_properties(self, controller_port: int) -> str:
         """LocalKafka's properties with this node's identity and the replicated defaults."""
         overrides = {"node.id": str(self.node_id), "controller.quorum.voters": self.voters,
-                     **REPLICATED_DEFAULTS}
+                     **self.defaults}
         lines = []
         for line in super()._server_properties(controller_port).splitlines():
             key = line.partition("=")[0].strip()
@@ -122,7 +131,7 @@ class LocalKafkaCluster:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self.cluster_id = cluster_id
         self.nodes = [
-            ClusterNode(i + 1, voters, cluster_id, port=broker_ports[i], controller_port=controller_ports[i],
+            ClusterNode(i + 1, voters, cluster_id, replicated_defaults(nodes), port=broker_ports[i], controller_port=controller_ports[i],
                         data_dir=self.data_dir / f"node-{i + 1}", host=host, libs_dir=libs_dir, heap=heap)
             for i in range(nodes)
         ]
