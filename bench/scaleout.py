@@ -19,8 +19,9 @@ replication, measured on the same machine at the same time.
 
 Prints one row per worker count: requests/s, the ratio to 1 worker, and the CPU seconds each
 kind of process used during the timed part (workers, simulator, brokers, this driver) with
-their sum over the elapsed time: how many of the machine's cores the run kept busy. Also the
-brokers' idle CPU and the load average, since a shared machine's other load takes cores too.
+their sum over the elapsed time: how many cores the run's processes kept busy, next to how many
+were busy machine-wide (from /proc/stat), since a shared machine's other load takes cores too.
+Also the brokers' idle CPU and the load average.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncio
 import dataclasses
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +47,11 @@ from nexus.topics import ensure_topics
 from throughput import drive
 
 PARTITIONS = 8
+STALL_S = 60  # plus 0.1 s per request: far beyond any healthy run here, so only a stall trips it
+
+
+class StalledRun(RuntimeError):
+    """The workers stopped answering: the run measures a hang, not a rate."""
 
 
 def models_on_distinct_partitions(count: int, partitions: int = PARTITIONS) -> tuple[str, ...]:
@@ -92,6 +99,42 @@ async def wait_group(bootstrap: str, group: str, members: int, timeout: float = 
         await admin.close()
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot (/proc/stat): ours and everyone else's."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class MachineLoad:
+    """Samples the machine's busy CPU in the background, to tell afterwards how busy all cores
+    were over the last ``seconds``: whether the box itself was the limit, and how much of it
+    others took."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self._interval = interval
+        self._samples: list[tuple[float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self._samples.append((time.monotonic(), machine_busy_seconds()))
+            await asyncio.sleep(self._interval)  # the sampling period
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def cores_busy_over_last(self, seconds: float) -> float:
+        now, busy_now = time.monotonic(), machine_busy_seconds()
+        since = now - seconds
+        at, busy = min(self._samples, key=lambda sample: abs(sample[0] - since))
+        return (busy_now - busy) / (now - at)
+
+
 async def idle_cores(pids: list[int], seconds: float = 5.0) -> float:
     """Cores the processes use doing nothing (the brokers' heartbeats and fetch polls): their floor."""
     before = [cpu_seconds(pid) for pid in pids]
@@ -105,6 +148,7 @@ class Row:
     rate: float
     elapsed: float
     cpu: dict[str, float]  # CPU seconds by kind of process during the timed part
+    machine_cores: float  # cores busy machine-wide meanwhile, other sessions' work included
 
 
 async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid: int, config: Path,
@@ -116,11 +160,22 @@ async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid:
     await ensure_topics(kafka)
     # One group (the app id), a web port each.
     procs = [role(["worker"], {**env, "NEXUS_WORKER_WEB_PORT": str(free_port())}) for _ in range(workers)]
+    machine = MachineLoad()
     try:
         await wait_group(bootstrap, env["NEXUS_WORKER_APP_ID"], workers)
         pids = [p.pid for p in procs] + [sim_pid] + broker_pids + [os.getpid()]
-        rate, cpu = await drive(kafka, n, pids, models)
+        machine.start()
+        try:
+            rate, cpu = await asyncio.wait_for(drive(kafka, n, pids, models), timeout=STALL_S + n / 10)
+        except asyncio.TimeoutError:
+            raise StalledRun(
+                f"{workers} workers did not answer {n} requests in {STALL_S + n / 10:.0f}s: a partition is "
+                "probably assigned but not consumed (seen once in five 4-worker runs, see docs/performance.md); "
+                f"the committed offsets of group {env['NEXUS_WORKER_APP_ID']} show which"
+            ) from None
+        machine_cores = machine.cores_busy_over_last(n / rate)
     finally:
+        machine.stop()
         stop_all(procs)
     cpu_by_kind = {
         "workers": sum(cpu[:workers]),
@@ -128,7 +183,7 @@ async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid:
         "brokers": sum(cpu[workers + 1:workers + 1 + len(broker_pids)]),
         "driver": cpu[-1],
     }
-    return Row(workers, rate, n / rate, cpu_by_kind)
+    return Row(workers, rate, n / rate, cpu_by_kind, machine_cores)
 
 
 async def measure(bootstrap: str, broker_pids: list[int], n: int, counts: list[int], models: tuple[str, ...],
@@ -161,12 +216,13 @@ async def measure(bootstrap: str, broker_pids: list[int], n: int, counts: list[i
           f"replication {replication}, {brokers}, {os.cpu_count()} cores, "
           f"simulator --ttft-ms 0 --tokens-per-s 0 --parallel 64")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}; brokers idle: {idle:.2f} cores")
-    print("| workers | requests/s | vs 1 worker | CPU s: workers | simulator | brokers | driver | cores busy |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| workers | requests/s | vs 1 worker | CPU s: workers | simulator | brokers | driver | cores: ours | machine |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         c = row.cpu
         print(f"| {row.workers} | {row.rate:.0f} | {row.rate / base:.2f} | {c['workers']:.1f} | {c['simulator']:.1f} "
-              f"| {c['brokers']:.1f} | {c['driver']:.1f} | {sum(c.values()) / row.elapsed:.2f} |")
+              f"| {c['brokers']:.1f} | {c['driver']:.1f} | {sum(c.values()) / row.elapsed:.2f} "
+              f"| {row.machine_cores:.2f} |")
 
 
 def main() -> None:
