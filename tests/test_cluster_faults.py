@@ -30,6 +30,7 @@ from tests.support import Role, TopicReader, stack_env, start_gateway, wait_for_
 TOTAL = 240  # requests submitted during the fault run
 RATE = 30.0  # per second: a steady stream of 8 s, the failover in the middle of it
 KILL_AT = 60  # requests answered when the leader is killed
+TOPIC_CONFIG = 1  # DescribeConfigs' config source DYNAMIC_TOPIC_CONFIG: set on the topic itself
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +115,29 @@ async def _warm_up(stack: dict[str, str]) -> None:
 async def test_every_topic_is_replicated_three_ways_with_min_isr_two(
     cluster: LocalKafkaCluster, replicated_stack: dict[str, str]
 ) -> None:
-    """Nexus's topics and the worker's Faust topics (cache changelog, cache updates) alike:
-    losing one broker loses no acknowledged record and does not stop acks=all writes."""
+    """Nexus's topics and the worker's Faust topics alike: losing one broker loses no acknowledged
+    record and does not stop acks=all writes. ``min.insync.replicas`` must be set on the topics
+    Nexus creates, not inherited: a production broker's default is 1."""
     await _warm_up(replicated_stack)  # the worker has created its Faust topics by now
     app_id = replicated_stack["NEXUS_WORKER_APP_ID"]
-    topics = [replicated_stack[f"NEXUS_KAFKA_{name}_TOPIC"] for name in ("REQUESTS", "RESPONSES", "DLQ", "TOKENS", "STATE")]
-    topics += [cache_updates_topic(app_id), cache_changelog_topic(app_id), f"{app_id}-__assignor-__leader"]
+    ours = [replicated_stack[f"NEXUS_KAFKA_{name}_TOPIC"] for name in ("REQUESTS", "RESPONSES", "DLQ", "TOKENS", "STATE")]
+    ours += [cache_updates_topic(app_id), cache_changelog_topic(app_id)]
+    topics = [*ours, f"{app_id}-__assignor-__leader"]  # Faust's own: replicas from topic_replication_factor
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
     await admin.start()
     try:
         described = {d["topic"]: d for d in await admin.describe_topics(topics)}
-        [configs] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+        [configs] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in ours])
     finally:
         await admin.close()
-    min_isr = {name: {e[0]: e[1] for e in entries}["min.insync.replicas"]
+    # DescribeConfigs v1+ entries: (name, value, read_only, source, sensitive, synonyms); source 1 = set on the topic
+    min_isr = {name: {e[0]: (e[1], e[3]) for e in entries}["min.insync.replicas"]
                for _code, _msg, _type, name, entries in configs.resources}
     for topic in topics:
         assert described[topic]["error_code"] == 0, f"{topic} missing: {described[topic]}"
         for partition in described[topic]["partitions"]:
             assert len(partition["replicas"]) == 3, (topic, partition)
-        assert min_isr[topic] == "2", topic
+    assert min_isr == {topic: ("2", TOPIC_CONFIG) for topic in ours}
 
 
 @dataclass
