@@ -130,9 +130,11 @@ class LocalKafkaCluster:
         while cluster_id.startswith("-"):  # CLIs would read it as a flag, as in LocalKafka
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self.cluster_id = cluster_id
+        defaults = replicated_defaults(nodes)
         self.nodes = [
-            ClusterNode(i + 1, voters, cluster_id, replicated_defaults(nodes), port=broker_ports[i], controller_port=controller_ports[i],
-                        data_dir=self.data_dir / f"node-{i + 1}", host=host, libs_dir=libs_dir, heap=heap)
+            ClusterNode(i + 1, voters, cluster_id, defaults, port=broker_ports[i],
+                        controller_port=controller_ports[i], data_dir=self.data_dir / f"node-{i + 1}",
+                        host=host, libs_dir=libs_dir, heap=heap)
             for i in range(nodes)
         ]
 

@@ -213,7 +213,7 @@ async def test_the_requests_leader_killed_mid_run_loses_no_accepted_request(
           f"slowest 202 after {seen.slowest_s:.1f}s; all {len(answers.by_id)} answered, {duplicates} answered "
           f"twice; new leader node {new_leader}")
 
-    # The killed broker comes back with its data and rejoins every replica set it had.
+    # The killed broker comes back with its data and catches up: back in the partition's ISR.
     await loop.run_in_executor(None, cluster.restart, victim)
     await _until_in_sync(cluster, requests_topic, victim)
 
