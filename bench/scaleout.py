@@ -21,7 +21,8 @@ Prints one row per worker count: requests/s, the ratio to 1 worker, and the CPU 
 kind of process used during the timed part (workers, simulator, brokers, this driver) with
 their sum over the elapsed time: how many cores the run's processes kept busy, next to how many
 were busy machine-wide (from /proc/stat), since a shared machine's other load takes cores too.
-Also the brokers' idle CPU and the load average.
+Also the brokers' idle CPU and the load average. The workers' logs (info level: rebalances and
+assignments) are kept in ``.cache/bench-logs/scaleout/<group>/``.
 """
 
 from __future__ import annotations
@@ -30,28 +31,40 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CoordinatorNotAvailableError
 from aiokafka.partitioner import murmur2
 
-from common import cpu_seconds, isolated_env, role, stop_all, wait_http
+from common import REPO, cpu_seconds, isolated_env, role, stop_all, wait_http
 from nexus.localcluster import LocalKafkaCluster
 from nexus.localkafka import free_port
+from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics
 from throughput import drive
 
 PARTITIONS = 8
+LOGS_DIR = REPO / ".cache" / "bench-logs" / "scaleout"
 STALL_S = 60  # plus 0.1 s per request: far beyond any healthy run here, so only a stall trips it
 
 
 class StalledRun(RuntimeError):
     """The workers stopped answering: the run measures a hang, not a rate."""
+
+
+def logged_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m nexus worker --loglevel info`` with its output in ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "nexus", "worker", "--loglevel", "info"], env=env,
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
 
 def models_on_distinct_partitions(count: int, partitions: int = PARTITIONS) -> tuple[str, ...]:
@@ -142,6 +155,23 @@ async def idle_cores(pids: list[int], seconds: float = 5.0) -> float:
     return sum(cpu_seconds(pid) - b for pid, b in zip(pids, before)) / seconds
 
 
+async def uncommitted(kafka: KafkaSettings, group: str) -> dict[int, tuple[int, int]]:
+    """Requests partitions whose committed offset is behind their end: where a stall is."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    reader = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None)
+    await admin.start()
+    await reader.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        tps = [TopicPartition(kafka.requests_topic, p) for p in range(PARTITIONS)]
+        ends = await reader.end_offsets(tps)
+    finally:
+        await reader.stop()
+        await admin.close()
+    done = {tp: committed[tp].offset if tp in committed else -1 for tp in tps}
+    return {tp.partition: (done[tp], ends[tp]) for tp in tps if done[tp] < ends[tp]}
+
+
 @dataclasses.dataclass
 class Row:
     workers: int
@@ -158,8 +188,12 @@ async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid:
     env["NEXUS_KAFKA_PARTITIONS"] = str(PARTITIONS)
     kafka = dataclasses.replace(kafka, partitions=PARTITIONS, replication_factor=replication)
     await ensure_topics(kafka)
-    # One group (the app id), a web port each.
-    procs = [role(["worker"], {**env, "NEXUS_WORKER_WEB_PORT": str(free_port())}) for _ in range(workers)]
+    # One group (the app id), a web port each; their logs kept, at info level (rebalances and
+    # assignments), so a stalled run can be explained afterwards.
+    logs = LOGS_DIR / env["NEXUS_WORKER_APP_ID"]
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [logged_worker({**env, "NEXUS_WORKER_WEB_PORT": str(free_port())}, logs / f"worker-{i}.log")
+             for i in range(workers)]
     machine = MachineLoad()
     try:
         await wait_group(bootstrap, env["NEXUS_WORKER_APP_ID"], workers)
@@ -168,10 +202,11 @@ async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid:
         try:
             rate, cpu = await asyncio.wait_for(drive(kafka, n, pids, models), timeout=STALL_S + n / 10)
         except asyncio.TimeoutError:
+            behind = await uncommitted(kafka, env["NEXUS_WORKER_APP_ID"])
             raise StalledRun(
-                f"{workers} workers did not answer {n} requests in {STALL_S + n / 10:.0f}s: a partition is "
-                "probably assigned but not consumed (seen once in five 4-worker runs, see docs/performance.md); "
-                f"the committed offsets of group {env['NEXUS_WORKER_APP_ID']} show which"
+                f"{workers} workers did not answer {n} requests in {STALL_S + n / 10:.0f}s; requests partitions "
+                f"with uncommitted requests (partition: committed, end): {behind}; probably assigned but not "
+                f"consumed (see docs/performance.md, Scale-out); the workers' logs are in {logs}"
             ) from None
         machine_cores = machine.cores_busy_over_last(n / rate)
     finally:
