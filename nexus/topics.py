@@ -27,7 +27,7 @@ def topic_config(kafka: KafkaSettings) -> dict[str, str]:
 
 
 def replication_config(kafka: KafkaSettings) -> dict[str, str]:
-    """``min.insync.replicas`` for every topic Nexus creates, Faust's included.
+    """``min.insync.replicas`` for every topic Nexus creates, the worker's table topics included.
 
     With 3+ replicas an acks=all write must reach a majority before it is acknowledged,
     so a 202 survives losing any minority of brokers, whatever the broker default is
