@@ -145,13 +145,43 @@ class TableCache:
         await self._send_update(request.model_id.encode(), value)
 
 
+class RewindingApp(faust.App):
+    """A Faust app whose consumer rereads never-committed partitions of ``rewind_topics`` from
+    their start whenever Faust seeks back to the committed offsets.
+
+    Why: on a rebalance Faust drops records it already fetched (flow stopped, generation
+    changed mid-batch) and seeks every partition back to its committed offset, but aiokafka's
+    ``seek_to_committed`` only seeks to offsets > 0: a partition with nothing committed yet kept
+    its advanced position and the dropped requests were never read again by that worker
+    (faust-streaming/faust#471, #629; docs/performance.md, Scale-out). Rereading from the start
+    is what ``consumer_auto_offset_reset="earliest"`` promises; at worst it answers twice.
+    """
+
+    rewind_topics: frozenset[str] = frozenset()
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        seek_to_committed = consumer.seek_to_committed
+
+        async def seek_to_committed_or_start() -> Any:
+            committed = await seek_to_committed()
+            for tp, offset in committed.items():
+                if tp.topic in self.rewind_topics and not (offset and offset > 0):
+                    log.info("nothing committed on %s/%s: rereading it from the start", tp.topic, tp.partition)
+                    await consumer.seek(tp, 0)  # past the log start: reset to "earliest"
+            return committed
+
+        consumer.seek_to_committed = seek_to_committed_or_start
+        return consumer
+
+
 def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     """Build the Faust app for ``settings``; run it with :func:`run_worker`."""
     kafka = settings.kafka
     worker = settings.worker
     data_dir = (data_dir or Path(".cache") / "faust" / worker.app_id).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    app = faust.App(
+    app = RewindingApp(
         worker.app_id,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
         topic_partitions=kafka.partitions,
@@ -167,6 +197,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         datadir=str(data_dir),
         table_cleanup_interval=60.0,
     )
+    app.rewind_topics = frozenset({kafka.requests_topic, cache_updates_topic(worker.app_id)})
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     requests = app.topic(kafka.requests_topic, **raw)
     responses = app.topic(kafka.responses_topic, **raw)
