@@ -61,21 +61,27 @@ async def raw_worker(bootstrap: str, requests_topic: str, responses_topic: str, 
         await consumer.stop()
 
 
-async def drive(kafka: KafkaSettings, n: int, pids: list[int]) -> tuple[float, list[float]]:
-    """Submit N requests as fast as acks allow; return requests/s until the N-th response is read,
-    and the CPU seconds each of ``pids`` used meanwhile (after the warm-up)."""
+async def drive(
+    kafka: KafkaSettings, n: int, pids: list[int], models: tuple[str, ...] = ("llama3.1", "mistral")
+) -> tuple[float, list[float]]:
+    """Submit N requests (round-robin over ``models``, the record key) as fast as acks allow; return
+    requests/s until the N-th response is read, and the CPU seconds each of ``pids`` used meanwhile
+    (after the warm-up)."""
     run = uuid.uuid4().hex[:8]
     reader = AIOKafkaConsumer(**client_options(kafka), group_id=None, enable_auto_commit=False)
     await reader.start()
     try:
         async with RequestProducer(kafka) as producer:
-            # Warm-up: the consumer has joined its group once this is answered.
+            # Warm-up, one request per model (so per partition used): once all are answered, the
+            # consumers owning those partitions have joined the group and are reading.
             await read_from_end(reader, [kafka.responses_topic])
-            await producer.submit(InferenceRequest(f"{run}-warm", "llama3.1", "warm up", ModelContext(f"{run}-w")))
-            while not await reader.getmany(timeout_ms=1000):
-                pass
+            await producer.submit_many([InferenceRequest(f"{run}-warm-{model}", model, "warm up",
+                                                         ModelContext(f"{run}-w")) for model in models])
+            warm = 0
+            while warm < len(models):
+                warm += sum(len(records) for records in (await reader.getmany(timeout_ms=1000)).values())
             await read_from_end(reader, [kafka.responses_topic])
-            requests = [InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"question {i}",
+            requests = [InferenceRequest(f"{run}-{i}", models[i % len(models)], f"question {i}",
                                          ModelContext(f"{run}-s{i % 100}")) for i in range(n)]
 
             async def produce() -> None:

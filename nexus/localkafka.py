@@ -513,7 +513,7 @@ class LocalKafka:
         """Format the KRaft log dir once; later starts reuse its cluster id and data."""
         # Same shape as `StorageTool random-uuid`: URL-safe base64 UUID, unpadded, and (like
         # Kafka's Uuid.randomUuid) never starting with "-", which CLIs would read as a flag.
-        cid = "-"
+        cid = self.cluster_id or "-"  # preset by a cluster: all its nodes share one id
         while cid.startswith("-"):
             cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = [

@@ -23,7 +23,21 @@ def topic_config(kafka: KafkaSettings) -> dict[str, str]:
         "cleanup.policy": "delete",
         "retention.ms": str(kafka.retention_ms),
         "message.timestamp.type": "LogAppendTime",
+        **replication_config(kafka),
     }
+
+
+def replication_config(kafka: KafkaSettings) -> dict[str, str]:
+    """``min.insync.replicas`` for every topic Nexus creates, the worker's table topics included.
+
+    With 3+ replicas an acks=all write must reach a majority before it is acknowledged,
+    so a 202 survives losing any minority of brokers, whatever the broker default is
+    (Kafka's is 1: the leader alone, lost with it). Below 3 replicas the broker default
+    stays: requiring both of 2 would stop all writes when one broker is down.
+    """
+    if kafka.replication_factor < 3:
+        return {}
+    return {"min.insync.replicas": str(kafka.replication_factor // 2 + 1)}
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -48,7 +62,7 @@ async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[s
         if kafka.state_topic not in existing:
             # Not part of the audit log: only the latest state per worker matters.
             new.append(NewTopic(kafka.state_topic, 1, kafka.replication_factor,
-                                topic_configs={"cleanup.policy": "compact"}))
+                                topic_configs={"cleanup.policy": "compact", **replication_config(kafka)}))
         if not new:
             return []
         result = await admin.create_topics(new)

@@ -43,7 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from nexus.access import AccessPolicy, Unauthenticated
 from nexus.kafka_clients import client_options, ssl_context
 from nexus.settings import KafkaSettings, Settings
-from nexus.topics import partitions_of
+from nexus.topics import partitions_of, replication_config
 from schemas import (
     Codec,
     InferenceRequest,
@@ -156,6 +156,36 @@ class TableCache:
         await self._send_update(request.model_id.encode(), value)
 
 
+class RewindingApp(faust.App):
+    """A Faust app whose consumer rereads never-committed partitions of ``rewind_topics`` from
+    their start whenever Faust seeks back to the committed offsets.
+
+    Why: on a rebalance Faust drops records it already fetched (flow stopped, generation
+    changed mid-batch) and seeks every partition back to its committed offset, but aiokafka's
+    ``seek_to_committed`` only seeks to offsets > 0: a partition with nothing committed yet kept
+    its advanced position and the dropped requests were never read again by that worker
+    (faust-streaming/faust#471, #629; docs/performance.md, Scale-out). Rereading from the start
+    is what ``consumer_auto_offset_reset="earliest"`` promises; at worst it answers twice.
+    """
+
+    rewind_topics: frozenset[str] = frozenset()
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        seek_to_committed = consumer.seek_to_committed
+
+        async def seek_to_committed_or_start() -> Any:
+            committed = await seek_to_committed()
+            for tp, offset in committed.items():
+                if tp.topic in self.rewind_topics and not (offset and offset > 0):
+                    log.info("nothing committed on %s/%s: rereading it from the start", tp.topic, tp.partition)
+                    await consumer.seek(tp, 0)  # past the log start: reset to "earliest"
+            return committed
+
+        consumer.seek_to_committed = seek_to_committed_or_start
+        return consumer
+
+
 def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     """Build the Faust app for ``settings``; run it with :func:`run_worker`."""
     kafka = settings.kafka
@@ -168,7 +198,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         if exactly_once
         else {"broker_commit_interval": worker.commit_interval_s}
     )
-    app = faust.App(
+    app = RewindingApp(
         worker.app_id,
         broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap.split(",")],
         broker_credentials=faust_credentials(kafka),
@@ -186,6 +216,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         datadir=str(data_dir),
         table_cleanup_interval=60.0,
     )
+    app.rewind_topics = frozenset({kafka.requests_topic, cache_updates_topic(worker.app_id)})
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     requests = app.topic(kafka.requests_topic, **raw)
     responses = app.topic(kafka.responses_topic, **raw)
@@ -196,7 +227,8 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     )
     endpoint_state = app.topic(kafka.state_topic, **raw)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes)
+    cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes,
+                            extra_topic_configs=replication_config(kafka))
     codec = Codec.from_directory()
     metrics = WorkerMetrics()
     access = AccessPolicy(settings.access)
@@ -399,20 +431,35 @@ def cache_updates_topic(app_id: str) -> str:
     return f"{app_id}-cache-updates"
 
 
-async def _ensure_cache_updates_topic(settings: Settings) -> None:
-    """Create the cache agent's topic before Faust starts.
+def cache_changelog_topic(app_id: str) -> str:
+    """Faust's name for the changelog of the ``cache`` table."""
+    return f"{app_id}-cache-changelog"
 
-    Faust declares it too, but a first start's partition assignment can run on metadata
-    from before the topic existed ("Ignoring missing topic"); the cache agent then gets
-    no partition until a later rebalance and no answer is cached for minutes.
+
+async def _ensure_internal_topics(settings: Settings) -> None:
+    """Create the cache agent's topic and the cache table's changelog before Faust starts.
+
+    Faust declares them too, but a first start's partition assignment can run on metadata
+    from before they existed ("Ignoring missing topic"). Without the updates topic the cache
+    agent gets no partition until a later rebalance and no answer is cached for minutes;
+    without the changelog, the rebalance that adds it comes seconds later, mid-run (seen on
+    a 3-broker cluster, where a new topic reaches the brokers one by one).
     """
     kafka = settings.kafka
-    name = cache_updates_topic(settings.worker.app_id)
+    app_id = settings.worker.app_id
+    replication = replication_config(kafka)
+    wanted = {
+        cache_updates_topic(app_id): replication,
+        cache_changelog_topic(app_id): {"cleanup.policy": "compact", **replication},  # as Faust makes it
+    }
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
     await admin.start()
     try:
-        if name not in await admin.list_topics():
-            result = await admin.create_topics([NewTopic(name, kafka.partitions, kafka.replication_factor)])
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=configs)
+               for name, configs in wanted.items() if name not in existing]
+        if new:
+            result = await admin.create_topics(new)
             for topic, code, *_ in result.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"creating topic {topic!r} failed with Kafka error code {code}")
@@ -427,7 +474,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     from nexus.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings.kafka))
-    asyncio.run(_ensure_cache_updates_topic(settings))
+    asyncio.run(_ensure_internal_topics(settings))
     app = create_app(settings)
     worker = Worker(app, loglevel=loglevel)
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every
