@@ -83,7 +83,7 @@ class RequestProducer:
             **client_options(kafka),
             acks="all",
             enable_idempotence=True,
-            linger_ms=1,
+            linger_ms=0,  # 1 ms of linger cost ~2.6 ms per produce (p50); load batches anyway
             request_timeout_ms=int(kafka.produce_timeout_s * 1000),
         )
         self._listener: ResponseListener | None = None

@@ -205,7 +205,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
         producer_acks=-1,
-        producer_linger_ms=1,
+        producer_linger=0.0,  # linger costs latency; records queued while a produce is in flight batch anyway
         broker_session_timeout=kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=min(3.0, kafka.session_timeout_ms / 3000),
         **commits,
