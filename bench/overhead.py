@@ -33,7 +33,7 @@ import httpx
 from common import isolated_env, percentile, role, run_on_broker, stop_all, wait_http
 from nexus.localkafka import free_port
 from nexus.topics import ensure_topics
-from producers.responses import ResponseListener
+from producers.replies import ReplyIndex, ReplyReader
 from schemas import Codec
 
 Call = Callable[[], Awaitable[float]]
@@ -70,7 +70,8 @@ async def measure(bootstrap: str, n: int, parallel: int, ttft_ms: int, load: flo
             await wait_http(f"{sim_url}/")
             procs += [role(["worker"], env), role(["gateway"], env)]
             await wait_http(f"http://127.0.0.1:{gw_port}/models")
-            listener = ResponseListener(kafka, Codec.from_directory())
+            answers = ReplyIndex()
+            listener = ReplyReader(kafka, None, answers, Codec.from_directory())  # every answer
             await listener.start()
             limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
             async with httpx.AsyncClient(timeout=120, limits=limits) as http:
@@ -79,7 +80,7 @@ async def measure(bootstrap: str, n: int, parallel: int, ttft_ms: int, load: flo
 
                 async def through_nexus() -> float:
                     request_id = uuid.uuid4().hex
-                    answer = listener.expect(request_id)
+                    answer = answers.expect(request_id, stream=False).done
                     started = time.perf_counter()
                     reply = await http.post(f"http://127.0.0.1:{gw_port}/infer", json={
                         "id": request_id, "model_id": "llama3.1", "input": "Hello, world!",

@@ -26,7 +26,7 @@ from nexus.localkafka import free_port
 from nexus.settings import KafkaSettings
 from nexus.topics import ensure_topics
 from producers.client import RequestProducer
-from producers.responses import ResponseListener
+from producers.replies import ReplyIndex, ReplyReader
 from schemas import Codec, InferenceRequest, ModelContext
 
 
@@ -47,14 +47,15 @@ async def measure(bootstrap: str, n: int) -> None:
             # Warm up: the worker has joined its group once this is answered.
             await producer.submit_and_wait(
                 InferenceRequest(f"{run}-warmup", "llama3.1", "warm up", ModelContext(f"{run}-warmup")), 120)
-            listener = ResponseListener(kafka, Codec.from_directory())
+            answers = ReplyIndex()
+            listener = ReplyReader(kafka, None, answers, Codec.from_directory())  # every answer
             await listener.start()  # at the end of the responses: before producing
             requests = [
                 InferenceRequest(f"{run}-{i}", ("llama3.1", "mistral")[i % 2], f"question {i}",
                                  ModelContext(f"{run}-s{i % 100}", {"n": str(i)}))
                 for i in range(n)
             ]
-            futures = [listener.expect(r.id) for r in requests]
+            futures = [answers.expect(r.id, stream=False).done for r in requests]
             since = int(time.time() * 1000)
             started = time.perf_counter()
             for chunk in range(0, n, 1000):

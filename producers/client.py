@@ -9,7 +9,9 @@
 
 ``submit`` returns only once the brokers acknowledged the record (``acks=all``,
 idempotent producer), so a returned id is durably in ``inference.requests``.
-``submit_and_wait`` also reads the answer from ``inference.responses``.
+``submit_and_wait`` addresses the request to this producer (``reply_to``) and reads its
+answer from ``inference.responses`` with the reader the drop-in gateways use
+(:mod:`producers.replies`), which skips everyone else's answers without decoding them.
 
 This module needs only :mod:`schemas`, :mod:`nexus.settings` and aiokafka, so other
 systems can use it without the worker, the gateway or their dependencies.
@@ -18,6 +20,7 @@ systems can use it without the worker, the gateway or their dependencies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Coroutine, Sequence
@@ -32,7 +35,7 @@ from nexus.kafka_clients import client_options, refusal
 from nexus.settings import KafkaSettings
 from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
 
-from .responses import ListenerError, ResponseListener
+from .replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
 
 T = TypeVar("T")
 DEFAULT_WAIT_S = 120.0
@@ -86,8 +89,10 @@ class RequestProducer:
             linger_ms=0,  # 1 ms of linger cost ~2.6 ms per produce (p50); load batches anyway
             request_timeout_ms=int(kafka.produce_timeout_s * 1000),
         )
-        self._listener: ResponseListener | None = None
-        self._listener_lock = asyncio.Lock()
+        self.name = instance_name(role="producer")  # the reply_to of what submit_and_wait sends
+        self._replies = ReplyIndex()
+        self._reader: ReplyReader | None = None
+        self._reader_lock = asyncio.Lock()
 
     async def start(self) -> None:
         try:
@@ -98,9 +103,9 @@ class RequestProducer:
             raise SubmitError(str(refused or f"cannot reach Kafka at {self._kafka.bootstrap}: {exc}")) from None
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
         try:
             # Unacknowledged records are flushed for at most one produce timeout: with the
             # brokers gone, stopping must not hang (their senders were already told 503).
@@ -155,7 +160,8 @@ class RequestProducer:
         Raises :class:`SubmitError` when Kafka does not acknowledge the request and
         :class:`ResponseTimeoutError` when no answer arrives within ``timeout_s``
         (the request stays submitted). With at-least-once delivery a request may be
-        answered twice; the first answer is returned.
+        answered twice; the first answer is returned. The request is written with
+        ``reply_to`` set to this producer's :attr:`name` (leave it unset).
         """
         return (await self.submit_many_and_wait([request], timeout_s))[0]
 
@@ -167,35 +173,53 @@ class RequestProducer:
         ``timeout_s`` bounds the whole wait; on timeout the error names the first
         request still unanswered.
         """
-        listener = await self._responses()
-        # Expect before producing: the listener's position is already before any answer.
-        futures = [listener.expect(r.id) for r in requests]
+        addressed = [self._addressed(r) for r in requests]
+        reader = await self._reader_started()
         try:
-            await self.submit_many(requests)
-            done, pending = await asyncio.wait(futures, timeout=timeout_s) if futures else (set(), set())
+            reader.check()
+        except ReplyReaderError as exc:
+            raise ResponsesUnavailableError(str(exc)) from None
+        # Expect before producing: the reader's position is already before any answer.
+        futures: dict[str, asyncio.Future[InferenceResponse]] = {}
+        try:
+            for r in addressed:
+                if r.id not in futures:
+                    futures[r.id] = self._replies.expect(r.id, stream=False).done
+            await self.submit_many(addressed)
+            pending = (await asyncio.wait(futures.values(), timeout=timeout_s))[1] if futures else set()
             if pending:
-                first = next(r.id for r, f in zip(requests, futures) if f in pending)
+                first = next(r.id for r in addressed if futures[r.id] in pending)
                 raise ResponseTimeoutError(first, timeout_s, self._kafka.bootstrap)
             try:
-                return [f.result() for f in futures]
-            except ListenerError as exc:
+                return [futures[r.id].result() for r in addressed]
+            except ReplyReaderError as exc:
                 raise ResponsesUnavailableError(str(exc)) from None
         finally:
-            for r, f in zip(requests, futures):
-                if not f.done():
-                    listener.forget(r.id)
+            for request_id, future in futures.items():
+                if not future.done():
+                    self._replies.forget(request_id)
 
-    async def _responses(self) -> ResponseListener:
-        """The listener of the responses topic, started on first use and shared after."""
-        async with self._listener_lock:
-            if self._listener is None:
-                listener = ResponseListener(self._kafka, self._codec)
+    def _addressed(self, request: InferenceRequest) -> InferenceRequest:
+        if request.reply_to is None:
+            return dataclasses.replace(request, reply_to=self.name)
+        if request.reply_to != self.name:
+            raise ValueError(
+                f"request {request.id} has reply_to={request.reply_to!r}: submit_and_wait addresses "
+                "the answer to this producer, leave reply_to unset (or use submit)"
+            )
+        return request
+
+    async def _reader_started(self) -> ReplyReader:
+        """The reader of this producer's answers, started on first use and shared after."""
+        async with self._reader_lock:
+            if self._reader is None:
+                reader = ReplyReader(self._kafka, self.name, self._replies, self._codec)
                 try:
-                    await listener.start()
-                except ListenerError as exc:
+                    await reader.start()
+                except ReplyReaderError as exc:
                     raise ResponsesUnavailableError(str(exc)) from None
-                self._listener = listener
-            return self._listener
+                self._reader = reader
+            return self._reader
 
     async def ping(self, timeout_s: float) -> None:
         """Raise if the cluster does not answer a metadata request within ``timeout_s``."""

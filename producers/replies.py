@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -34,7 +34,8 @@ from nexus.settings import KafkaSettings
 from nexus.topics import TopicMissingError, read_from_end
 from schemas import Codec, InferenceRequest, InferenceResponse, InferenceToken, SchemaError, decode_response, decode_token
 
-from .client import RequestProducer
+if TYPE_CHECKING:  # the producer API waits through this module: no import cycle at run time
+    from .client import RequestProducer
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,11 @@ REPLY_HEADER = "nexus-reply-to"
 Event = Union[str, InferenceResponse]
 
 
-def instance_name(hostname: str | None = None, pid: int | None = None, suffix: str | None = None) -> str:
-    """A name no other gateway has, now or after a restart: host, process and a random part."""
-    return f"gateway-{hostname or socket.gethostname()}-{pid or os.getpid()}-{suffix or secrets.token_hex(4)}"
+def instance_name(
+    hostname: str | None = None, pid: int | None = None, suffix: str | None = None, role: str = "gateway"
+) -> str:
+    """A name no other instance has, now or after a restart: role, host, process and a random part."""
+    return f"{role}-{hostname or socket.gethostname()}-{pid or os.getpid()}-{suffix or secrets.token_hex(4)}"
 
 
 class ReplyError(RuntimeError):
@@ -201,12 +204,16 @@ class ReplyIndex:
 
 
 class ReplyReader:
-    """Follows the responses and tokens topics, handing this instance's records to the index."""
+    """Follows the responses and tokens topics, handing this instance's records to the index.
 
-    def __init__(self, kafka: KafkaSettings, name: str, index: ReplyIndex, codec: Codec) -> None:
+    ``name``: the ``reply_to`` of this instance's requests; other records are skipped unread.
+    ``None`` hands every answer to the index (for a reader of requests that name no one).
+    """
+
+    def __init__(self, kafka: KafkaSettings, name: str | None, index: ReplyIndex, codec: Codec) -> None:
         self._kafka = kafka
-        self.name = name
-        self._name = name.encode()
+        self.name = name or "nexus-response-reader"
+        self._name = name.encode() if name is not None else None
         self._index = index
         self._codec = codec
         self._consumer: AIOKafkaConsumer | None = None
@@ -252,7 +259,7 @@ class ReplyReader:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-        self._index.fail_all(ReplyReaderError("the gateway is stopping"))
+        self._index.fail_all(ReplyReaderError("the reply reader is stopping"))
 
     def check(self) -> None:
         """Raise if answers can no longer be received, so no call waits in vain."""
@@ -263,7 +270,9 @@ class ReplyReader:
 
     def route(self, topic: str, headers: tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]], value: bytes | None) -> None:
         """Decode and hand over a record addressed to this instance; skip every other one unread."""
-        if value is None or not any(k == REPLY_HEADER and v == self._name for k, v in headers or ()):
+        if value is None or (
+            self._name is not None and not any(k == REPLY_HEADER and v == self._name for k, v in headers or ())
+        ):
             self.skipped += 1
             return
         self.mine += 1

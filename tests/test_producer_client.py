@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -58,6 +59,10 @@ async def test_submit_and_wait_returns_the_answer_read_from_kafka(stack: dict[st
         answers = await producer.submit_many_and_wait(batch, timeout_s=30)
         assert [a.id for a in answers] == [r.id for r in batch]
         assert [a.output for a in answers] == [simulated(r.model_id, r.input) for r in batch]
+        # The answers are addressed to this producer, so its reader skips everyone else's unread.
+        assert {a.reply_to for a in answers} == {producer.name} and producer.name.startswith("producer-")
+        with pytest.raises(ValueError, match="leave reply_to unset"):
+            await producer.submit_and_wait(dataclasses.replace(_request("x"), reply_to="gateway-other"))
 
 
 async def test_no_answer_in_time_is_a_typed_timeout_and_the_request_stays_submitted(bootstrap: str) -> None:
