@@ -87,6 +87,9 @@ class WorkerSettings:
     # How long a commit may lag behind processing; offsets are still only
     # committed for requests whose responses Kafka acknowledged.
     commit_interval_s: float = 1.0
+    # On SIGINT/SIGTERM, how long answers already running may take to finish (and be committed)
+    # before the worker leaves; the rest are answered by the partition's next owner.
+    stop_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)

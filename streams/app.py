@@ -1,14 +1,17 @@
 """The worker: a Faust app whose agent answers ``inference.requests`` in batches.
 
 Delivery is at-least-once. Requests are read in batches (``noack_take``) and
-answered concurrently, up to ``worker.max_in_flight`` at once; an event is acked
-only once Kafka acknowledged its response, token chunks and dead letter, and
-only after every earlier event of its partition was (streams/acks.py), so a
-committed offset always has its answers durably written. A worker killed
+answered concurrently, up to ``worker.max_in_flight`` at once. The requests topic
+is read without Faust's acks: the worker's ledger (streams/ledger.py) knows which
+requests of each owned partition are answered (their response, token chunks and
+dead letter acknowledged by Kafka), and the worker commits each partition up to
+its lowest unanswered request, itself (streams/outbox.py), on a timer, when the
+partition is revoked and when it stops. A redelivered request (after a rebalance
+or a rewind) that is running or answered is not answered again. A worker killed
 mid-run leaves those offsets uncommitted; its successor answers them again
 (duplicates, never losses). With ``kafka.processing_guarantee = "exactly_once"`` the
-answers are held until their requests can be acked, then written in the request
-partition's Kafka transaction, which the worker commits with the offsets
+answers are held until the commit covers their requests, then written in the
+request partition's Kafka transaction, which commits them with the offsets
 (streams/outbox.py): ``read_committed`` readers see each answer once.
 
 The response cache is a Faust table. Tables cannot be written from inside a
@@ -55,8 +58,9 @@ from schemas import (
 )
 
 from . import cache
-from .acks import InOrderAcks
+from .health import WorkerHealth
 from .inference import Answer, Inference
+from .ledger import RequestLedger, Verdict
 from .metrics import WorkerMetrics
 from .ollama import new_session
 from .outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
@@ -77,6 +81,7 @@ NEVER_S = 10.0**9
 NEVER_N = 2**62
 LAG_INTERVAL_S = 10.0
 STATE_INTERVAL_S = 2.0
+RETRY_PAUSE_S = (0.5, 2.0, 5.0)  # before answering again a request whose answering failed
 
 
 class KafkaTokenSink:
@@ -169,6 +174,16 @@ class RewindingApp(faust.App):
     """
 
     rewind_topics: frozenset[str] = frozenset()
+    # Run first when the app stops, while the consumer is still in its group (streams/app.py: drain).
+    before_stop: Any = None
+
+    async def on_stop(self) -> None:
+        if self.before_stop is not None:
+            try:
+                await self.before_stop()
+            except Exception:
+                log.exception("draining the worker before it stops failed")
+        await super().on_stop()
 
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()
@@ -218,7 +233,8 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     )
     app.rewind_topics = frozenset({kafka.requests_topic, cache_updates_topic(worker.app_id)})
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    requests = app.topic(kafka.requests_topic, **raw)
+    # No Faust acks: the worker commits this topic itself, from its ledger (see the module doc).
+    requests = app.topic(kafka.requests_topic, acks=False, **raw)
     responses = app.topic(kafka.responses_topic, **raw)
     tokens = app.topic(kafka.tokens_topic, **raw)
     dead_letters = app.topic(kafka.dlq_topic, **raw)
@@ -266,20 +282,32 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         if answer.dead_letter_reason is not None:
             await dead_letter(outbox, event, answer.dead_letter_reason, "failed")
 
-    async def handle(group: list[tuple[EventT, InferenceRequest]], inference: Inference, outbox: Outbox) -> None:
-        """Answer the first request of a group; identical others get the same answer."""
+    async def handle(
+        group: list[tuple[EventT, InferenceRequest]], inference: Inference, outbox: Outbox, done: set[int]
+    ) -> None:
+        """Answer the first request of a group; identical others get the same answer.
+
+        Each request counts as answered (``done``, the ledger) once its records are written, so
+        answering the group again after a failure skips those already out.
+        """
         event, request = group[0]
         sink = KafkaTokenSink(lambda k, v, h: send(tokens, k, v, h), codec, request) if request.stream else None
         answer = await inference.answer(request, sink)
         if sink is not None:
             await sink.close()  # every chunk is acknowledged before the response goes out
-        await publish(outbox, answer, event, request)
-        for other_event, other in group[1:]:
-            metrics.shared.labels(model=request.model_id).inc()
-            response = dataclasses.replace(
-                answer.response, id=other.id, reply_to=other.reply_to, key_name=other.key_name
-            )
-            await publish(outbox, Answer(response, answer.dead_letter_reason), other_event, other)
+        for i, (other_event, other) in enumerate(group):
+            if other_event.message.offset in done:
+                continue
+            if i == 0:
+                await publish(outbox, answer, other_event, other)
+            else:
+                metrics.shared.labels(model=request.model_id).inc()
+                response = dataclasses.replace(
+                    answer.response, id=other.id, reply_to=other.reply_to, key_name=other.key_name
+                )
+                await publish(outbox, Answer(response, answer.dead_letter_reason), other_event, other)
+            done.add(other_event.message.offset)
+            ledger.answered(other_event.message.tp, other_event.message.offset)
 
     async def decode(outbox: Outbox, event: EventT) -> InferenceRequest | None:
         try:
@@ -288,44 +316,116 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             log.warning("dead-lettering undecodable record %s/%s: %s",
                         event.message.partition, event.message.offset, exc)
             await dead_letter(outbox, event, str(exc), "undecodable")
+            ledger.answered(event.message.tp, event.message.offset)
             return None
+
+    ledger: RequestLedger[TP] = RequestLedger()
+    health = WorkerHealth()
+    outbox: Outbox = InCommittedPrefix(app) if exactly_once else AtOnce(app, send)
+    running: set[asyncio.Task[None]] = set()
+    commit_gate = asyncio.Lock()
+    stopping = asyncio.Event()
+
+    def requests_of(tps: Any) -> set[TP]:
+        return {tp for tp in tps if tp.topic == kafka.requests_topic}
+
+    async def commit(offsets: dict[TP, int] | None = None) -> None:
+        """Commit every owned partition up to its lowest unanswered request (or ``offsets``)."""
+        async with commit_gate:
+            offsets = ledger.committable() if offsets is None else offsets
+            if not offsets and not exactly_once:
+                return
+            try:
+                if await outbox.commit(offsets):
+                    ledger.committed(offsets)
+            except Exception as exc:  # the next commit covers them; nothing is lost meanwhile
+                log.warning("committing %s failed: %r", offsets, exc)
+
+    def catch_up_generation() -> None:
+        """Follow a new consumer generation even if its assignment signal has not reached us yet."""
+        generation = app.consumer_generation_id
+        if generation != ledger.generation:
+            ledger.assign(requests_of(app.consumer.assignment()), generation)
+            outbox.forget(requests_of(app.consumer.assignment()))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        """Drop the revoked partitions' unstarted requests; commit what is answered before leaving them."""
+        await commit(ledger.revoke(requests_of(revoked)))
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
+        catch_up_generation()
+
+    async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
+        """Answer a group, whatever it takes: a failure is logged, counted, shown on /health and
+        the group answered again (at last with an error response), never dropped."""
+        done: set[int] = set()
+        failures = 0
+        try:
+            while True:
+                try:
+                    await handle(group, inference, outbox, done)
+                    return
+                except Exception as exc:
+                    failures += 1
+                    request = group[0][1]
+                    metrics.task_failures.inc()
+                    health.failed(request.id, exc)
+                    log.exception("answering %s failed (%d times); answering it again", request.id, failures)
+                    if failures > len(RETRY_PAUSE_S):  # answer with the error instead, until that works
+                        reason = f"internal error: {exc!r}"
+                        group = [(e, dataclasses.replace(r, stream=False)) for e, r in group]
+                        await answer_with(group, inference.failed(request, reason), done)
+                        return
+                    await asyncio.sleep(RETRY_PAUSE_S[failures - 1])
+        finally:
+            in_flight.release()
+
+    async def answer_with(group: list[tuple[EventT, InferenceRequest]], answer: Answer, done: set[int]) -> None:
+        pause = RETRY_PAUSE_S[0]
+        for event, request in group:
+            while event.message.offset not in done:
+                try:
+                    response = dataclasses.replace(
+                        answer.response, id=request.id, reply_to=request.reply_to, key_name=request.key_name
+                    )
+                    await publish(outbox, Answer(response, answer.dead_letter_reason), event, request)
+                except Exception as exc:
+                    metrics.task_failures.inc()
+                    health.failed(request.id, exc)
+                    log.exception("answering %s with an error failed; trying again", request.id)
+                    await asyncio.sleep(pause)
+                    continue
+                done.add(event.message.offset)
+                ledger.answered(event.message.tp, event.message.offset)
+
+    in_flight = asyncio.Semaphore(worker.max_in_flight)
 
     @app.agent(requests, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
-        acks: InOrderAcks[EventT] = InOrderAcks()
-        in_flight = asyncio.Semaphore(worker.max_in_flight)
-        running: set[asyncio.Task[None]] = set()
-        outbox = state["outbox"] = InCommittedPrefix(app, stream.ack) if exactly_once else AtOnce(send, stream.ack)
-
-        async def finished(events: list[EventT]) -> None:
-            """The answers of ``events`` are written (or held): release what is now ackable, in order."""
-            ready = [r for event in events for r in acks.done(event.message.tp, event.message.offset)]
-            await outbox.release(ready)
-
-        async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
-            try:
-                await handle(group, inference, outbox)
-            except Exception:  # left unacked: the partition's commits stop, nothing is lost
-                log.exception("answering %s failed; its offset stays uncommitted", group[0][1].id)
-                return
-            finally:
-                in_flight.release()
-            await finished([event for event, _ in group])
-
         async with new_session() as http:
             inference = state["inference"] = Inference(
                 settings, http, metrics, TableCache(cache_table, lambda k, v: produce(cache_updates, k, v))
             )
             # Batches overlap: a slow answer holds neither the next batch nor the commits of
-            # the answers before it; acks are released in offset order (streams/acks.py).
+            # the answers before it; the ledger commits each partition's answered prefix.
             async for events in stream.noack_take(worker.max_batch, within=worker.max_wait_ms / 1000):
-                metrics.batch_size.observe(len(events))
+                catch_up_generation()
+                fresh = []
                 for event in events:
-                    acks.add(event.message.tp, event.message.offset, event)
-                decoded = await asyncio.gather(*(decode(outbox, event) for event in events))
-                await finished([e for e, r in zip(events, decoded) if r is None])  # dead-lettered
+                    message = event.message
+                    verdict = ledger.deliver(message.tp, message.offset, message.generation_id)
+                    if verdict is Verdict.NEW:
+                        fresh.append(event)
+                    else:
+                        metrics.redeliveries.labels(verdict=verdict.value).inc()
+                if not fresh:
+                    continue
+                metrics.batch_size.observe(len(fresh))
+                decoded = await asyncio.gather(*(decode(outbox, event) for event in fresh))
                 groups: dict[object, list[tuple[EventT, InferenceRequest]]] = {}
-                for event, request in zip(events, decoded):
+                for event, request in zip(fresh, decoded):
                     if request is None:
                         continue
                     share = cache.shareable(request) and not request.stream
@@ -333,9 +433,32 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                     groups.setdefault(key, []).append((event, request))
                 for group in groups.values():
                     await in_flight.acquire()  # back-pressure: at most max_in_flight answers pending
+                    # Not started if revoked meanwhile (its next owner reads it again) or stopping.
+                    group = [(e, r) for e, r in group
+                             if not stopping.is_set() and ledger.start(e.message.tp, e.message.offset)]
+                    if not group:
+                        in_flight.release()
+                        continue
                     task = asyncio.ensure_future(run(group, inference))
                     running.add(task)
                     task.add_done_callback(running.discard)
+
+    async def drain() -> None:
+        """Before leaving the group: start nothing new, let running answers finish for up to
+        ``worker.stop_grace_s``, then commit everything answered."""
+        stopping.set()
+        if running:
+            log.info("stopping: waiting up to %.0fs for %d running answers", worker.stop_grace_s, len(running))
+            _, late = await asyncio.wait(set(running), timeout=worker.stop_grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("stopping: %d answers still running after %.0fs were cancelled; "
+                            "the partitions' next owner answers them", len(late), worker.stop_grace_s)
+                await asyncio.gather(*late, return_exceptions=True)
+        await commit()
+
+    app.before_stop = drain
 
     @app.agent(cache_updates, name="nexus.cache")
     async def store_cache(stream: faust.StreamT) -> None:
@@ -344,13 +467,9 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             cache_table[update["key"].encode()] = update["entry"].encode()
             metrics.cache_entries.set(len(cache_table))
 
-    if exactly_once:
-
-        @app.timer(worker.commit_interval_s)
-        async def commit() -> None:
-            outbox = state.get("outbox")
-            if isinstance(outbox, InCommittedPrefix):
-                await outbox.commit()
+    @app.timer(worker.commit_interval_s)
+    async def commit_answered() -> None:
+        await commit()
 
     @app.timer(STATE_INTERVAL_S)
     async def publish_endpoint_state() -> None:
@@ -382,6 +501,14 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         if (refusal := refused(web, request)) is not None:
             return refusal
         return web.bytes(generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.page("/health")
+    async def health_page(web: Any, request: Any) -> Any:
+        """200 while no task failed in the last minute, else 503 with the failures."""
+        healthy, body = health.report(
+            pending={f"{tp.topic}/{tp.partition}": n for tp, n in ledger.pending().items()}
+        )
+        return web.json(body, status=200 if healthy else 503)
 
     @app.page("/models")
     async def models_page(web: Any, request: Any) -> Any:

@@ -103,7 +103,7 @@ class Inference:
         self._watch_circuits()
         model = self._settings.model(request.model_id)
         if model is None:
-            return self._failed(
+            return self.failed(
                 request,
                 f"unknown model {request.model_id!r}; this worker serves {sorted(self._settings.model_ids)}",
             )
@@ -120,10 +120,10 @@ class Inference:
         try:
             answer = await self._answer_with(request, model, deadline, sink, reasons)
         except Expired:
-            return self._failed(request, self._expired_reason(model, reasons))
+            return self.failed(request, self._expired_reason(model, reasons))
         except Exception as exc:  # a bug must still answer the sender, never drop the request
             log.exception("unexpected failure answering %s", request.id)
-            return self._failed(request, f"internal error: {exc!r}")
+            return self.failed(request, f"internal error: {exc!r}")
         if answer.response.status == "ok" and cache.should_store(request, model):
             await self._store.put(request, key, self._entry(answer.response, model))
         return answer
@@ -163,7 +163,7 @@ class Inference:
                 return Answer(self._ok(request, candidate, generation, url, retries))
             if sink is not None and sink.started:
                 break  # chunks are out: a second answer would not concatenate to one output
-        return self._failed(request, "; ".join(reasons), retries=retries)
+        return self.failed(request, "; ".join(reasons), retries=retries)
 
     def _models_to_try(self, model: ModelSettings) -> list[ModelSettings]:
         models = [model]
@@ -405,7 +405,8 @@ class Inference:
             retries=retries,
         )
 
-    def _failed(self, request: InferenceRequest, reason: str, retries: int = 0) -> Answer:
+    def failed(self, request: InferenceRequest, reason: str, retries: int = 0) -> Answer:
+        """An error answer for ``request``; it belongs in the dead-letter topic too."""
         return Answer(self._response(request, status="error", error=reason, retries=retries), reason)
 
     def _response(self, request: InferenceRequest, **fields) -> InferenceResponse:  # type: ignore[no-untyped-def]

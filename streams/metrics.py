@@ -58,3 +58,10 @@ class WorkerMetrics:
         self.consumer_lag = Gauge(
             "nexus_worker_consumer_lag_records", "Records of inference.requests not yet consumed, per partition.",
             ["partition"], registry=r)
+        self.task_failures = Counter(
+            "nexus_worker_task_failures", "Failures while answering a request (each retried, then answered with an error).",
+            registry=r)
+        self.redeliveries = Counter(
+            "nexus_worker_redeliveries", "Requests read again (rebalance, rewind) and not answered again: "
+            "running or answered already, or stale (an older generation, a partition not owned).",
+            ["verdict"], registry=r)

@@ -1,16 +1,17 @@
-"""When a request's answer records are written, and when its offset is acked.
+"""When a request's answer records are written, and how its partition's offsets are committed.
 
-At least once (:class:`AtOnce`): records are written as soon as the answer is ready, and the
-request is acked once they are durable and every earlier request of its partition is acked.
+At least once (:class:`AtOnce`): records are written as soon as the answer is ready; the worker
+commits each partition up to its lowest unanswered request (streams/ledger.py), so a committed
+offset always has its answers durably written.
 
 Exactly once (:class:`InCommittedPrefix`): Kafka commits a transaction whole, records and offsets
 together, so an answer may enter its partition's transaction only when its offset enters it too.
-The records wait with their request until it joins the answered prefix of its partition
-(streams/acks.py); then they go into the transaction of the *request's* partition and the request
-is acked, under a gate that the commit also takes. Faust's own rule (the transaction of the
-record's destination partition, and records written whenever they are ready) commits answers of
-requests past the offset and leaves answers in transactions that never commit
-(docs/reliability.md). Token chunks are not answers: they stay outside, so streaming stays live.
+The records wait with their request until the commit covers it; then they go into the transaction
+of the *request's* partition, which commits them with the offset, under a gate. Faust's own rule
+(the transaction of the record's destination partition, and records written whenever they are
+ready) commits answers of requests past the offset and leaves answers in transactions that never
+commit (docs/reliability.md). Token chunks are not answers: they stay outside, so streaming stays
+live.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import faust
+from aiokafka import TopicPartition
 from faust.types import TP, EventT
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]] | None
-Ack = Callable[[EventT], Awaitable[Any]]
 # Queues one record outside any transaction; returns the future of its acknowledgement.
 Send = Callable[[faust.TopicT, bytes | None, bytes, Headers], Awaitable[Any]]
 
@@ -34,10 +35,13 @@ Send = Callable[[faust.TopicT, bytes | None, bytes, Headers], Awaitable[Any]]
 class Outbox(Protocol):
     async def write(self, event: EventT, topic: faust.TopicT, key: bytes | None, value: bytes,
                     headers: Headers = None) -> None:
-        """A record of ``event``'s answer."""
+        """A record of ``event``'s answer; returns once it counts as answered."""
 
-    async def release(self, events: list[EventT]) -> None:
-        """``events`` (in offset order) and every earlier one of their partitions are answered."""
+    async def commit(self, offsets: dict[TP, int]) -> bool:
+        """Commit ``offsets`` (every request below each is answered); False if Kafka refused."""
+
+    def forget(self, keep: set[TP]) -> None:
+        """Partitions other than ``keep`` were lost: drop what is held for them."""
 
 
 async def until_sent(what: str, send: Callable[[], Awaitable[Any]]) -> None:
@@ -53,55 +57,71 @@ async def until_sent(what: str, send: Callable[[], Awaitable[Any]]) -> None:
             delay = min(delay * 2, 5.0)
 
 
-class AtOnce:
-    """At least once: write now, ack in order once durable."""
+async def commit_offsets(app: faust.App, offsets: dict[TP, int]) -> bool:
+    """Commit exactly ``offsets`` through Faust's consumer (in the partitions' transactions
+    under exactly once). The requests topic is read without Faust's acks, whose commit can pass
+    an unacked offset (docs/reliability.md); this is the one place its offsets are committed."""
+    consumer: Any = app.consumer
+    # aiokafka's transactional commit wants its own TopicPartition, not Faust's TP tuple.
+    return bool(await consumer._commit_offsets({TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}))
 
-    def __init__(self, send: Send, ack: Ack) -> None:
+
+class AtOnce:
+    """At least once: write now; commit what the ledger says is answered."""
+
+    def __init__(self, app: faust.App, send: Send) -> None:
+        self._app = app
         self._send = send
-        self._ack = ack
+        self._gate = asyncio.Lock()
 
     async def write(self, event: EventT, topic: faust.TopicT, key: bytes | None, value: bytes,
                     headers: Headers = None) -> None:
         await until_sent(topic.get_topic_name(), lambda: self._send(topic, key, value, headers))
 
-    async def release(self, events: list[EventT]) -> None:
-        for event in events:
-            await self._ack(event)
+    async def commit(self, offsets: dict[TP, int]) -> bool:
+        async with self._gate:
+            return await commit_offsets(self._app, offsets)
+
+    def forget(self, keep: set[TP]) -> None:
+        pass
 
 
 class InCommittedPrefix:
-    """Exactly once: hold the records until the request is ackable, then write and ack them atomically."""
+    """Exactly once: hold the records until the commit covers their request, then write and commit
+    them in one transaction."""
 
-    def __init__(self, app: faust.App, ack: Ack) -> None:
+    def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._ack = ack
-        self._held: dict[tuple[TP, int], list[tuple[str, bytes | None, bytes, Headers]]] = {}
+        self._held: dict[TP, dict[int, list[tuple[str, bytes | None, bytes, Headers]]]] = {}
         self._gate = asyncio.Lock()
 
     async def write(self, event: EventT, topic: faust.TopicT, key: bytes | None, value: bytes,
                     headers: Headers = None) -> None:
         message = event.message
-        self._held.setdefault((message.tp, message.offset), []).append(
+        self._held.setdefault(message.tp, {}).setdefault(message.offset, []).append(
             (topic.get_topic_name(), key, value, headers)
         )
 
-    async def release(self, events: list[EventT]) -> None:
-        sends = []
-        for event in events:
-            message = event.message
-            transaction = self._transactional_id(message.tp)
-            for topic, key, value, headers in self._held.pop((message.tp, message.offset), []):
-                sends.append((topic, lambda t=topic, k=key, v=value, h=headers, tid=transaction:
-                              self._app.producer.send(t, k, v, None, None, h, transactional_id=tid)))
-        async with self._gate:  # no commit between the writes and their acks
-            await asyncio.gather(*(until_sent(topic, send) for topic, send in sends))
-            for event in events:
-                await self._ack(event)
-
-    async def commit(self) -> None:
-        """Commit the acked offsets with the records written for them; Faust's own commit timer is off."""
+    async def commit(self, offsets: dict[TP, int]) -> bool:
+        """Write the held records of the requests below ``offsets`` into their partitions'
+        transactions, then commit those with the offsets (and Faust's own acked offsets, of the
+        cache agent: its commit timer is off under exactly once)."""
         async with self._gate:
+            sends = []
+            for tp, below in offsets.items():
+                held = self._held.get(tp, {})
+                transaction = self._transactional_id(tp)
+                for offset in sorted(o for o in held if o < below):
+                    for topic, key, value, headers in held.pop(offset):
+                        sends.append((topic, lambda t=topic, k=key, v=value, h=headers, tid=transaction:
+                                      self._app.producer.send(t, k, v, None, None, h, transactional_id=tid)))
+            await asyncio.gather(*(until_sent(topic, send) for topic, send in sends))
             await self._app.consumer.commit()
+            return await commit_offsets(self._app, offsets) if offsets else True
+
+    def forget(self, keep: set[TP]) -> None:
+        for tp in [tp for tp in self._held if tp not in keep]:
+            del self._held[tp]
 
     def _transactional_id(self, tp: TP) -> str:
         """The id Faust gives the transactional producer of a consumed partition (faust/transport/consumer.py)."""
