@@ -283,7 +283,8 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             await dead_letter(outbox, event, answer.dead_letter_reason, "failed")
 
     async def handle(
-        group: list[tuple[EventT, InferenceRequest]], inference: Inference, outbox: Outbox, done: set[int]
+        group: list[tuple[EventT, InferenceRequest]], inference: Inference, outbox: Outbox, done: set[int],
+        calling: Any = None,
     ) -> None:
         """Answer the first request of a group; identical others get the same answer.
 
@@ -292,7 +293,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         """
         event, request = group[0]
         sink = KafkaTokenSink(lambda k, v, h: send(tokens, k, v, h), codec, request) if request.stream else None
-        answer = await inference.answer(request, sink)
+        answer = await inference.answer(request, sink, calling)
         if sink is not None:
             await sink.close()  # every chunk is acknowledged before the response goes out
         for i, (other_event, other) in enumerate(group):
@@ -322,7 +323,9 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     ledger: RequestLedger[TP] = RequestLedger()
     health = WorkerHealth()
     outbox: Outbox = InCommittedPrefix(app) if exactly_once else AtOnce(app, send)
-    running: set[asyncio.Task[None]] = set()
+    # Each running answer's task, and whether it called a model yet (until then it can be
+    # cancelled and read again by its partition's next owner at no cost).
+    running: dict[asyncio.Task[None], tuple[list[EventT], list[bool]]] = {}
     commit_gate = asyncio.Lock()
     stopping = asyncio.Event()
 
@@ -348,24 +351,44 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             ledger.assign(requests_of(app.consumer.assignment()), generation)
             outbox.forget(requests_of(app.consumer.assignment()))
 
+    async def cancel_waiting(partitions: set[TP] | None = None) -> None:
+        """Cancel the answers (of ``partitions``) that have not called a model yet; the ledger
+        forgets them, so the commit stops below them and their partition's owner reads them again."""
+        waiting = [(task, events) for task, (events, calling) in running.items()
+                   if not calling[0] and (partitions is None or any(e.message.tp in partitions for e in events))]
+        for task, _ in waiting:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in waiting), return_exceptions=True)
+        for _, events in waiting:
+            for event in events:
+                ledger.drop(event.message.tp, event.message.offset)
+
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: Any, **_: Any) -> None:
-        """Drop the revoked partitions' unstarted requests; commit what is answered before leaving them."""
-        await commit(ledger.revoke(requests_of(revoked)))
+        """Drop the revoked partitions' requests that called no model yet; commit what is answered
+        before leaving them. Calls already running go on: if the partition comes back (it usually
+        does), its redelivered requests wait for them instead of calling a model again."""
+        partitions = requests_of(revoked)
+        await cancel_waiting(partitions)
+        await commit(ledger.revoke(partitions))
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
         catch_up_generation()
 
-    async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference) -> None:
+    async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference, calling: list[bool]) -> None:
         """Answer a group, whatever it takes: a failure is logged, counted, shown on /health and
         the group answered again (at last with an error response), never dropped."""
         done: set[int] = set()
         failures = 0
+
+        def call_starts() -> None:
+            calling[0] = True
+
         try:
             while True:
                 try:
-                    await handle(group, inference, outbox, done)
+                    await handle(group, inference, outbox, done, call_starts)
                     return
                 except Exception as exc:
                     failures += 1
@@ -402,8 +425,16 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
 
     in_flight = asyncio.Semaphore(worker.max_in_flight)
 
+    def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A task failed with no one awaiting it: count it and show it on /health, then log it as asyncio would."""
+        metrics.task_failures.inc()
+        task = context.get("task") or context.get("future")
+        health.failed(getattr(task, "get_name", lambda: "event loop")(), context.get("exception") or context["message"])
+        loop.default_exception_handler(context)
+
     @app.agent(requests, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
+        asyncio.get_running_loop().set_exception_handler(on_loop_error)
         async with new_session() as http:
             inference = state["inference"] = Inference(
                 settings, http, metrics, TableCache(cache_table, lambda k, v: produce(cache_updates, k, v))
@@ -439,14 +470,16 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                     if not group:
                         in_flight.release()
                         continue
-                    task = asyncio.ensure_future(run(group, inference))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                    calling = [False]
+                    task = asyncio.ensure_future(run(group, inference, calling))
+                    running[task] = ([e for e, _ in group], calling)
+                    task.add_done_callback(lambda t: running.pop(t, None))
 
     async def drain() -> None:
         """Before leaving the group: start nothing new, let running answers finish for up to
         ``worker.stop_grace_s``, then commit everything answered."""
         stopping.set()
+        await cancel_waiting()
         if running:
             log.info("stopping: waiting up to %.0fs for %d running answers", worker.stop_grace_s, len(running))
             _, late = await asyncio.wait(set(running), timeout=worker.stop_grace_s)

@@ -99,7 +99,11 @@ class Inference:
 
     # -- the request --------------------------------------------------------------------
 
-    async def answer(self, request: InferenceRequest, sink: TokenSink | None = None) -> Answer:
+    async def answer(
+        self, request: InferenceRequest, sink: TokenSink | None = None, calling: Callable[[], None] | None = None
+    ) -> Answer:
+        """Answer ``request``; ``calling`` is told when a model call is about to start (until then,
+        cancelling the answer wastes no model work)."""
         self._watch_circuits()
         model = self._settings.model(request.model_id)
         if model is None:
@@ -118,7 +122,7 @@ class Inference:
             self._metrics.cache.labels(model=model.id, result="miss").inc()
         reasons: list[str] = []
         try:
-            answer = await self._answer_with(request, model, deadline, sink, reasons)
+            answer = await self._answer_with(request, model, deadline, sink, reasons, calling)
         except Expired:
             return self.failed(request, self._expired_reason(model, reasons))
         except Exception as exc:  # a bug must still answer the sender, never drop the request
@@ -152,11 +156,12 @@ class Inference:
         deadline: float,
         sink: TokenSink | None,
         reasons: list[str],
+        calling: Callable[[], None] | None = None,
     ) -> Answer:
         retries = 0
         models = self._models_to_try(model)
         for i, candidate in enumerate(models):
-            outcome = await self._try_model(request, candidate, deadline, sink, reasons, i + 1 < len(models))
+            outcome = await self._try_model(request, candidate, deadline, sink, reasons, i + 1 < len(models), calling)
             retries += outcome[1]
             if outcome[0] is not None:
                 generation, url = outcome[0]
@@ -181,6 +186,7 @@ class Inference:
         sink: TokenSink | None,
         reasons: list[str],
         can_fall_back: bool = False,
+        calling: Callable[[], None] | None = None,
     ) -> tuple[tuple[Generation, str] | None, int]:
         router = self.routers[model.id]
         tried: set[str] = set()
@@ -194,6 +200,8 @@ class Inference:
             exclude = frozenset(tried) if len(tried) < len(router.endpoints) else frozenset()
             try:
                 url, chosen_at = await self._acquire(router, request, deadline, exclude, can_fall_back)
+                if calling is not None:
+                    calling()
             except Unavailable:
                 reasons.append(f"every endpoint of {model.id!r} has an open circuit")
                 return None, max(attempts - 1, 0)

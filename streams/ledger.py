@@ -136,6 +136,16 @@ class RequestLedger(Generic[P]):
         part.entries[offset] = _State.RUNNING
         return True
 
+    def drop(self, tp: P, offset: int) -> None:
+        """A started request was stopped before it called a model: its partition's owner reads it
+        again, so the commit must stop below it."""
+        part = self._partitions.get(tp)
+        if part is None or part.entries.get(offset, _State.ANSWERED) is _State.ANSWERED:
+            return
+        del part.entries[offset]
+        if part.frontier is not None:
+            part.frontier = min(part.frontier, offset)
+
     def answered(self, tp: P, offset: int) -> None:
         """The request's answer records are durable (ignored for a partition lost meanwhile)."""
         part = self._partitions.get(tp)

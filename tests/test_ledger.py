@@ -66,6 +66,21 @@ def test_a_revocation_drops_queued_requests_and_the_commit_stops_below_them() ->
     ]
 
 
+def test_a_started_request_dropped_before_its_model_call_holds_the_commit_until_read_again() -> None:
+    ledger: RequestLedger[str] = RequestLedger()
+    ledger.assign({"p0"}, generation=1)
+    for offset in range(3):
+        ledger.deliver("p0", offset, 1)
+        ledger.start("p0", offset)
+    ledger.answered("p0", 0)
+    ledger.answered("p0", 2)
+    ledger.drop("p0", 1)  # was waiting for an endpoint slot when its partition was revoked
+    ledger.drop("p0", 2)  # answered already: stays answered
+    assert ledger.revoke({"p0"}) == {"p0": 1}
+    ledger.assign({"p0"}, generation=2)
+    assert [ledger.deliver("p0", o, 2) for o in (1, 2)] == [Verdict.NEW, Verdict.ANSWERED]
+
+
 def test_deliveries_of_an_older_generation_or_a_lost_partition_are_stale() -> None:
     ledger: RequestLedger[str] = RequestLedger()
     ledger.assign({"p0", "p1"}, generation=1)
@@ -156,6 +171,11 @@ class World:
     def rebalance(self, rng: random.Random, kill: int | None) -> None:
         for i, w in enumerate(self.workers):
             owned = [tp for tp, o in self.owner.items() if o == i]
+            # Requests still waiting for an endpoint slot are cancelled, unanswered.
+            waiting = [(tp, o) for tp, o in w.running if tp in owned and rng.random() < 0.5]
+            for tp, offset in waiting:
+                w.running.remove((tp, offset))
+                w.ledger.drop(tp, offset)
             self.check_commit(w, w.ledger.revoke(owned))
             # Faust drops what it fetched and had not delivered; some delivered events are
             # still in the take buffer and arrive after the rebalance, with the old generation.
