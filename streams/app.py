@@ -62,6 +62,7 @@ from .health import WorkerHealth
 from .inference import Answer, Inference
 from .ledger import RequestLedger, Verdict
 from .metrics import WorkerMetrics
+from .offsets import PartitionOffsets
 from .ollama import new_session
 from .outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
 from .prompt import PromptTemplate
@@ -344,12 +345,61 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             except Exception as exc:  # the next commit covers them; nothing is lost meanwhile
                 log.warning("committing %s failed: %r", offsets, exc)
 
-    def catch_up_generation() -> None:
-        """Follow a new consumer generation even if its assignment signal has not reached us yet."""
-        generation = app.consumer_generation_id
-        if generation != ledger.generation:
-            ledger.assign(requests_of(app.consumer.assignment()), generation)
-            outbox.forget(requests_of(app.consumer.assignment()))
+    broker = PartitionOffsets(kafka, worker.app_id)
+    generation_gate = asyncio.Lock()
+    seen_holes: dict[TP, tuple[int, int]] = {}
+
+    async def catch_up_generation() -> None:
+        """Follow a new consumer generation (from its assignment signal, or the first batch of it).
+
+        A newly owned partition's run starts at its committed offset (or log start), asked of the
+        broker: not at what Faust happens to deliver first (it may resume fetching before it seeks).
+        """
+        if app.consumer_generation_id == ledger.generation:
+            return
+        async with generation_gate:
+            pause = 0.5
+            while (generation := app.consumer_generation_id) != ledger.generation:
+                assigned = requests_of(app.consumer.assignment())
+                try:
+                    starts = await broker.start_of_run({tp for tp in assigned if not ledger.knows(tp)})
+                except Exception as exc:  # deliveries wait meanwhile: none is dropped
+                    log.warning("could not read the committed offsets (%r); retrying in %.1fs", exc, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                if generation != app.consumer_generation_id:
+                    continue  # rebalanced again meanwhile
+                log.info("generation %s: answering %s", generation,
+                         ", ".join(f"{tp.topic}/{tp.partition}@{starts.get(tp, '-')}" for tp in sorted(assigned))
+                         or "no partition")
+                ledger.assign(assigned, generation, starts)
+                outbox.forget(assigned)
+
+    async def fill_holes() -> None:
+        """Offsets the consumer skipped (a hole the commit cannot pass) are read again, unless the
+        broker shows there is no record there. A hole gets one commit interval to fill by itself."""
+        holes = ledger.holes()
+        for tp in [tp for tp in seen_holes if tp not in holes]:
+            del seen_holes[tp]
+        for tp, (start, end) in holes.items():
+            if seen_holes.get(tp) != (start, end):
+                seen_holes[tp] = (start, end)
+                continue
+            try:
+                first = await broker.first_record(TopicPartition(tp.topic, tp.partition), start, end)
+            except Exception as exc:
+                log.warning("could not look into the hole %s/%s %d-%d: %r", tp.topic, tp.partition, start, end, exc)
+                continue
+            if first is None:
+                log.info("no record in %s/%s %d-%d: nothing to answer there", tp.topic, tp.partition, start, end)
+                ledger.no_records(tp, start, end)
+            else:
+                log.warning("offsets %d-%d of %s/%s were skipped by the consumer: reading them again",
+                            start, end - 1, tp.topic, tp.partition)
+                metrics.rereads.inc()
+                await app.consumer.seek(TopicPartition(tp.topic, tp.partition), start)
+            del seen_holes[tp]
 
     async def cancel_waiting(partitions: set[TP] | None = None) -> None:
         """Cancel the answers (of ``partitions``) that have not called a model yet; the ledger
@@ -374,7 +424,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
-        catch_up_generation()
+        await catch_up_generation()
 
     async def run(group: list[tuple[EventT, InferenceRequest]], inference: Inference, calling: list[bool]) -> None:
         """Answer a group, whatever it takes: a failure is logged, counted, shown on /health and
@@ -442,7 +492,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             # Batches overlap: a slow answer holds neither the next batch nor the commits of
             # the answers before it; the ledger commits each partition's answered prefix.
             async for events in stream.noack_take(worker.max_batch, within=worker.max_wait_ms / 1000):
-                catch_up_generation()
+                await catch_up_generation()
                 fresh = []
                 for event in events:
                     message = event.message
@@ -490,6 +540,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                             "the partitions' next owner answers them", len(late), worker.stop_grace_s)
                 await asyncio.gather(*late, return_exceptions=True)
         await commit()
+        await broker.close()
 
     app.before_stop = drain
 
@@ -503,6 +554,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     @app.timer(worker.commit_interval_s)
     async def commit_answered() -> None:
         await commit()
+        await fill_holes()
 
     @app.timer(STATE_INTERVAL_S)
     async def publish_endpoint_state() -> None:
@@ -539,7 +591,9 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     async def health_page(web: Any, request: Any) -> Any:
         """200 while no task failed in the last minute, else 503 with the failures."""
         healthy, body = health.report(
-            pending={f"{tp.topic}/{tp.partition}": n for tp, n in ledger.pending().items()}
+            generation=ledger.generation,
+            running=len(running),
+            partitions={f"{tp.topic}/{tp.partition}": state for tp, state in ledger.describe().items()},
         )
         return web.json(body, status=200 if healthy else 503)
 

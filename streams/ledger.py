@@ -17,8 +17,12 @@ straight, with no I/O, so every case can be tested in microseconds:
 - the committable offset of a partition is its lowest request not answered, or, with none,
   the next offset to read: never past an unanswered request, whatever order things happened in.
 
-Offsets a generation's deliveries skip (transaction markers, a log start past the committed
-offset) do not exist as records, so the run of deliveries within one generation is contiguous.
+Nothing about Faust's or Kafka's delivery order is trusted: a partition's run of offsets starts
+at its committed offset and must be contiguous. A delivery past the next expected offset (Faust
+resumes fetching before it seeks back, drops records on a rebalance, ...) leaves a *hole* that
+the commit cannot pass: :meth:`RequestLedger.holes` names them, and the worker either reads them
+again (a seek) or, once the broker shows there is no record there (transaction markers, a log
+start past the committed offset), fills them with :meth:`RequestLedger.no_records`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class _State(enum.Enum):
 class _Partition:
     # Every offset below ``floor`` is answered (or is no record); None until the first delivery.
     floor: int | None = None
-    # Every offset in [floor, frontier) is in ``entries`` or is no record.
+    # Every offset in [floor, frontier) is in ``entries`` or is known to be no record.
     frontier: int | None = None
     entries: dict[int, _State] = field(default_factory=dict)
     committed: int | None = None  # the last offset committed (or known committed) by this worker
@@ -87,7 +91,7 @@ class RequestLedger(Generic[P]):
                 offsets[tp] = offset
         return offsets
 
-    def assign(self, partitions: Iterable[P], generation: int) -> None:
+    def assign(self, partitions: Iterable[P], generation: int, committed: dict[P, int] | None = None) -> None:
         """The consumer's new assignment: deliveries of any other generation are stale from now on.
 
         Partitions kept from the previous assignment keep their state (their running requests
@@ -95,13 +99,28 @@ class RequestLedger(Generic[P]):
         no longer assigned are forgotten, and their running requests' answers are ignored.
         """
         assigned = set(partitions)
+        committed = committed or {}
         for tp in list(self._partitions):
             if tp not in assigned:
                 del self._partitions[tp]
         for tp in assigned:
-            part = self._partitions.setdefault(tp, _Partition())
+            part = self._partitions.get(tp)
+            offset = committed.get(tp)
+            if part is None:
+                part = self._partitions[tp] = _Partition(floor=offset, frontier=offset, committed=offset)
+            elif offset is not None and (part.floor is None or offset > part.floor):
+                # Committed further by another owner meanwhile (this worker was out of the group).
+                part.floor = offset
+                part.frontier = max(part.frontier or offset, offset)
+                part.committed = offset
+                for o in [o for o in part.entries if o < offset]:
+                    del part.entries[o]
             part.suspended = False
         self.generation = generation
+
+    def knows(self, tp: P) -> bool:
+        """``tp`` is owned, or was until a revocation whose next assignment is not known yet."""
+        return tp in self._partitions
 
     def owns(self, tp: P) -> bool:
         part = self._partitions.get(tp)
@@ -114,17 +133,17 @@ class RequestLedger(Generic[P]):
         part = self._partitions.get(tp)
         if part is None or part.suspended or generation != self.generation:
             return Verdict.STALE
-        if part.floor is None or part.frontier is None:
+        if part.floor is None or part.frontier is None:  # committed offset unknown: trust the first
             part.floor = part.frontier = offset
         if offset < part.floor:
             return Verdict.ANSWERED
         state = part.entries.get(offset)
-        if offset >= part.frontier:
-            part.frontier = offset + 1
-        elif state is None:
-            self.late_deliveries += 1  # a record in what looked like a hole: answer it
         if state is None:
+            if offset < part.frontier:
+                self.late_deliveries += 1  # a record where none was known to be: answer it
             part.entries[offset] = _State.QUEUED
+        self._extend(part)
+        if state is None:
             return Verdict.NEW
         return Verdict.ANSWERED if state is _State.ANSWERED else Verdict.RUNNING
 
@@ -152,6 +171,25 @@ class RequestLedger(Generic[P]):
         if part is not None and offset in part.entries:
             part.entries[offset] = _State.ANSWERED
 
+    def holes(self) -> dict[P, tuple[int, int]]:
+        """Per owned partition with a hole: its first offset and the first delivered offset above
+        it. The commit stops at the hole until it is read again or shown to hold no record."""
+        found = {}
+        for tp, part in self._partitions.items():
+            if part.suspended or part.frontier is None:
+                continue
+            above = [o for o in part.entries if o > part.frontier]
+            if above:
+                found[tp] = (part.frontier, min(above))
+        return found
+
+    def no_records(self, tp: P, start: int, end: int) -> None:
+        """The broker holds no record of ``tp`` in [start, end): the hole there is none."""
+        part = self._partitions.get(tp)
+        if part is not None and part.frontier is not None and start <= part.frontier < end:
+            part.frontier = end
+            self._extend(part)
+
     # -- commits --------------------------------------------------------------------------
 
     def committable(self) -> dict[P, int]:
@@ -177,12 +215,34 @@ class RequestLedger(Generic[P]):
         part = self._partitions.get(tp)
         return None if part is None else self._advance(part)
 
+    def describe(self) -> dict[P, dict[str, object]]:
+        """Each owned partition's state, for ``/health``."""
+        return {
+            tp: {
+                "answered_below": part.floor,
+                "read_up_to": part.frontier,
+                "committed": part.committed,
+                "queued": sum(1 for s in part.entries.values() if s is _State.QUEUED),
+                "running": sum(1 for s in part.entries.values() if s is _State.RUNNING),
+                "answered_above": sum(1 for s in part.entries.values() if s is _State.ANSWERED),
+                "revoked": part.suspended,
+            }
+            for tp, part in self._partitions.items()
+        }
+
     def pending(self) -> dict[P, int]:
         """Requests read and not yet answered, per partition (queued or running)."""
         return {
             tp: n for tp, part in self._partitions.items()
             if (n := sum(1 for s in part.entries.values() if s is not _State.ANSWERED))
         }
+
+    @staticmethod
+    def _extend(part: _Partition) -> None:
+        """Move the frontier over the delivered offsets that continue the run."""
+        assert part.frontier is not None
+        while part.frontier in part.entries:
+            part.frontier += 1
 
     @staticmethod
     def _advance(part: _Partition) -> int | None:

@@ -65,3 +65,6 @@ class WorkerMetrics:
             "nexus_worker_redeliveries", "Requests read again (rebalance, rewind) and not answered again: "
             "running or answered already, or stale (an older generation, a partition not owned).",
             ["verdict"], registry=r)
+        self.rereads = Counter(
+            "nexus_worker_rereads", "Seeks back to read again requests the consumer skipped (a hole in a partition's run).",
+            registry=r)

@@ -96,16 +96,34 @@ def test_deliveries_of_an_older_generation_or_a_lost_partition_are_stale() -> No
     assert ledger.deliver("p1", 0, 2) is Verdict.NEW
 
 
-def test_holes_in_a_run_of_deliveries_are_no_records() -> None:
+def test_a_hole_in_the_run_holds_the_commit_until_read_or_shown_empty() -> None:
     ledger: RequestLedger[str] = RequestLedger()
-    ledger.assign({"p0"}, generation=1)
-    for offset in (4, 5, 9):  # 6-8: transaction markers, say
+    ledger.assign({"p0"}, generation=1, committed={"p0": 4})
+    for offset in (4, 5, 9, 10):  # 6-8 skipped: Faust fetched past them, or markers
         ledger.deliver("p0", offset, 1)
         ledger.start("p0", offset)
         ledger.answered("p0", offset)
-    assert ledger.committable() == {"p0": 10}
-    ledger.committed({"p0": 10})
-    assert ledger.committable() == {}
+    assert ledger.committable() == {"p0": 6}
+    assert ledger.holes() == {"p0": (6, 9)}
+    ledger.deliver("p0", 6, 1)  # read again after a seek
+    assert ledger.holes() == {"p0": (7, 9)}
+    ledger.no_records("p0", 7, 9)  # the broker has none there
+    assert ledger.holes() == {}
+    assert ledger.committable() == {"p0": 6}  # 6 is not answered yet
+    ledger.start("p0", 6)
+    ledger.answered("p0", 6)
+    assert ledger.committable() == {"p0": 11}
+
+
+def test_the_committed_offset_starts_the_run_not_the_first_delivery() -> None:
+    ledger: RequestLedger[str] = RequestLedger()
+    ledger.assign({"p0"}, generation=1, committed={"p0": 100})
+    ledger.deliver("p0", 150, 1)  # fetched before Faust's seek back to the committed offset
+    ledger.start("p0", 150)
+    ledger.answered("p0", 150)
+    assert ledger.committable() == {}  # 100 is committed already; 100-149 are not answered
+    assert ledger.answered_below("p0") == 100
+    assert ledger.deliver("p0", 99, 1) is Verdict.ANSWERED  # below the committed offset
 
 
 # -- the property --------------------------------------------------------------------------
@@ -138,12 +156,17 @@ class World:
             self.committed[tp] = max(self.committed[tp], offset)
         w.ledger.committed(offsets)
 
-    def fetch(self, i: int, tp: str, n: int) -> None:
+    def fetch(self, i: int, tp: str, n: int, skip: int = 0) -> None:
+        """Deliver up to n records from the position; ``skip`` records are lost on the way (Faust)."""
         w = self.workers[i]
         if self.owner.get(tp) != i:
             return
         pos = w.position.setdefault(tp, self.committed[tp])
-        for offset in [o for o in self.logs[tp] if o >= pos][:n]:
+        records = [o for o in self.logs[tp] if o >= pos]
+        if skip and records:
+            w.position[tp] = records[min(skip, len(records) - 1)]
+            records = records[skip:]
+        for offset in records[:n]:
             verdict = w.ledger.deliver(tp, offset, self.generation)
             assert verdict is not Verdict.STALE
             if verdict is Verdict.NEW:
@@ -168,6 +191,15 @@ class World:
         w = self.workers[i]
         self.check_commit(w, w.ledger.committable())
 
+    def resolve_holes(self, i: int) -> None:
+        """The worker's hole check: records in a hole are read again (seek), an empty one is filled."""
+        w = self.workers[i]
+        for tp, (start, end) in w.ledger.holes().items():
+            if any(start <= o < end for o in self.logs[tp]):
+                w.position[tp] = start
+            else:
+                w.ledger.no_records(tp, start, end)
+
     def rebalance(self, rng: random.Random, kill: int | None) -> None:
         for i, w in enumerate(self.workers):
             owned = [tp for tp, o in self.owner.items() if o == i]
@@ -180,13 +212,18 @@ class World:
             # Faust drops what it fetched and had not delivered; some delivered events are
             # still in the take buffer and arrive after the rebalance, with the old generation.
             self.stale.extend((i, tp, o, g) for tp, o, g in w.queued)
-            w.position.clear()
+            if rng.random() < 0.5:  # else the fetch goes on from where it was, before Faust's seek
+                w.position.clear()
         if kill is not None:
             self.workers[kill] = Worker()  # running calls die with it, unanswered
         self.generation += 1
         self.owner = {tp: rng.randrange(len(self.workers)) for tp in PARTITIONS}
         for i, w in enumerate(self.workers):
-            w.ledger.assign({tp for tp, o in self.owner.items() if o == i}, self.generation)
+            owned = {tp for tp, o in self.owner.items() if o == i}
+            w.ledger.assign(owned, self.generation, {tp: self.committed[tp] for tp in owned})
+            for tp in list(w.position):
+                if tp not in owned:
+                    del w.position[tp]
 
     def deliver_stale(self) -> None:
         for i, tp, offset, generation in self.stale:
@@ -195,7 +232,7 @@ class World:
 
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["fetch", "start", "answer", "commit", "rebalance", "kill", "stale"]),
+    st.tuples(st.sampled_from(["fetch", "skip", "start", "answer", "commit", "rebalance", "kill", "stale", "holes"]),
               st.integers(0, 1), st.integers(0, 50), st.sampled_from(PARTITIONS)),
     max_size=120,
 )
@@ -210,10 +247,15 @@ def test_commits_never_pass_an_unanswered_request_and_everything_is_answered(
     logs = {tp: [o for o in range(30) if o not in holes] for tp in PARTITIONS}
     world = World(logs=logs, workers=[Worker(), Worker()], owner={"p0": 0, "p1": 1})
     for i, w in enumerate(world.workers):
-        w.ledger.assign({tp for tp, o in world.owner.items() if o == i}, world.generation)
+        w.ledger.assign({tp for tp, o in world.owner.items() if o == i}, world.generation,
+                        {"p0": 0, "p1": 0})
     for op, i, n, tp in ops:
         if op == "fetch":
             world.fetch(i, tp, n % 8 + 1)
+        elif op == "skip":
+            world.fetch(i, tp, n % 8 + 1, skip=n % 3 + 1)
+        elif op == "holes":
+            world.resolve_holes(i)
         elif op == "start":
             world.start(i, n)
         elif op == "answer":
@@ -237,6 +279,7 @@ def test_commits_never_pass_an_unanswered_request_and_everything_is_answered(
             while world.workers[i].running:
                 world.answer(i, 0)
             world.commit(i)
+            world.resolve_holes(i)
         if all(world.committed[tp] > logs[tp][-1] for tp in PARTITIONS):
             break
     for tp in PARTITIONS:
