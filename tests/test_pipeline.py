@@ -176,8 +176,18 @@ async def test_health_metrics_and_models(stack: dict[str, str], gateway_url: str
     assert 'nexus_gateway_requests_total{code="404",model=""}' in metrics.text
     async with httpx.AsyncClient() as http:
         worker = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/metrics")
+        worker_health = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/health")
     assert worker.status_code == 200
     assert "nexus_worker_batch_size_bucket" in worker.text
+    assert "nexus_worker_task_failures_total 0.0" in worker.text
+    # The worker's own health: no failed task, and the ledger of each requests partition it owns.
+    assert worker_health.status_code == 200, worker_health.text
+    body = worker_health.json()
+    assert body["status"] == "ok" and body["task_failures_total"] == 0
+    requests_partitions = [p for p in body["partitions"] if p.startswith(stack.get("NEXUS_KAFKA_REQUESTS_TOPIC", "inference.requests") + "/")]
+    assert requests_partitions, body
+    assert all(state["answered_below"] is not None and state["revoked"] is False
+               for state in body["partitions"].values()), body
 
 
 async def test_models_show_each_endpoints_live_state_from_the_workers(
