@@ -176,7 +176,12 @@ async def test_health_metrics_and_models(stack: dict[str, str], gateway_url: str
     assert 'nexus_gateway_requests_total{code="404",model=""}' in metrics.text
     async with httpx.AsyncClient() as http:
         worker = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/metrics")
-        worker_health = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/health")
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the worker joins its group a few seconds after it starts
+            worker_health = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/health")
+            if worker_health.json().get("partitions") or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
     assert worker.status_code == 200
     assert "nexus_worker_batch_size_bucket" in worker.text
     assert "nexus_worker_task_failures_total 0.0" in worker.text
