@@ -435,25 +435,22 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         def call_starts() -> None:
             calling[0] = True
 
-        try:
-            while True:
-                try:
-                    await handle(group, inference, outbox, done, call_starts)
+        while True:
+            try:
+                await handle(group, inference, outbox, done, call_starts)
+                return
+            except Exception as exc:
+                failures += 1
+                request = group[0][1]
+                metrics.task_failures.inc()
+                health.failed(request.id, exc)
+                log.exception("answering %s failed (%d times); answering it again", request.id, failures)
+                if failures > len(RETRY_PAUSE_S):  # answer with the error instead, until that works
+                    reason = f"internal error: {exc!r}"
+                    group = [(e, dataclasses.replace(r, stream=False)) for e, r in group]
+                    await answer_with(group, inference.failed(request, reason), done)
                     return
-                except Exception as exc:
-                    failures += 1
-                    request = group[0][1]
-                    metrics.task_failures.inc()
-                    health.failed(request.id, exc)
-                    log.exception("answering %s failed (%d times); answering it again", request.id, failures)
-                    if failures > len(RETRY_PAUSE_S):  # answer with the error instead, until that works
-                        reason = f"internal error: {exc!r}"
-                        group = [(e, dataclasses.replace(r, stream=False)) for e, r in group]
-                        await answer_with(group, inference.failed(request, reason), done)
-                        return
-                    await asyncio.sleep(RETRY_PAUSE_S[failures - 1])
-        finally:
-            in_flight.release()
+                await asyncio.sleep(RETRY_PAUSE_S[failures - 1])
 
     async def answer_with(group: list[tuple[EventT, InferenceRequest]], answer: Answer, done: set[int]) -> None:
         pause = RETRY_PAUSE_S[0]
@@ -474,6 +471,11 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                 ledger.answered(event.message.tp, event.message.offset)
 
     in_flight = asyncio.Semaphore(worker.max_in_flight)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        """A done callback, not a ``finally``: a task cancelled before it ran never enters its body."""
+        running.pop(task, None)
+        in_flight.release()
 
     def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A task failed with no one awaiting it: count it and show it on /health, then log it as asyncio would."""
@@ -523,7 +525,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
                     calling = [False]
                     task = asyncio.ensure_future(run(group, inference, calling))
                     running[task] = ([e for e, _ in group], calling)
-                    task.add_done_callback(lambda t: running.pop(t, None))
+                    task.add_done_callback(finished)
 
     async def drain() -> None:
         """Before leaving the group: start nothing new, let running answers finish for up to
