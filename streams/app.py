@@ -595,6 +595,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         healthy, body = health.report(
             generation=ledger.generation,
             running=len(running),
+            late_deliveries=ledger.late_deliveries,
             partitions={f"{tp.topic}/{tp.partition}": state for tp, state in ledger.describe().items()},
         )
         return web.json(body, status=200 if healthy else 503)

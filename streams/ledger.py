@@ -122,10 +122,6 @@ class RequestLedger(Generic[P]):
         """``tp`` is owned, or was until a revocation whose next assignment is not known yet."""
         return tp in self._partitions
 
-    def owns(self, tp: P) -> bool:
-        part = self._partitions.get(tp)
-        return part is not None and not part.suspended
-
     # -- requests -------------------------------------------------------------------------
 
     def deliver(self, tp: P, offset: int, generation: int) -> Verdict:
@@ -228,13 +224,6 @@ class RequestLedger(Generic[P]):
                 "revoked": part.suspended,
             }
             for tp, part in self._partitions.items()
-        }
-
-    def pending(self) -> dict[P, int]:
-        """Requests read and not yet answered, per partition (queued or running)."""
-        return {
-            tp: n for tp, part in self._partitions.items()
-            if (n := sum(1 for s in part.entries.values() if s is not _State.ANSWERED))
         }
 
     @staticmethod
