@@ -38,7 +38,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import ProducerFenced, TopicAlreadyExistsError
 from faust.types import EventT
 from faust.types.auth import CredentialsT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -340,8 +340,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
             if not offsets and not exactly_once:
                 return
             try:
-                if await outbox.commit(offsets):
-                    ledger.committed(offsets)
+                ledger.committed(await outbox.commit(offsets))
             except Exception as exc:  # the next commit covers them; nothing is lost meanwhile
                 log.warning("committing %s failed: %r", offsets, exc)
 
@@ -479,6 +478,11 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
 
     def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A task failed with no one awaiting it: count it and show it on /health, then log it as asyncio would."""
+        if isinstance(context.get("exception"), ProducerFenced):
+            # Exactly once: a partition moved to another worker, whose transactional producer fenced
+            # this one's; aiokafka fails the fenced producer's pending futures, which no one awaits.
+            log.info("a transactional producer of this worker was fenced by the partition's new owner")
+            return
         metrics.task_failures.inc()
         task = context.get("task") or context.get("future")
         health.failed(getattr(task, "get_name", lambda: "event loop")(), context.get("exception") or context["message"])

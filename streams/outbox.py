@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import faust
 from aiokafka import TopicPartition
+from aiokafka.errors import IllegalOperation, ProducerFenced
 from faust.types import TP, EventT
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,27 @@ class Outbox(Protocol):
                     headers: Headers = None) -> None:
         """A record of ``event``'s answer; returns once it counts as answered."""
 
-    async def commit(self, offsets: dict[TP, int]) -> bool:
-        """Commit ``offsets`` (every request below each is answered); False if Kafka refused."""
+    async def commit(self, offsets: dict[TP, int]) -> dict[TP, int]:
+        """Commit ``offsets`` (every request below each is answered); returns those Kafka accepted."""
 
     def forget(self, keep: set[TP]) -> None:
         """Partitions other than ``keep`` were lost: drop what is held for them."""
 
 
-async def until_sent(what: str, send: Callable[[], Awaitable[Any]]) -> None:
-    """Retry until Kafka acknowledged: the broker being away holds the batch and loses nothing."""
+async def until_sent(
+    what: str, send: Callable[[], Awaitable[Any]], permanent: tuple[type[Exception], ...] = ()
+) -> None:
+    """Retry until Kafka acknowledged: the broker being away holds the batch and loses nothing.
+
+    ``permanent`` errors are raised at once: retrying cannot help them.
+    """
     delay = 0.1
     while True:
         try:
             await (await send())
             return
+        except permanent:
+            raise
         except Exception as exc:
             log.warning("producing to %s failed (%r); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
@@ -78,9 +86,9 @@ class AtOnce:
                     headers: Headers = None) -> None:
         await until_sent(topic.get_topic_name(), lambda: self._send(topic, key, value, headers))
 
-    async def commit(self, offsets: dict[TP, int]) -> bool:
+    async def commit(self, offsets: dict[TP, int]) -> dict[TP, int]:
         async with self._gate:
-            return await commit_offsets(self._app, offsets)
+            return offsets if await commit_offsets(self._app, offsets) else {}
 
     def forget(self, keep: set[TP]) -> None:
         pass
@@ -102,22 +110,41 @@ class InCommittedPrefix:
             (topic.get_topic_name(), key, value, headers)
         )
 
-    async def commit(self, offsets: dict[TP, int]) -> bool:
+    async def commit(self, offsets: dict[TP, int]) -> dict[TP, int]:
         """Write the held records of the requests below ``offsets`` into their partitions'
         transactions, then commit those with the offsets (and Faust's own acked offsets, of the
-        cache agent: its commit timer is off under exactly once)."""
+        cache agent: its commit timer is off under exactly once).
+
+        A partition whose transactional producer was fenced (another worker owns it now, this one
+        was out of the group) is left to its new owner: its held records are dropped, its offset
+        is not committed, and the new owner answers those requests.
+        """
         async with self._gate:
-            sends = []
-            for tp, below in offsets.items():
+            offsets = dict(offsets)
+            for tp, below in list(offsets.items()):
                 held = self._held.get(tp, {})
-                transaction = self._transactional_id(tp)
-                for offset in sorted(o for o in held if o < below):
-                    for topic, key, value, headers in held.pop(offset):
-                        sends.append((topic, lambda t=topic, k=key, v=value, h=headers, tid=transaction:
-                                      self._app.producer.send(t, k, v, None, None, h, transactional_id=tid)))
-            await asyncio.gather(*(until_sent(topic, send) for topic, send in sends))
+                records = [r for offset in sorted(o for o in held if o < below) for r in held.pop(offset)]
+                if not await self._write(tp, records):
+                    self._held.pop(tp, None)
+                    del offsets[tp]
             await self._app.consumer.commit()
-            return await commit_offsets(self._app, offsets) if offsets else True
+            return offsets if offsets and await commit_offsets(self._app, offsets) else {}
+
+    async def _write(self, tp: TP, records: list[tuple[str, bytes | None, bytes, Headers]]) -> bool:
+        """Write ``records`` in ``tp``'s transaction, retrying while Kafka is away; False if fenced."""
+        transaction = self._transactional_id(tp)
+        sends = []
+        for topic, key, value, headers in records:
+            sends.append(until_sent(topic, lambda t=topic, k=key, v=value, h=headers:
+                                    self._app.producer.send(t, k, v, None, None, h, transactional_id=transaction),
+                                    permanent=(ProducerFenced, IllegalOperation)))
+        try:
+            await asyncio.gather(*sends)
+        except (ProducerFenced, IllegalOperation) as exc:
+            log.warning("the transaction of %s/%s is fenced (%r): another worker owns the partition; "
+                        "it answers the requests held here", tp.topic, tp.partition, exc)
+            return False
+        return True
 
     def forget(self, keep: set[TP]) -> None:
         for tp in [tp for tp in self._held if tp not in keep]:
