@@ -42,7 +42,7 @@ COPY . .
 RUN pip install --no-cache-dir --no-deps . \
  && cd / \
  && python -c "from schemas import Codec; c = Codec.from_directory(); c.current('InferenceRequest'); c.current('InferenceResponse')" \
- && python -c "from producers.page import STATIC_DIR; assert (STATIC_DIR / 'index.html').is_file(), STATIC_DIR" \
+ && python -c "from producers.gateway.page import STATIC_DIR; assert (STATIC_DIR / 'index.html').is_file(), STATIC_DIR" \
  && nexus --help > /dev/null \
  && mkdir -p /app/.cache \
  && chown -R nexus:nexus /app/.cache

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | check-python
 	touch $(STAMP)
 
 kafka-jars: $(STAMP)
-	$(BIN)/python -c 'from nexus.localkafka import fetch_kafka; print("Kafka jars in", fetch_kafka())'
+	$(BIN)/python -c 'from localdev.broker import fetch_kafka; print("Kafka jars in", fetch_kafka())'
 
 run: $(STAMP) kafka-jars
 	$(BIN)/nexus up

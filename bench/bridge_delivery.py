@@ -40,9 +40,9 @@ import httpx
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 
-from nexus.localkafka import LocalKafka, free_port
+from localdev.broker import LocalKafka, free_port
 from nexus.settings import KafkaSettings
-from nexus.topics import ensure_topics
+from nexus.kafka.topics import ensure_topics
 from schemas import Codec, InferenceResponse, ModelContext, encode_response, utcnow
 
 REPO = Path(__file__).resolve().parent.parent

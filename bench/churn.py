@@ -33,9 +33,9 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
 
 from common import REPO, isolated_env, role, run_on_broker, stop_all, wait_http
-from nexus.kafka_clients import client_options
-from nexus.localkafka import free_port
-from nexus.topics import ensure_topics
+from nexus.kafka.clients import client_options
+from localdev.broker import free_port
+from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
 from schemas import Codec, InferenceRequest, ModelContext, decode_response
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from nexus.localkafka import LocalKafka, free_port
+from localdev.broker import LocalKafka, free_port
 from nexus.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ import uuid
 import httpx
 
 from common import percentile, role, run_on_broker, wait_http
-from nexus.localkafka import free_port
+from localdev.broker import free_port
 
 
 async def measure(bootstrap: str, n: int) -> None:

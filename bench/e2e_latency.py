@@ -21,7 +21,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from common import percentile, role, run_on_broker, wait_http
-from nexus.localkafka import free_port
+from localdev.broker import free_port
 from schemas import Codec, decode_response
 
 

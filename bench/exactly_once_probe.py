@@ -42,8 +42,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 
 from common import REPO, cpu_seconds, isolated_env, percentile, run_on_broker, stop_all, wait_http
-from nexus.localkafka import free_port
-from nexus.topics import ensure_topics, read_from_end
+from localdev.broker import free_port
+from nexus.kafka.readers import read_from_end
+from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
 from schemas import Codec, InferenceOptions, InferenceRequest, ModelContext, decode_response
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 
 from common import isolated_env, role, run_on_broker, stop_all, wait_http
-from nexus.localkafka import free_port
-from nexus.topics import ensure_topics
+from localdev.broker import free_port
+from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
 from schemas import InferenceRequest, ModelContext
 

@@ -22,11 +22,11 @@ import time
 import uuid
 
 from common import REPO, role, run_on_broker, wait_http
-from nexus.localkafka import free_port
+from localdev.broker import free_port
 from nexus.settings import KafkaSettings
-from nexus.topics import ensure_topics
+from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
-from producers.replies import ReplyIndex, ReplyReader
+from producers.gateway.replies import ReplyIndex, ReplyReader
 from schemas import Codec, InferenceRequest, ModelContext
 
 

@@ -49,14 +49,14 @@ import aiohttp
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from nexus.localkafka import LocalKafka, free_port
+from localdev.broker import LocalKafka, free_port
 from nexus.settings import KafkaSettings, load_settings
-from nexus.topics import ensure_topics
+from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
 from schemas import Codec, InferenceRequest, ModelContext, decode_response
-from streams.cache import CacheEntry
-from streams.ollama import new_session
-from streams.inference import Inference
+from streams.answering.cache import CacheEntry
+from streams.backends.ollama import new_session
+from streams.answering.inference import Inference
 from streams.metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scaleout.py [-n 3000] [--workers 1,2,4] [--models 8] [--nodes 3] [--bootstrap HOST:PORT,...]
 
-Starts (unless --bootstrap) a local 3-node KRaft cluster (``nexus.localcluster``) and a
+Starts (unless --bootstrap) a local 3-node KRaft cluster (``localdev.cluster``) and a
 zero-latency simulator (``--ttft-ms 0 --tokens-per-s 0 --parallel 64``). For each worker count
 it creates topics of its own (8 partitions, replication factor 3, min ISR 2), starts that many
 ``python -m nexus worker`` processes in one group, waits until the group is stable with all of
@@ -45,10 +45,10 @@ from aiokafka.errors import CoordinatorNotAvailableError
 from aiokafka.partitioner import murmur2
 
 from common import REPO, cpu_seconds, isolated_env, role, stop_all, wait_http
-from nexus.localcluster import LocalKafkaCluster
-from nexus.localkafka import free_port
+from localdev.cluster import LocalKafkaCluster
+from localdev.broker import free_port
 from nexus.settings import KafkaSettings
-from nexus.topics import ensure_topics
+from nexus.kafka.topics import ensure_topics
 from throughput import drive
 
 PARTITIONS = 8

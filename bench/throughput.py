@@ -33,10 +33,11 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from common import REPO, cpu_seconds, isolated_env, role, run_on_broker, stop_all, wait_http
-from nexus.kafka_clients import client_options
-from nexus.localkafka import free_port
+from nexus.kafka.clients import client_options
+from localdev.broker import free_port
 from nexus.settings import KafkaSettings
-from nexus.topics import ensure_topics, read_from_end
+from nexus.kafka.readers import read_from_end
+from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
 from schemas import InferenceRequest, ModelContext
 

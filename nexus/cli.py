@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from .settings import ConfigError, Settings, load_settings
+from nexus.settings import ConfigError, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -24,7 +24,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from .localkafka import default_data_dir, run_forever
+    from localdev.broker import default_data_dir, run_forever
 
     return run_forever(args.port, Path(args.data) if args.data else default_data_dir(args.port))
 
@@ -37,7 +37,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from producers.gateway import serve
+    from producers.gateway.app import serve
 
     asyncio.run(_until_signalled(serve(_settings(args))))
     return 0
@@ -56,7 +56,7 @@ async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    from consumers.bridge import BridgeStartError, serve_bridge
+    from consumers.bridge.server import BridgeStartError, serve_bridge
 
     try:
         asyncio.run(_until_signalled(serve_bridge(_settings(args))))
@@ -67,7 +67,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator.cli import config_from_args, run
+    from localdev.simulator.cli import config_from_args, run
 
     try:
         config = config_from_args(args)
@@ -78,13 +78,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from producers.submit_cli import run
+    from producers.submit import run
 
     return run(args, _settings(args))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from consumers.replay_cli import run
+    from consumers.replay.cli import run
 
     return run(args, _settings(args))
 
@@ -107,7 +107,7 @@ def cmd_new_key(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .up import run_stack
+    from localdev.stack import run_stack
 
     return run_stack(_settings(args), args)
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bridge)
 
-    from simulator.cli import add_arguments
+    from localdev.simulator.cli import add_arguments
 
     p = sub.add_parser(
         "simulate-ollama", parents=[common], help="run a simulated Ollama server (answers are fake)"
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_simulate)
 
-    from consumers.replay_cli import add_arguments as add_replay_arguments
-    from producers.submit_cli import add_arguments as add_submit_arguments
+    from consumers.replay.cli import add_arguments as add_replay_arguments
+    from producers.submit import add_arguments as add_submit_arguments
 
     p = sub.add_parser("submit", parents=[common], help="submit a prompt (or JSON lines from stdin) and print the answer")
     add_submit_arguments(p)

@@ -11,7 +11,7 @@
 idempotent producer), so a returned id is durably in ``inference.requests``.
 ``submit_and_wait`` addresses the request to this producer (``reply_to``) and reads its
 answer from ``inference.responses`` with the reader the drop-in gateways use
-(:mod:`producers.replies`), which skips everyone else's answers without decoding them.
+(:mod:`producers.gateway.replies`), which skips everyone else's answers without decoding them.
 
 This module needs only :mod:`schemas`, :mod:`nexus.settings` and aiokafka, so other
 systems can use it without the worker, the gateway or their dependencies.
@@ -31,11 +31,11 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from nexus.kafka_clients import client_options, refusal
+from nexus.kafka.clients import client_options, refusal
 from nexus.settings import KafkaSettings
 from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
 
-from .replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
+from producers.gateway.replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
 
 T = TypeVar("T")
 DEFAULT_WAIT_S = 120.0

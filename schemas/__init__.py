@@ -3,7 +3,7 @@
 The worker and the edges share only this package and the Kafka topics.
 """
 
-from .codec import (
+from schemas.codec import (
     Codec,
     InvalidValueError,
     MalformedRecordError,
@@ -11,7 +11,7 @@ from .codec import (
     SchemaError,
     UnknownSchemaError,
 )
-from .records import (
+from schemas.records import (
     InferenceOptions,
     InferenceRequest,
     InferenceResponse,

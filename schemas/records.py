@@ -8,7 +8,7 @@ from functools import cache
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from .codec import Codec
+from schemas.codec import Codec
 
 Status = Literal["ok", "error"]
 CachePolicy = Literal["default", "no-cache", "no-store"]

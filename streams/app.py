@@ -44,9 +44,9 @@ from faust.types.auth import CredentialsT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.access import AccessPolicy, Unauthenticated
-from nexus.kafka_clients import client_options, ssl_context
+from nexus.kafka.clients import client_options, ssl_context
 from nexus.settings import KafkaSettings, Settings
-from nexus.topics import partitions_of, replication_config
+from nexus.kafka.topics import partitions_of, replication_config
 from schemas import (
     Codec,
     InferenceRequest,
@@ -57,15 +57,15 @@ from schemas import (
     encode_token,
 )
 
-from . import cache
-from .health import WorkerHealth
-from .inference import Answer, Inference
-from .ledger import RequestLedger, Verdict
-from .metrics import WorkerMetrics
-from .offsets import PartitionOffsets
-from .ollama import new_session
-from .outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
-from .prompt import PromptTemplate
+from streams.answering import cache
+from streams.health import WorkerHealth
+from streams.answering.inference import Answer, Inference
+from streams.commits.ledger import RequestLedger, Verdict
+from streams.metrics import WorkerMetrics
+from streams.commits.offsets import PartitionOffsets
+from streams.backends.ollama import new_session
+from streams.commits.outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
+from streams.answering.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -692,7 +692,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     """Run the worker in this process until SIGINT/SIGTERM."""
     from faust.worker import Worker
 
-    from nexus.topics import ensure_topics
+    from nexus.kafka.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings.kafka))
     asyncio.run(_ensure_internal_topics(settings))

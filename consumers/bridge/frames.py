@@ -1,0 +1,194 @@
+"""The websocket bridge's protocol: parse client frames, build server frames. No I/O.
+
+Client frames (JSON text):
+
+- ``{"type":"subscribe","session_id":"s1"}``, ``{"type":"subscribe","request_ids":["r1",...]}``
+  or ``{"type":"subscribe","all":true}``, each with an optional ``"since"`` (ISO-8601 or
+  epoch milliseconds) to replay what was produced since then;
+- ``{"type":"unsubscribe", ...the same target...}``;
+- ``{"type":"submit", ...the body of POST /infer...}``.
+
+Server frames: ``subscribed``, ``unsubscribed``, ``replayed``, ``accepted``, ``token``,
+``result`` and ``error``; see the README's "Websocket bridge" section.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from schemas import InferenceResponse, InferenceToken
+
+MAX_ID_LENGTH = 256
+MAX_REQUEST_IDS = 1000
+
+
+class FrameError(ValueError):
+    """A client frame that the bridge cannot act on; ``reason`` goes back in an error frame."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a subscription selects: one session, some request ids, or every result."""
+
+    session_id: str | None = None
+    request_ids: tuple[str, ...] = ()
+    all: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        if self.all:
+            return {"all": True}
+        if self.session_id is not None:
+            return {"session_id": self.session_id}
+        return {"request_ids": list(self.request_ids)}
+
+    def matches(self, session_id: str, request_id: str, is_token: bool) -> bool:
+        """Whether a record of this session and request belongs to the subscription."""
+        if self.all:
+            return not is_token  # "all" is a results feed; tokens of every request would flood it
+        if self.session_id is not None:
+            return session_id == self.session_id
+        return request_id in self.request_ids
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    target: Target
+    since_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    target: Target
+
+
+@dataclass(frozen=True)
+class Submit:
+    body: dict[str, Any]  # the POST /infer body, validated by schemas.validation
+
+
+ClientFrame = Subscribe | Unsubscribe | Submit
+
+
+def parse_client_frame(message: str | bytes) -> ClientFrame:
+    """Turn one websocket message into a client frame, or raise :class:`FrameError`."""
+    try:
+        data = json.loads(message)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FrameError(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FrameError("frame must be a JSON object with a \"type\"")
+    kind = data.get("type")
+    if kind == "submit":
+        body = {k: v for k, v in data.items() if k != "type"}
+        return Submit(body)
+    if kind == "subscribe":
+        _only(data, {"type", "session_id", "request_ids", "all", "since"})
+        since = data.get("since")
+        return Subscribe(_target(data), None if since is None else parse_since(since))
+    if kind == "unsubscribe":
+        _only(data, {"type", "session_id", "request_ids", "all"})
+        return Unsubscribe(_target(data))
+    raise FrameError(
+        f"unknown frame type {kind!r}; expected \"subscribe\", \"unsubscribe\" or \"submit\""
+    )
+
+
+def parse_since(value: Any) -> int:
+    """``since`` as epoch milliseconds: an ISO-8601 time (UTC when no offset) or epoch ms."""
+    if isinstance(value, bool):
+        raise FrameError("'since' must be an ISO-8601 time or epoch milliseconds, not a boolean")
+    if isinstance(value, (int, float)):
+        ms = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        ms = int(value.strip())
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise FrameError(
+                f"'since' {value!r} is neither ISO-8601 (e.g. 2024-05-01T12:00:00Z) nor epoch ms"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        ms = int(when.timestamp() * 1000)
+    else:
+        raise FrameError("'since' must be an ISO-8601 time or epoch milliseconds")
+    if ms < 0:
+        raise FrameError(f"'since' must not be before 1970, got {value!r}")
+    return ms
+
+
+def _only(data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise FrameError(f"unknown field {unknown[0]!r} in {data['type']}; allowed: {sorted(allowed)}")
+
+
+def _target(data: dict[str, Any]) -> Target:
+    given = [k for k in ("session_id", "request_ids", "all") if data.get(k) is not None]
+    if len(given) != 1:
+        raise FrameError(
+            f"{data['type']} needs exactly one of \"session_id\", \"request_ids\" or \"all\""
+            + (f", got {given}" if given else "")
+        )
+    if given[0] == "all":
+        if data["all"] is not True:
+            raise FrameError("'all' must be true")
+        return Target(all=True)
+    if given[0] == "session_id":
+        return Target(session_id=_id(data["session_id"], "session_id"))
+    ids = data["request_ids"]
+    if not isinstance(ids, list) or not ids:
+        raise FrameError("'request_ids' must be a non-empty list of strings")
+    if len(ids) > MAX_REQUEST_IDS:
+        raise FrameError(f"'request_ids' has {len(ids)} ids; at most {MAX_REQUEST_IDS} per frame")
+    return Target(request_ids=tuple(dict.fromkeys(_id(i, "request_ids[]") for i in ids)))
+
+
+def _id(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise FrameError(f"'{name}' must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise FrameError(f"'{name}' is longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _dump(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def token_frame(token: InferenceToken) -> str:
+    return _dump({"type": "token", "id": token.id, "seq": token.seq, "text": token.text})
+
+
+def result_frame(response: InferenceResponse) -> str:
+    return _dump({"type": "result", **response.to_json()})
+
+
+def error_frame(reason: str, **detail: Any) -> str:
+    return _dump({"type": "error", "reason": reason, **detail})
+
+
+def subscribed_frame(target: Target, since_ms: int | None = None) -> str:
+    extra = {} if since_ms is None else {"since": since_ms}
+    return _dump({"type": "subscribed", **target.to_json(), **extra})
+
+
+def unsubscribed_frame(target: Target) -> str:
+    return _dump({"type": "unsubscribed", **target.to_json()})
+
+
+def replayed_frame(target: Target, since_ms: int, count: int) -> str:
+    """Sent after a ``since`` replay: what follows for this subscription is live."""
+    return _dump({"type": "replayed", **target.to_json(), "since": since_ms, "count": count})
+
+
+def accepted_frame(request_id: str, session_id: str) -> str:
+    return _dump({"type": "accepted", "id": request_id, "session_id": session_id})

@@ -1,0 +1,7 @@
+"""``python -m simulator``: run the simulated Ollama server."""
+
+import sys
+
+from localdev.simulator.cli import main
+
+sys.exit(main())

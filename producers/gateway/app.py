@@ -1,0 +1,192 @@
+"""The HTTP gateway: ``POST /infer`` onto Kafka, plus health, metrics and models.
+
+A thin aiohttp shell: validation lives in :mod:`schemas.validation`, writing
+to Kafka in :mod:`producers.client`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import httpx
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from nexus.access import AccessPolicy, Forbidden
+from nexus.settings import Settings
+from nexus.kafka.topics import ensure_topics
+
+from producers.gateway import access as access_http
+from producers.client import RequestProducer, SubmitError
+from producers.gateway.dropin.call import add_dropin_routes
+from producers.gateway.models import EndpointStateReader
+from producers.gateway.page import add_page_routes
+from producers.gateway.openapi import add_openapi_route
+from schemas.validation import RejectedRequest, parse_infer_body
+
+log = logging.getLogger(__name__)
+
+PRODUCER = web.AppKey("producer", RequestProducer)
+HTTP = web.AppKey("http", httpx.AsyncClient)
+MAX_BODY = web.AppKey("max_body", int)
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "nexus_gateway_requests",
+            "POST /infer requests by model and HTTP status.",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.produce_seconds = Histogram(
+            "nexus_gateway_produce_seconds",
+            "Time until Kafka acknowledged a submitted request.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error the gateway answers is ``{"error": "..."}``, aiohttp's own ones too."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY]
+        return _error(413, f"body larger than the {limit}-byte limit")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason)
+
+
+def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web.Application:
+    """Build the gateway application; Kafka is connected on startup."""
+    metrics = metrics or GatewayMetrics()
+    app = web.Application(client_max_size=settings.gateway.max_body_bytes, middlewares=[_json_errors])
+    app[MAX_BODY] = settings.gateway.max_body_bytes
+    access_http.install(app, AccessPolicy(settings.access))  # API keys: docs/security.md
+    known_models = set(settings.model_ids)
+    endpoint_state = EndpointStateReader(settings)
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        await ensure_topics(settings.kafka)
+        producer = RequestProducer(settings.kafka)
+        await producer.start()
+        app[PRODUCER] = producer
+        app[HTTP] = httpx.AsyncClient(timeout=settings.gateway.health_timeout_s)
+        endpoint_state.start()
+        yield
+        await endpoint_state.stop()
+        await app[HTTP].aclose()
+        await producer.stop()
+
+    async def infer(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            infer_request = parse_infer_body(body, known_models)
+        except RejectedRequest as exc:
+            metrics.requests.labels(model="", code=str(exc.status)).inc()
+            return _error(exc.status, exc.message)
+        try:
+            access_http.authorize(request, infer_request.model_id)
+        except Forbidden:
+            metrics.requests.labels(model=infer_request.model_id, code="403").inc()
+            raise  # the access middleware answers 403
+        infer_request = dataclasses.replace(infer_request, key_name=AccessPolicy.owner(access_http.key_of(request)))
+        started = time.perf_counter()
+        try:
+            await app[PRODUCER].submit(infer_request)
+        except SubmitError as exc:
+            metrics.requests.labels(model=infer_request.model_id, code="503").inc()
+            return _error(503, str(exc))
+        metrics.produce_seconds.observe(time.perf_counter() - started)
+        metrics.requests.labels(model=infer_request.model_id, code="202").inc()
+        return web.json_response({"id": infer_request.id, "status": "submitted"}, status=202)
+
+    async def health(request: web.Request) -> web.Response:
+        checks = await check_health(settings, app[PRODUCER], app[HTTP])
+        healthy = all(c["status"] == "ok" for c in checks.values())
+        return web.json_response(
+            {"status": "ok" if healthy else "unavailable", "checks": checks},
+            status=200 if healthy else 503,
+        )
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def models(request: web.Request) -> web.Response:
+        allowed = set(app[access_http.POLICY].models_for(access_http.key_of(request), settings.model_ids))
+        return web.json_response({"models": [m for m in endpoint_state.models() if m["id"] in allowed]})
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/infer", infer)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/models", models)
+    add_openapi_route(app, settings)  # GET /openapi.json
+    # Ollama's /api/* and OpenAI's /v1/* answered over Kafka; starts the reply reader (docs/drop-in.md).
+    add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER])
+    add_page_routes(app, settings)  # /, /config.json, /static/: the live page
+    return app
+
+
+async def check_health(
+    settings: Settings, producer: RequestProducer, http: httpx.AsyncClient
+) -> dict[str, dict[str, str]]:
+    """Ask Kafka and every model endpoint, concurrently, whether they answer."""
+
+    async def kafka() -> dict[str, str]:
+        try:
+            await producer.ping(settings.gateway.health_timeout_s)
+        except SubmitError as exc:
+            return {"status": "down", "reason": str(exc)}
+        return {"status": "ok", "bootstrap": settings.kafka.bootstrap}
+
+    async def endpoint(url: str) -> dict[str, str]:
+        try:
+            response = await http.get(f"{url}/api/version")
+            response.raise_for_status()
+            return {"status": "ok", "version": str(response.json().get("version", "?"))}
+        except (httpx.HTTPError, ValueError) as exc:
+            return {"status": "down", "reason": f"{type(exc).__name__}: {exc}"}
+
+    urls = sorted({url for m in settings.models for url in m.urls})
+    results = await asyncio.gather(kafka(), *(endpoint(u) for u in urls))
+    checks = {"kafka": results[0]}
+    by_url = dict(zip(urls, results[1:]))
+    for model in settings.models:
+        up = [u for u in model.urls if by_url[u]["status"] == "ok"]
+        checks[f"model:{model.id}"] = (
+            {"status": "ok", "endpoints": ", ".join(up)}
+            if up
+            else {"status": "down", "reason": "; ".join(f"{u}: {by_url[u]['reason']}" for u in model.urls)}
+        )
+    return checks
+
+
+async def serve(settings: Settings) -> None:
+    """Run the gateway until cancelled."""
+    runner = web.AppRunner(create_app(settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.gateway.host, settings.gateway.port)
+    await site.start()
+    log.warning("gateway listening on http://%s:%d", settings.gateway.host, settings.gateway.port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
