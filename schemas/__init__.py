@@ -1,7 +1,10 @@
-"""Nexus's wire contract: Avro schemas, the single-object codec and typed records.
+"""Nexus's wire contract: Avro schemas, the single-object codec, typed records,
+record headers, the endpoint-state record, limits and request validation.
 
 The worker and the edges share only this package and the Kafka topics.
 """
+
+from schemas import headers
 
 from schemas.codec import (
     Codec,
@@ -11,6 +14,7 @@ from schemas.codec import (
     SchemaError,
     UnknownSchemaError,
 )
+from schemas.endpoint_state import WorkerReport
 from schemas.records import (
     InferenceOptions,
     InferenceRequest,
@@ -29,12 +33,14 @@ from schemas.records import (
 )
 
 __all__ = [
+    # the codec
     "Codec",
     "InvalidValueError",
     "MalformedRecordError",
     "NotAvroError",
     "SchemaError",
     "UnknownSchemaError",
+    # records
     "InferenceOptions",
     "InferenceRequest",
     "InferenceResponse",
@@ -49,4 +55,7 @@ __all__ = [
     "encode_token",
     "new_id",
     "utcnow",
+    "WorkerReport",
+    # header names
+    "headers",
 ]
