@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Where the local broker's jars and data live (localdev/home.py); a checkout keeps them in its
+# git-ignored .cache/. Outside make the default is $XDG_CACHE_HOME/nexus or ~/.cache/nexus.
+export NEXUS_HOME ?= $(CURDIR)/.cache
 
 .PHONY: run test kafka-jars check-python clean
 

@@ -33,7 +33,7 @@ import httpx
 from common import isolated_env, percentile, role, run_on_broker, stop_all, wait_http
 from localdev.broker import free_port
 from nexus.kafka.topics import ensure_topics
-from producers.gateway.replies import ReplyIndex, ReplyReader
+from producers.replies import ReplyIndex, ReplyReader
 from schemas import Codec
 
 Call = Callable[[], Awaitable[float]]

@@ -26,7 +26,7 @@ from localdev.broker import free_port
 from nexus.settings import KafkaSettings
 from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
-from producers.gateway.replies import ReplyIndex, ReplyReader
+from producers.replies import ReplyIndex, ReplyReader
 from schemas import Codec, InferenceRequest, ModelContext
 
 

@@ -2,8 +2,10 @@
 
 Why: Nexus needs a genuine broker (transactions, consumer groups, acks=all) without
 Docker or a tarball download. The broker jars are fetched once from Maven Central
-with ``mvn`` using the pinned ``kafka_pom.xml`` next to this module, cached under
-``<repo>/.cache/kafka/<version>/libs``, and the broker runs as a ``java`` subprocess.
+with ``mvn`` using the pinned ``kafka_pom.xml`` shipped with this package, cached under
+``<nexus home>/kafka/<version>/libs`` (see :mod:`localdev.home`: ``$NEXUS_HOME``, else
+``$XDG_CACHE_HOME/nexus``, else ``~/.cache/nexus``), and the broker runs as a ``java``
+subprocess.
 
 Typical use::
 
@@ -16,12 +18,12 @@ from __future__ import annotations
 import atexit
 import base64
 import errno
+import importlib.resources
 import os
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -32,13 +34,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from localdev import home
+from localdev.metadata import broker_ids
+from nexus.errors import NexusError
+
 KAFKA_VERSION = "3.9.1"
 MIN_JAVA_MAJOR = 11  # Kafka 3.9 brokers need Java 11+
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = _PACKAGE_DIR.parent
-POM_PATH = _PACKAGE_DIR / "kafka_pom.xml"
-DEFAULT_LIBS_DIR = REPO_ROOT / ".cache" / "kafka" / KAFKA_VERSION / "libs"
+POM_RESOURCE = "kafka_pom.xml"  # package data of ``localdev``: found in a checkout and in a wheel
 _MARKER_NAME = ".fetch-complete"
 _LOG_TAIL_LINES = 40
 
@@ -54,8 +57,14 @@ log4j.logger.kafka.server.BrokerServer=INFO
 """
 
 
-class KafkaError(RuntimeError):
-    """The local broker could not be fetched, started or reached; the message says what to do."""
+class LocalKafkaError(NexusError):
+    """The local broker could not be fetched, started or reached; the message says what to do.
+
+    Not aiokafka's ``KafkaError``: this one is about the dev broker that :mod:`localdev` runs.
+    """
+
+
+KafkaError = LocalKafkaError  # the old name, kept for callers that catch it
 
 
 # --------------------------------------------------------------------------- helpers
@@ -68,9 +77,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def default_libs_dir() -> Path:
+    """Where the jars are cached unless told otherwise: ``<nexus home>/kafka/<version>/libs``."""
+    return home.kafka_libs_dir(KAFKA_VERSION)
+
+
 def default_data_dir(port: int) -> Path:
-    """Per-port data dir under the git-ignored cache, so two dev brokers never share logs."""
-    return REPO_ROOT / ".cache" / "kafka-data" / str(port)
+    """Per-port data dir under the Nexus home (``<home>/kafka-data/<port>``), so two dev brokers
+    never share logs."""
+    return home.kafka_data_dir(port)
+
+
+def kafka_pom() -> str:
+    """The pinned Maven POM that lists the broker's runtime jars, read as package data."""
+    return importlib.resources.files("localdev").joinpath(POM_RESOURCE).read_text(encoding="utf-8")
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -116,7 +136,7 @@ def _make_certificates(tls_dir: Path, host: str) -> None:
         return
     openssl = shutil.which("openssl")
     if openssl is None:
-        raise KafkaError("openssl not found: install it (e.g. `apt-get install openssl`) to run a TLS listener")
+        raise LocalKafkaError("openssl not found: install it (e.g. `apt-get install openssl`) to run a TLS listener")
     tls_dir.mkdir(parents=True, exist_ok=True)
     san = f"DNS:localhost,IP:{host}" if re.fullmatch(r"[\d.]+", host) else f"DNS:localhost,DNS:{host}"
     (tls_dir / "server.ext").write_text(
@@ -138,7 +158,7 @@ def _make_certificates(tls_dir: Path, host: str) -> None:
     for args in steps:
         proc = subprocess.run([openssl, *args], cwd=tls_dir, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise KafkaError(f"openssl {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+            raise LocalKafkaError(f"openssl {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     (tls_dir / "server.pem").write_text((tls_dir / "server.key").read_text() + (tls_dir / "server.crt").read_text())
 
 
@@ -148,7 +168,7 @@ def _java_executable() -> str:
     candidate = Path(java_home) / "bin" / "java" if java_home else None
     java = str(candidate) if candidate and candidate.exists() else shutil.which("java")
     if not java:
-        raise KafkaError(
+        raise LocalKafkaError(
             f"java not found: install a JDK/JRE {MIN_JAVA_MAJOR}+ "
             "(e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME"
         )
@@ -157,15 +177,15 @@ def _java_executable() -> str:
             [java, "-version"], capture_output=True, text=True, timeout=30, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KafkaError(f"could not run {java} -version: {exc}") from exc
+        raise LocalKafkaError(f"could not run {java} -version: {exc}") from exc
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
     if not match:
-        raise KafkaError(f"could not parse the Java version from `{java} -version`: {out.stderr!r}")
+        raise LocalKafkaError(f"could not parse the Java version from `{java} -version`: {out.stderr!r}")
     major = int(match.group(1))
     if major == 1 and match.group(2):  # "1.8.0_x" style
         major = int(match.group(2))
     if major < MIN_JAVA_MAJOR:
-        raise KafkaError(
+        raise LocalKafkaError(
             f"{java} is Java {major}; Kafka {KAFKA_VERSION} needs Java {MIN_JAVA_MAJOR}+ "
             "(install e.g. openjdk-17-jre-headless or point JAVA_HOME at a newer JDK)"
         )
@@ -186,38 +206,42 @@ def fetch_kafka(cache_dir: Path | None = None) -> Path:
 
     Runs Maven into a sibling staging dir and renames it into place only after a
     successful fetch, so an interrupted download is never picked up as a classpath.
+    The POM is copied into a scratch dir first: the installed package may be read-only.
     """
-    libs_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_LIBS_DIR
+    libs_dir = Path(cache_dir) if cache_dir is not None else default_libs_dir()
     if _has_marker(libs_dir):
         return libs_dir
     mvn = shutil.which("mvn")
     if not mvn:
-        raise KafkaError(
+        raise LocalKafkaError(
             "mvn (Apache Maven) not found on PATH: install it (e.g. `apt-get install maven`); "
             f"it is needed once to fetch the Kafka {KAFKA_VERSION} jars into {libs_dir}"
         )
     libs_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{libs_dir.name}.fetch-", dir=libs_dir.parent))
+    project = Path(tempfile.mkdtemp(prefix=f".{libs_dir.name}.pom-", dir=libs_dir.parent))
     try:
+        pom = project / "pom.xml"
+        pom.write_text(kafka_pom(), encoding="utf-8")
         cmd = [
-            mvn, "-q", "-B", "-f", str(POM_PATH),
+            mvn, "-q", "-B", "-f", str(pom),
             "dependency:copy-dependencies",
             f"-DoutputDirectory={staging}",
             "-DincludeScope=runtime",
         ]
         try:
             proc = subprocess.run(
-                cmd, cwd=staging, capture_output=True, text=True, timeout=900, check=False
+                cmd, cwd=project, capture_output=True, text=True, timeout=900, check=False
             )
         except subprocess.TimeoutExpired as exc:
-            raise KafkaError(
+            raise LocalKafkaError(
                 "mvn timed out fetching Kafka jars: check access to Maven Central "
                 "(https://repo.maven.apache.org) or the proxy/mirror in ~/.m2/settings.xml"
             ) from exc
         jars = sorted(p.name for p in staging.glob("*.jar"))
         if proc.returncode != 0 or not any(j.startswith("kafka_") for j in jars):
             output = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_LOG_TAIL_LINES:])
-            raise KafkaError(
+            raise LocalKafkaError(
                 f"mvn failed (exit {proc.returncode}) fetching Kafka {KAFKA_VERSION} jars: check "
                 "network access to Maven Central (https://repo.maven.apache.org) or the proxy/"
                 f"mirror in ~/.m2/settings.xml. Command: {' '.join(cmd)}\n{output}"
@@ -233,6 +257,7 @@ def fetch_kafka(cache_dir: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(project, ignore_errors=True)
     return libs_dir
 
 
@@ -248,37 +273,6 @@ def _read_properties(path: Path) -> dict[str, str]:
         key, _, value = line.partition("=")
         props[key.strip()] = value.strip()
     return props
-
-
-def _metadata_ready(host: str, port: int, timeout: float) -> bool:
-    """One Kafka Metadata v1 round trip; True once the broker lists itself (i.e. is unfenced).
-
-    Plain sockets on purpose: works from sync code and from inside a running event loop.
-    """
-    client_id = b"nexus-localkafka"
-    body = struct.pack(">hhih", 3, 1, 1, len(client_id)) + client_id + struct.pack(">i", -1)
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack(">i", len(body)) + body)
-            header = _recv_exact(sock, 4)
-            (size,) = struct.unpack(">i", header)
-            payload = _recv_exact(sock, size)
-    except OSError:
-        return False
-    if len(payload) < 8:
-        return False
-    correlation_id, broker_count = struct.unpack(">ii", payload[:8])
-    return correlation_id == 1 and broker_count > 0
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("broker closed the connection")
-        buf.extend(chunk)
-    return bytes(buf)
 
 
 # --------------------------------------------------------------------------- broker
@@ -339,7 +333,7 @@ class LocalKafka:
     def tls_bootstrap(self) -> str:
         """``host:port`` of the TLS listener (``tls_port``), whose protocol is :attr:`tls_security_protocol`."""
         if self.tls_port is None:
-            raise KafkaError("this broker has no TLS listener: pass tls_port")
+            raise LocalKafkaError("this broker has no TLS listener: pass tls_port")
         return f"{self.host}:{self.tls_port}"
 
     @property
@@ -425,7 +419,7 @@ class LocalKafka:
         if self.controller_port is None:
             return saved_port if saved_port is not None else free_port(self.host)
         if saved_port is not None and saved_port != self.controller_port:
-            raise KafkaError(
+            raise LocalKafkaError(
                 f"data dir {self.data_dir} was formatted with controller port {saved_port}; "
                 f"pass controller_port={saved_port} (or None) or use a fresh data dir"
             )
@@ -465,7 +459,7 @@ class LocalKafka:
         Readiness is a Metadata request that lists this broker, not a fixed sleep.
         """
         if self.is_running():
-            raise KafkaError(f"broker on {self.bootstrap} is already running (pid {self.pid})")
+            raise LocalKafkaError(f"broker on {self.bootstrap} is already running (pid {self.pid})")
         deadline = time.monotonic() + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         controller_port = self._resolve_controller_port()
@@ -476,7 +470,7 @@ class LocalKafka:
         for what, port in (("port", self.port), ("controller port", controller_port)):
             if _port_in_use(self.host, port):
                 hint = "--port" if what == "port" else "another data dir"
-                raise KafkaError(
+                raise LocalKafkaError(
                     f"{what} {port} is already in use on {self.host}: "
                     f"is another Kafka running? use {hint}"
                 )
@@ -528,7 +522,7 @@ class LocalKafka:
             output = (proc.stdout + proc.stderr).strip()[-4000:]
             for password in self.sasl_users.values():
                 output = output.replace(password, "***")
-            raise KafkaError(
+            raise LocalKafkaError(
                 f"formatting Kafka storage in {self.log_dir} failed (exit {proc.returncode}):\n" + output
             )
 
@@ -538,21 +532,21 @@ class LocalKafka:
             code = self._proc.poll()
             if code is not None:
                 self._forget()
-                raise KafkaError(
+                raise LocalKafkaError(
                     f"Kafka broker exited with code {code} during startup; last lines of "
                     f"{self.log_path}:\n{_tail(self.log_path, log_start)}"
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.stop()
-                raise KafkaError(
+                raise LocalKafkaError(
                     f"Kafka broker on {self.bootstrap} did not become ready in time; last lines "
                     f"of {self.log_path}:\n{_tail(self.log_path, log_start)}"
                 )
             # A secured broker answers plain Metadata requests only on its internal listener.
             ready_port = self._internal_port if self._secured else self.port
-            if _metadata_ready(self.host, ready_port, timeout=min(2.0, max(remaining, 0.1))):
-                return
+            if broker_ids(self.host, ready_port, timeout=min(2.0, max(remaining, 0.1))):
+                return  # it lists a live broker: itself, registered and unfenced
             time.sleep(0.1)  # poll interval between readiness checks
 
     def stop(self, timeout: float = 15) -> None:
@@ -620,7 +614,7 @@ def run_forever(port: int = 9092, data_dir: Path | None = None) -> int:
         started = time.monotonic()
         try:
             kafka.start()
-        except KafkaError as exc:
+        except LocalKafkaError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if stop_requested.is_set():

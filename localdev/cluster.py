@@ -24,8 +24,6 @@ import asyncio
 import atexit
 import base64
 import signal
-import socket
-import struct
 import subprocess
 import time
 import uuid
@@ -35,7 +33,9 @@ from types import TracebackType
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from localdev.broker import KafkaError, LocalKafka, _recv_exact, free_port
+from localdev.broker import KafkaError, LocalKafka, LocalKafkaError, free_port  # KafkaError: the old name
+from localdev.metadata import broker_ids  # re-exported: it used to live here
+
 
 def replicated_defaults(nodes: int) -> dict[str, str]:
     """The brokers' defaults: with 3+ nodes every topic has 3 replicas and acks=all needs 2 of
@@ -147,7 +147,7 @@ class LocalKafkaCluster:
         for node in self.nodes:
             if node.node_id == node_id:
                 return node
-        raise KafkaError(f"no node {node_id} in this cluster (ids 1..{len(self.nodes)})")
+        raise LocalKafkaError(f"no node {node_id} in this cluster (ids 1..{len(self.nodes)})")
 
     def running(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.is_running()]
@@ -191,11 +191,12 @@ class LocalKafkaCluster:
         """Poll Metadata until every node in ``asked`` lists exactly ``expected`` as live brokers."""
         seen: dict[int, set[int]] = {}
         while True:
-            seen = {node.node_id: broker_ids(node.host, node.port, timeout=2.0) for node in asked}
+            seen = {node.node_id: broker_ids(node.host, node.port, timeout=2.0, client_id="nexus-localcluster")
+                    for node in asked}
             if all(ids == expected for ids in seen.values()):
                 return
             if time.monotonic() > deadline:
-                raise KafkaError(
+                raise LocalKafkaError(
                     f"cluster {self.bootstrap}: brokers {sorted(expected)} not all registered in time "
                     f"(live brokers as each node sees them: {seen}); see the kafka.log files under "
                     f"{self.data_dir}"
@@ -225,8 +226,8 @@ class LocalKafkaCluster:
                 if found and found[0]["leader"] >= 0:
                     return found[0]
                 if loop.time() > deadline:
-                    raise KafkaError(f"{topic}/{partition} has no leader on {self.bootstrap} "
-                                     f"after {timeout:g}s: {description}")
+                    raise LocalKafkaError(f"{topic}/{partition} has no leader on {self.bootstrap} "
+                                          f"after {timeout:g}s: {description}")
                 await asyncio.sleep(0.2)  # poll interval while metadata propagates
         finally:
             await admin.close()
@@ -256,29 +257,3 @@ def _distinct_free_ports(count: int, host: str) -> list[int]:
         if port not in ports:
             ports.append(port)
     return ports
-
-
-def broker_ids(host: str, port: int, timeout: float) -> set[int]:
-    """Node ids of the live (registered, unfenced) brokers, from one Metadata v1 request to
-    ``host:port``; empty if it does not answer. Plain sockets: usable from sync code."""
-    client_id = b"nexus-localcluster"
-    body = struct.pack(">hhih", 3, 1, 1, len(client_id)) + client_id + struct.pack(">i", -1)
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            payload = _recv_exact(sock, size)
-    except OSError:
-        return set()
-    correlation_id, count = struct.unpack_from(">ii", payload, 0)
-    if correlation_id != 1:
-        return set()
-    ids, pos = set(), 8
-    for _ in range(count):  # node_id int32, host string, port int32, rack nullable string
-        (node_id,) = struct.unpack_from(">i", payload, pos)
-        (host_len,) = struct.unpack_from(">h", payload, pos + 4)
-        pos += 6 + host_len + 4
-        (rack_len,) = struct.unpack_from(">h", payload, pos)
-        pos += 2 + max(rack_len, 0)
-        ids.add(node_id)
-    return ids

@@ -107,9 +107,14 @@ def cmd_new_key(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from localdev.broker import LocalKafkaError
     from localdev.stack import run_stack
 
-    return run_stack(_settings(args), args)
+    try:
+        return run_stack(_settings(args), args)
+    except LocalKafkaError as exc:  # no java or mvn, a busy port: the message says what to do
+        print(f"nexus up: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", parents=[common], help="run Kafka, the worker and the gateway locally")
     p.add_argument("--kafka-port", type=int, default=9092, help="port of the embedded broker")
-    p.add_argument("--kafka-data", help="data directory of the embedded broker")
+    p.add_argument("--kafka-data", help="data directory of the embedded broker "
+                   "(default: <nexus home>/kafka-data/<port>; the home is $NEXUS_HOME or ~/.cache/nexus)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("kafka", parents=[common], help="run a local single-node Kafka (KRaft)")
     p.add_argument("--port", type=int, default=9092)
-    p.add_argument("--data", help="data directory, kept across restarts")
+    p.add_argument("--data", help="data directory, kept across restarts "
+                   "(default: <nexus home>/kafka-data/<port>; the home is $NEXUS_HOME or ~/.cache/nexus)")
     p.set_defaults(func=cmd_kafka)
 
     p = sub.add_parser("worker", parents=[common], help="run the Faust worker that answers requests")

@@ -7,6 +7,7 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     │   ├── KafkaAccessError                   nexus.kafka.clients: credentials or TLS refused
     │   └── TemplateError                      streams.answering.prompt: worker.prompt_template
     ├── KafkaUnavailableError                  nexus.kafka.topics: no broker answered in time
+    ├── TopicCreationError                     nexus.kafka.topics: Kafka refused to create a topic
     ├── TopicMissingError                      nexus.kafka.readers: a topic Nexus reads does not exist
     ├── AccessError                            nexus.access: an API key was refused
     │   ├── Unauthenticated
@@ -17,7 +18,7 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     ├── ProducerError                          producers.client: the producer API
     │   ├── SubmitError                        a request was not accepted by Kafka
     │   └── ResponseTimeout                    no answer in time
-    ├── ReplyReaderError                       producers.gateway.replies: answers cannot be read
+    ├── ReplyReaderError                       producers.replies: answers cannot be read
     ├── BridgeStartError                       consumers.bridge: the bridge cannot start
     ├── ReplayError                            consumers.replay: a replay cannot be done as asked
     │   └── ReplayKafkaError                   Kafka refused or did not answer

@@ -11,10 +11,11 @@
 idempotent producer), so a returned id is durably in ``inference.requests``.
 ``submit_and_wait`` addresses the request to this producer (``reply_to``) and reads its
 answer from ``inference.responses`` with the reader the drop-in gateways use
-(:mod:`producers.gateway.replies`), which skips everyone else's answers without decoding them.
+(:mod:`producers.replies`), which skips everyone else's answers without decoding them.
 
-This module needs only :mod:`schemas`, :mod:`nexus.settings` and aiokafka, so other
-systems can use it without the worker, the gateway or their dependencies.
+This module needs only :mod:`schemas`, :mod:`nexus` and aiokafka, so other systems can
+use it without the worker, the gateway or their dependencies. ``import producers`` gives
+the same names (``producers.RequestProducer``, ``producers.SubmitError``...).
 """
 
 from __future__ import annotations
@@ -31,21 +32,32 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from nexus.errors import NexusError
 from nexus.kafka.clients import client_options, refusal
 from nexus.settings import KafkaSettings
 from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
 
-from producers.gateway.replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
+from producers.replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
+
+__all__ = [
+    "DEFAULT_WAIT_S",
+    "ProducerClosedError",
+    "ProducerError",
+    "RequestProducer",
+    "ResponseTimeoutError",
+    "ResponsesUnavailableError",
+    "SubmitError",
+    "SyncRequestProducer",
+]
 
 T = TypeVar("T")
 DEFAULT_WAIT_S = 120.0
 
-
-class ProducerError(RuntimeError):
-    """Base class of the producer API's errors."""
-
-
 log = logging.getLogger(__name__)
+
+
+class ProducerError(NexusError, RuntimeError):
+    """Base class of the producer API's errors (also a ``RuntimeError``, as it always was)."""
 
 
 class SubmitError(ProducerError):

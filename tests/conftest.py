@@ -7,11 +7,16 @@ in ``tests/integration/conftest.py``, so the unit tier never starts one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 _HERE = Path(__file__).parent
+
+# The broker's jars (~100 MB) stay in the checkout's git-ignored .cache/, as under `make test`
+# (NEXUS_HOME, see localdev/home.py); role subprocesses inherit it. An explicit value wins.
+os.environ.setdefault("NEXUS_HOME", str(_HERE.parent / ".cache"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -35,6 +35,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
+    def queued(self) -> list[str]:
+        """The frames waiting, oldest first, without taking them."""
+        return list(self._frames)
+
     def push(self, frame: str) -> bool:
         """Queue ``frame``; ``False`` when the outbox is full (or closed): the client is too slow."""
         if self.closed or len(self._frames) >= self.limit:

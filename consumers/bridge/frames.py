@@ -15,21 +15,27 @@ Server frames: ``subscribed``, ``unsubscribed``, ``replayed``, ``accepted``, ``t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from schemas import InferenceResponse, InferenceToken
+from schemas.limits import MAX_REQUEST_IDS_PER_FRAME
+from schemas.validation import RejectedRequest, parse_json, request_id, session_id
 
-MAX_ID_LENGTH = 256
-MAX_REQUEST_IDS = 1000
+MAX_REQUEST_IDS = MAX_REQUEST_IDS_PER_FRAME
 
 
-class FrameError(ValueError):
-    """A client frame that the bridge cannot act on; ``reason`` goes back in an error frame."""
+class FrameError(RejectedRequest):
+    """A client frame that the bridge cannot act on; ``reason`` goes back in an error frame.
+
+    A :class:`~schemas.validation.RejectedRequest` (400) like every edge's refusals; the
+    bridge renders it as ``{"type":"error","reason":...}``.
+    """
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(400, reason)
         self.reason = reason
 
 
@@ -79,9 +85,9 @@ ClientFrame = Subscribe | Unsubscribe | Submit
 def parse_client_frame(message: str | bytes) -> ClientFrame:
     """Turn one websocket message into a client frame, or raise :class:`FrameError`."""
     try:
-        data = json.loads(message)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FrameError(f"frame is not valid JSON: {exc}") from None
+        data = parse_json(message, "frame is not valid JSON")
+    except RejectedRequest as exc:
+        raise FrameError(exc.message) from None
     if not isinstance(data, dict):
         raise FrameError("frame must be a JSON object with a \"type\"")
     kind = data.get("type")
@@ -143,21 +149,21 @@ def _target(data: dict[str, Any]) -> Target:
             raise FrameError("'all' must be true")
         return Target(all=True)
     if given[0] == "session_id":
-        return Target(session_id=_id(data["session_id"], "session_id"))
+        return Target(session_id=_id(session_id, data["session_id"], "session_id"))
     ids = data["request_ids"]
     if not isinstance(ids, list) or not ids:
         raise FrameError("'request_ids' must be a non-empty list of strings")
     if len(ids) > MAX_REQUEST_IDS:
         raise FrameError(f"'request_ids' has {len(ids)} ids; at most {MAX_REQUEST_IDS} per frame")
-    return Target(request_ids=tuple(dict.fromkeys(_id(i, "request_ids[]") for i in ids)))
+    return Target(request_ids=tuple(dict.fromkeys(_id(request_id, i, "request_ids[]") for i in ids)))
 
 
-def _id(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise FrameError(f"'{name}' must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise FrameError(f"'{name}' is longer than {MAX_ID_LENGTH} characters")
-    return value
+def _id(check: Callable[[Any, str], str], value: Any, name: str) -> str:
+    """A session or request id, checked as every edge checks it (:mod:`schemas.validation`)."""
+    try:
+        return check(value, name)
+    except RejectedRequest as exc:
+        raise FrameError(exc.message) from None
 
 
 def _dump(frame: dict[str, Any]) -> str:

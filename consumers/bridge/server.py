@@ -11,57 +11,51 @@ replay history from Kafka (``offsets_for_times``) up to the live reader's
 position at subscribe time, then hand over to live delivery with no gap and
 no duplicate (:class:`~consumers.bridge.delivery.CatchUp`).
 
-The protocol is parsed in :mod:`consumers.bridge.frames`; this module only moves bytes.
+Every decision (routing, access, ordering, what to answer) is in
+:class:`~consumers.bridge.core.BridgeCore`; this module only moves bytes between
+websockets, Kafka and the core. The live reader runs under :class:`nexus.tasks.Background`:
+if it dies it is logged, started again from the end, and shown on ``/health``.
 """
+
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import heapq
-import itertools
 import json
 import logging
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from nexus.access import AccessPolicy, Forbidden, Unauthenticated
-from nexus.kafka.clients import client_options
-from nexus.settings import ApiKey, KafkaSettings, Settings
-from nexus.kafka.readers import TopicMissingError, known_partitions
+from nexus.access import AccessPolicy, Unauthenticated
+from nexus.kafka.readers import TopicMissingError, read_from_end, read_from_time, reader
 from nexus.kafka.topics import KafkaUnavailableError, ensure_topics
+from nexus.settings import ApiKey, KafkaSettings, Settings
+from nexus.tasks import Background
 from producers.client import RequestProducer, SubmitError
-from schemas.validation import RejectedRequest, request_from_json
-from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
+from schemas import Codec, InferenceRequest, SchemaError
 
-from consumers.bridge.delivery import CatchUp, Outbox, OutboxClosed, RecordKey
-from consumers.bridge.owners import SessionOwners
-from consumers.bridge.frames import (
-    FrameError,
-    Submit,
-    Subscribe,
-    Target,
-    Unsubscribe,
-    accepted_frame,
-    error_frame,
-    parse_client_frame,
-    replayed_frame,
-    result_frame,
-    subscribed_frame,
-    token_frame,
-    unsubscribed_frame,
+from consumers.bridge.core import (
+    Action,
+    BridgeCore,
+    Close,
+    KafkaRecord,
+    Partition,
+    Peer,
+    Produce,
+    Replay,
 )
-from consumers.bridge.subscriptions import SubscriptionIndex, TooManySubscriptions
+from consumers.bridge.delivery import OutboxClosed, RecordKey
+from consumers.bridge.errors import BridgeStartError, HistoryError
+
+__all__ = ["Bridge", "BridgeStartError", "HistoryError", "read_history", "serve_bridge"]
 
 log = logging.getLogger(__name__)
 
@@ -75,57 +69,48 @@ MAX_REPLAY_RECORDS = 100_000
 REPLAY_TIMEOUT_S = 60.0
 # How long a closing handshake may take before the TCP connection is dropped.
 CLOSE_TIMEOUT_S = 10.0
-# The query parameter a browser puts its token in (browsers cannot set headers on a websocket).
-TOKEN_PARAM = "token"
-
-
-class BridgeStartError(RuntimeError):
-    """The bridge could not start: Kafka or the listening port is unavailable."""
-
-
-class HistoryError(RuntimeError):
-    """A ``since`` replay could not be read from Kafka."""
-
+# How long the live reader waits for the result topics to exist.
+TOPICS_TIMEOUT_S = 30.0
+# The live reader's name under /health's "tasks".
+LIVE_READER = "bridge-live-reader"
 
 class BridgeClient:
-    """One websocket connection: its outbox, its replay state and its background tasks."""
+    """The I/O half of one connection: its socket and its background tasks (the rest is its Peer)."""
 
-    def __init__(self, number: int, ws: ServerConnection, max_queue: int, key: ApiKey | None = None) -> None:
-        self.number = number
+    def __init__(self, peer: Peer, ws: ServerConnection) -> None:
+        self.peer = peer
         self.ws = ws
-        self.key = key  # the API key it authenticated with; None when access is open
-        self.outbox = Outbox(max_queue)
-        self.catchup = CatchUp()
         self.tasks: set[asyncio.Task[None]] = set()
         self.submits = asyncio.Semaphore(MAX_SUBMITS_IN_FLIGHT)
         self.closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        who = "" if self.key is None else f" key {self.key.name}"
-        return f"<client {self.number} {self.ws.remote_address}{who}>"
+        return repr(self.peer)
 
 
 class Bridge:
     """Serves ``settings.bridge.path`` on ``settings.bridge.port``; ``start`` then ``stop``."""
 
-    def __init__(self, settings: Settings, codec: Codec | None = None) -> None:
+    def __init__(self, settings: Settings, codec: Codec | None = None, background: Background | None = None) -> None:
         self._settings = settings
+        kafka = settings.kafka
         self._codec = codec or Codec.from_directory()
-        self._known_models = frozenset(settings.model_ids)
-        self._access = AccessPolicy(settings.access)
+        self._core = BridgeCore(
+            self._codec,
+            responses_topic=kafka.responses_topic,
+            tokens_topic=kafka.tokens_topic,
+            access=AccessPolicy(settings.access),
+            known_models=settings.model_ids,
+            max_queue=settings.bridge.max_queue,
+        )
         # The key each accepted handshake authenticated with, until its handler takes it.
         self._handshake_keys: weakref.WeakKeyDictionary[ServerConnection, ApiKey] = weakref.WeakKeyDictionary()
-        self._owners = SessionOwners()
-        self._index: SubscriptionIndex[BridgeClient] = SubscriptionIndex()
-        self._clients: set[BridgeClient] = set()
-        self._numbers = itertools.count(1)
-        # Next offset the live reader will route, per partition: the cutoff of a replay.
-        self._positions: dict[TopicPartition, int] = {}
+        self._clients: dict[Peer, BridgeClient] = {}
         self._replays = asyncio.Semaphore(MAX_REPLAYS)
+        self._background = background or Background()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: RequestProducer | None = None
         self._server: Server | None = None
-        self._reader: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -134,9 +119,13 @@ class Bridge:
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
-    def reader(self) -> asyncio.Task[None]:
-        assert self._reader is not None, "bridge not started"
-        return self._reader
+    def core(self) -> BridgeCore:
+        return self._core
+
+    @property
+    def background(self) -> Background:
+        """The supervised live reader, as ``/health`` reports it."""
+        return self._background
 
     async def start(self) -> None:
         """Position the live reader at the end of every partition, then accept connections.
@@ -159,21 +148,10 @@ class Bridge:
             self._producer = producer
         except (KafkaUnavailableError, SubmitError) as exc:
             raise BridgeStartError(str(exc)) from None
-        self._consumer = AIOKafkaConsumer(
-            **client_options(kafka), group_id=None, enable_auto_commit=False,
-            isolation_level=kafka.isolation_level,
-        )
         try:
-            await self._consumer.start()
-            tps = [
-                TopicPartition(topic, p)
-                for topic in (kafka.responses_topic, kafka.tokens_topic)
-                for p in await _partitions(self._consumer, topic)
-            ]
-            self._consumer.assign(tps)
-            await self._consumer.seek_to_end(*tps)
-            for tp in tps:
-                self._positions[tp] = await self._consumer.position(tp)
+            await self._open_reader()
+        except TopicMissingError as exc:
+            raise BridgeStartError(str(exc)) from None
         except KafkaError as exc:
             raise BridgeStartError(f"cannot read the result topics at {kafka.bootstrap}: {exc}") from None
         bridge = self._settings.bridge
@@ -191,11 +169,16 @@ class Bridge:
             )
         except OSError as exc:
             raise BridgeStartError(f"cannot listen on {bridge.host}:{bridge.port}: {exc}") from None
-        self._reader = asyncio.create_task(self._read_live(), name="bridge-live-reader")
+        self._background.start(LIVE_READER, self._read_live)
         log.warning(
             "bridge listening on ws://%s:%d%s (%d partitions, from the end)",
-            bridge.host, self.port, bridge.path, len(self._positions),
+            bridge.host, self.port, bridge.path, len(self._core.positions),
         )
+
+    async def wait_closed(self) -> None:
+        """Return when the server is closed by :meth:`stop` (so: run until cancelled)."""
+        assert self._server is not None, "bridge not started"
+        await self._server.wait_closed()
 
     async def stop(self) -> None:
         """Close every connection (1001), then the Kafka clients; safe to call twice."""
@@ -203,9 +186,7 @@ class Bridge:
         if server is not None:
             server.close()
             await server.wait_closed()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._background.aclose()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
@@ -215,89 +196,66 @@ class Bridge:
 
     # -- Kafka -> clients ------------------------------------------------------------------
 
-    async def _read_live(self) -> None:
-        """Route every new record; all routing is synchronous, so positions are exact cutoffs."""
-        assert self._consumer is not None
-        responses = self._settings.kafka.responses_topic
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=1000)
-            # Chunks first: the worker writes a request's chunks before its result, and one
-            # fetch holds both, but in no set order of partitions; a client must get the
-            # chunks before the result that ends them.
-            for tp, records in sorted(batches.items(), key=lambda item: item[0].topic == responses):
-                for record in records:
-                    self._route(record)
-                if records:
-                    self._positions[tp] = records[-1].offset + 1
+    async def _open_reader(self) -> AIOKafkaConsumer:
+        """A new live reader; the core routes from where it is placed.
 
-    def _route(self, record: ConsumerRecord) -> None:
-        selected = self._decode(record, self._live_results, self._live_tokens)
-        if selected is None:
-            return
-        clients, frame = selected
-        key = (record.topic, record.partition, record.offset)
-        for client in clients:
-            self._deliver_live(client, key, frame)
-
-    def _live_results(self, session_id: str, request_id: str, owner: str | None) -> list[BridgeClient]:
-        if self._access.enabled:
-            self._owners.saw(session_id, owner)
-        return self._visible(self._index.for_result(session_id, request_id), owner)
-
-    def _live_tokens(self, session_id: str, request_id: str, owner: str | None) -> list[BridgeClient]:
-        return self._visible(self._index.for_token(session_id, request_id), owner)
-
-    def _visible(self, clients: set[BridgeClient], owner: str | None) -> list[BridgeClient]:
-        """Only the clients whose key may see a record of ``owner``: a key sees its own records only."""
-        return [c for c in clients if self._access.may_see(c.key, owner)]
-
-    def _decode(
-        self,
-        record: ConsumerRecord,
-        results: Callable[[str, str, str | None], Any],
-        tokens: Callable[[str, str, str | None], Any],
-    ) -> tuple[Any, str] | None:
-        """Decode ``record``; ask ``results``/``tokens`` who wants it; build its frame only then."""
+        The first one starts at the end of every partition. One that replaces a failed
+        reader starts where that one stopped, so records written in between still reach
+        their subscribers.
+        """
+        kafka = self._settings.kafka
+        consumer = reader(kafka, "nexus-bridge")
+        resume = self._core.positions
         try:
-            if record.topic == self._settings.kafka.responses_topic:
-                response = decode_response(self._codec, record.value)
-                wanted = results(response.context.session_id, response.id, response.key_name)
-                return (wanted, result_frame(response)) if wanted else None
-            token = decode_token(self._codec, record.value)
-            wanted = tokens(token.session_id, token.id, token.key_name)
-            return (wanted, token_frame(token)) if wanted else None
-        except SchemaError as exc:
-            log.warning(
-                "skipping undecodable record %s/%d/%d: %s", record.topic, record.partition, record.offset, exc
-            )
-            return None
+            await consumer.start()
+            positions = await read_from_end(consumer, [kafka.responses_topic, kafka.tokens_topic], TOPICS_TIMEOUT_S)
+            for tp, end in positions.items():
+                at = resume.get((tp.topic, tp.partition))
+                if at is not None and at < end:
+                    consumer.seek(tp, at)
+                    positions[tp] = at
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._core.start_at(positions)
+        self._consumer = consumer
+        return consumer
 
-    def _deliver_live(self, client: BridgeClient, key: RecordKey, frame: str) -> None:
-        if client.catchup.live(key, frame):
-            if not client.outbox.push(frame):
-                self._too_slow(client)
-        elif client.catchup.held > client.outbox.limit:
-            self._too_slow(client)
+    async def _read_live(self) -> None:
+        """Route every new record; all routing is synchronous, so positions are exact cutoffs.
 
-    def _reply(self, client: BridgeClient, frame: str) -> None:
-        if not client.outbox.push(frame):
-            self._too_slow(client)
+        Run by :class:`~nexus.tasks.Background`: when it fails, its consumer is closed and
+        the next run opens a new one where this one stopped.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            consumer = await self._open_reader()
+            log.warning("bridge live reader started again where it stopped, on %d partitions", len(self._core.positions))
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000)
+                self._perform(self._core.route_batch(batches))
+        except Exception:
+            self._consumer = None
+            try:
+                await consumer.stop()
+            except Exception as exc:  # the failure being reported matters more than this one
+                log.warning("closing the failed live reader: %s", exc)
+            raise
 
-    def _too_slow(self, client: BridgeClient) -> None:
-        self._close(
-            client,
-            CloseCode.TRY_AGAIN_LATER,
-            f"too slow: {client.outbox.limit} frames unsent; reconnect and subscribe with since",
-        )
-
-    def _close(self, client: BridgeClient, code: int, reason: str) -> None:
-        """Stop routing to ``client`` at once and close it in the background."""
-        if client.closing is not None:
-            return
-        log.warning("closing %r: %d %s", client, code, reason)
-        self._index.drop(client)
-        client.outbox.close()
-        client.closing = asyncio.create_task(self._close_connection(client, code, reason))
+    def _perform(self, actions: list[Action]) -> None:
+        """Carry out the core's actions that need no waiting: closes and replays."""
+        for action in actions:
+            client = self._clients.get(action.peer)
+            if client is None:
+                continue  # it disconnected meanwhile
+            if isinstance(action, Close):
+                if client.closing is None:
+                    client.closing = asyncio.create_task(self._close_connection(client, action.code, action.reason))
+            elif isinstance(action, Replay):
+                self._spawn(client, self._replay(client, action))
+            else:
+                raise TypeError(f"{action!r} must be awaited by the frame handler")
 
     async def _close_connection(self, client: BridgeClient, code: int, reason: str) -> None:
         # The close frame queues behind what the socket still holds; a client that
@@ -312,12 +270,17 @@ class Bridge:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/health":
-            body = {"status": "ok", "clients": len(self._clients), "subscribed": len(self._index)}
-            return connection.respond(200, json.dumps(body) + "\n")
+            healthy = self._background.healthy
+            body = {
+                "status": "ok" if healthy else "unavailable",
+                **self._core.status(),
+                "tasks": self._background.report(),
+            }
+            return connection.respond(200 if healthy else 503, json.dumps(body) + "\n")
         if path != self._settings.bridge.path:
             return connection.respond(404, f"no websocket here; connect to {self._settings.bridge.path}\n")
         try:
-            key = self._authenticate(request)
+            key = self._core.authenticate(request.path, request.headers.get("Authorization"))
         except Unauthenticated as exc:
             response = connection.respond(401, exc.reason + "\n")
             response.headers["WWW-Authenticate"] = exc.challenge
@@ -326,114 +289,54 @@ class Bridge:
             self._handshake_keys[connection] = key
         return None
 
-    def _authenticate(self, request: Request) -> ApiKey | None:
-        """The key of the handshake: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers)."""
-        header = request.headers.get("Authorization")
-        if header is not None:
-            return self._access.authenticate_header(header)
-        query = parse_qs(urlsplit(request.path).query)
-        tokens = query.get(TOKEN_PARAM)
-        return self._access.authenticate(tokens[0] if tokens else None)
-
     async def _handle(self, ws: ServerConnection) -> None:
         key = self._handshake_keys.pop(ws, None)
-        client = BridgeClient(next(self._numbers), ws, self._settings.bridge.max_queue, key)
-        self._clients.add(client)
+        peer = self._core.connect(key, str(ws.remote_address))
+        client = self._clients[peer] = BridgeClient(peer, ws)
         writer = asyncio.create_task(self._write(client))
         try:
             async for message in ws:
-                if client.closing is not None:
+                if peer.closing:
                     break
                 await self._on_message(client, message)
         except ConnectionClosed:
             pass
         finally:
-            self._clients.discard(client)
-            self._index.drop(client)
-            client.outbox.close()
+            self._core.disconnect(peer)
             for task in list(client.tasks):
                 task.cancel()
             await asyncio.gather(writer, *client.tasks, return_exceptions=True)
             if client.closing is not None:
                 await client.closing
+            del self._clients[peer]
 
     async def _write(self, client: BridgeClient) -> None:
         try:
             while True:
-                await client.ws.send(await client.outbox.get())
+                await client.ws.send(await client.peer.outbox.get())
         except (OutboxClosed, ConnectionClosed):
             return
 
     async def _on_message(self, client: BridgeClient, message: str | bytes) -> None:
-        try:
-            frame = parse_client_frame(message)
-        except FrameError as exc:
-            self._reply(client, error_frame(exc.reason))
-            return
-        if isinstance(frame, Subscribe):
-            self._subscribe(client, frame)
-        elif isinstance(frame, Unsubscribe):
-            self._index.remove(client, frame.target)
-            self._reply(client, unsubscribed_frame(frame.target))
-        else:
-            await self._submit(client, frame)
-
-    def _subscribe(self, client: BridgeClient, frame: Subscribe) -> None:
-        session_id = frame.target.session_id
-        if session_id is not None and not self._access.may_subscribe(client.key, self._owners.of(session_id)):
-            assert client.key is not None
-            reason = f"session {session_id!r} belongs to another API key than {client.key.name!r}"
-            self._reply(client, error_frame(reason, status=403, **frame.target.to_json()))
-            return
-        try:
-            self._index.add(client, frame.target)
-        except TooManySubscriptions as exc:
-            self._reply(client, error_frame(str(exc), **frame.target.to_json()))
-            return
-        self._reply(client, subscribed_frame(frame.target, frame.since_ms))
-        if frame.since_ms is not None:
-            # Registered and cut at the same instant (no await in between): live
-            # delivery starts exactly where the replay stops.
-            cutoff = dict(self._positions)
-            client.catchup.begin()
-            self._spawn(client, self._replay(client, frame.target, frame.since_ms, cutoff))
-
-    async def _submit(self, client: BridgeClient, frame: Submit) -> None:
-        raw_id = frame.body.get("id")
-        try:
-            request = request_from_json(frame.body, self._known_models)
-        except RejectedRequest as exc:
-            detail = {"id": raw_id} if isinstance(raw_id, str) else {}
-            self._reply(client, error_frame(exc.message, status=exc.status, **detail))
-            return
-        try:
-            self._access.authorize(client.key, request.model_id)
-        except Forbidden as exc:
-            self._reply(client, error_frame(exc.reason, status=403, id=request.id))
-            return
-        request = dataclasses.replace(request, key_name=AccessPolicy.owner(client.key))
-        if self._access.enabled:
-            self._owners.saw(request.context.session_id, request.key_name)
-        try:
-            # Before producing: the answer cannot overtake the subscription.
-            self._index.add(client, Target(request_ids=(request.id,)))
-        except TooManySubscriptions as exc:
-            self._reply(client, error_frame(str(exc), status=429, id=request.id))
-            return
-        await client.submits.acquire()  # backpressure: stop reading this client's frames
-        self._spawn(client, self._produce(client, request))
+        for action in self._core.receive(client.peer, message):
+            if isinstance(action, Produce):
+                await client.submits.acquire()  # backpressure: stop reading this client's frames
+                self._spawn(client, self._produce(client, action.request))
+            else:
+                self._perform([action])
 
     async def _produce(self, client: BridgeClient, request: InferenceRequest) -> None:
         assert self._producer is not None
+        peer = client.peer
         try:
             await self._producer.submit(request)
         except SubmitError as exc:
             # It may still have been written: the subscription stays, a result may come.
-            self._reply(client, error_frame(str(exc), status=503, id=request.id))
+            self._perform(self._core.submit_failed(peer, request, str(exc), 503))
         except SchemaError as exc:
-            self._reply(client, error_frame(str(exc), status=400, id=request.id))
+            self._perform(self._core.submit_failed(peer, request, str(exc), 400))
         else:
-            self._reply(client, accepted_frame(request.id, request.context.session_id))
+            self._perform(self._core.submitted(peer, request))
         finally:
             client.submits.release()
 
@@ -444,44 +347,34 @@ class Bridge:
 
     # -- history ---------------------------------------------------------------------------
 
-    async def _replay(
-        self, client: BridgeClient, target: Target, since_ms: int, cutoff: dict[TopicPartition, int]
-    ) -> None:
-        """Send ``target``'s records from ``since_ms`` up to ``cutoff``, then release held live ones."""
-
-        def select(record: ConsumerRecord) -> str | None:
-            def wanted(is_token: bool) -> Callable[[str, str, str | None], bool]:
-                return lambda session_id, request_id, owner: (
-                    target.matches(session_id, request_id, is_token) and self._access.may_see(client.key, owner)
-                )
-
-            selected = self._decode(record, wanted(False), wanted(True))
-            return None if selected is None else selected[1]
-
+    async def _replay(self, client: BridgeClient, replay: Replay) -> None:
+        """Send the replay's records up to its cutoff, then release the live ones held meanwhile."""
+        peer, target, since_ms = replay.peer, replay.target, replay.since_ms
         try:
             async with self._replays:
-                history = await read_history(self._settings.kafka, cutoff, since_ms, select)
+                select = self._core.history_filter(peer, target)
+                history = await read_history(self._settings.kafka, replay.cutoff, since_ms, select)
             count = 0
             for key, frame in history:
-                if client.catchup.history(key):
-                    if not await client.outbox.push_paced(frame):
+                if self._core.wants_history(peer, key):
+                    if not await peer.outbox.push_paced(frame):
                         return
                     count += 1
-            self._reply(client, replayed_frame(target, since_ms, count))
+            self._perform(self._core.replayed(peer, target, since_ms, count))
         except HistoryError as exc:
-            self._reply(client, error_frame(str(exc), **target.to_json(), since=since_ms))
+            self._perform(self._core.replay_failed(peer, target, since_ms, str(exc)))
         finally:
-            client.catchup.end()
-            while (held := client.catchup.next_held()) is not None:
-                if not await client.outbox.push_paced(held):
+            self._core.replay_ended(peer)
+            while (held := self._core.next_held(peer)) is not None:
+                if not await peer.outbox.push_paced(held):
                     break
 
 
 async def read_history(
     kafka: KafkaSettings,
-    cutoff: dict[TopicPartition, int],
+    cutoff: Mapping[Partition, int],
     since_ms: int,
-    select: Callable[[ConsumerRecord], str | None],
+    select: Callable[[KafkaRecord], str | None],
 ) -> list[tuple[RecordKey, str]]:
     """Frames of the records with timestamp >= ``since_ms`` and offset < ``cutoff``, in time order.
 
@@ -489,20 +382,12 @@ async def read_history(
     timestamp. Raises :class:`HistoryError` when Kafka does not deliver in time
     or the history is longer than :data:`MAX_REPLAY_RECORDS`.
     """
-    consumer = AIOKafkaConsumer(
-        **client_options(kafka), group_id=None, enable_auto_commit=False, isolation_level=kafka.isolation_level
-    )
+    consumer = reader(kafka, "nexus-bridge-history")
+    ends = {TopicPartition(topic, partition): offset for (topic, partition), offset in cutoff.items()}
     try:
         await consumer.start()
-        tps = list(cutoff)
-        consumer.assign(tps)
-        starts = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-        pending: dict[TopicPartition, int] = {}
-        for tp in tps:
-            start = starts.get(tp)
-            if start is not None and start.offset < cutoff[tp]:
-                consumer.seek(tp, start.offset)
-                pending[tp] = cutoff[tp]
+        starts = await read_from_time(consumer, list(ends), since_ms)
+        pending = {tp: ends[tp] for tp, start in starts.items() if start is not None and start < ends[tp]}
         found: dict[TopicPartition, list[tuple[int, RecordKey, str]]] = {tp: [] for tp in pending}
         total = 0
         deadline = asyncio.get_running_loop().time() + REPLAY_TIMEOUT_S
@@ -515,7 +400,7 @@ async def read_history(
             batches = await consumer.getmany(*pending, timeout_ms=500)
             for tp, records in batches.items():
                 for record in records:
-                    if record.offset >= cutoff[tp]:
+                    if record.offset >= ends[tp]:
                         break
                     frame = select(record)
                     if frame is not None:
@@ -527,7 +412,7 @@ async def read_history(
                         "subscribe with a later since"
                     )
             for tp in list(pending):
-                if await consumer.position(tp) >= cutoff[tp]:
+                if await consumer.position(tp) >= ends[tp]:
                     del pending[tp]
         merged = heapq.merge(*found.values(), key=lambda item: item[0])
         return [(key, frame) for _, key, frame in merged]
@@ -540,18 +425,11 @@ async def read_history(
         await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[int]:
-    try:
-        return await known_partitions(consumer, topic, timeout_s)
-    except TopicMissingError as exc:
-        raise BridgeStartError(str(exc)) from None
-
-
 async def serve_bridge(settings: Settings) -> None:
-    """Run a bridge until cancelled; exits with the live reader's error if it fails."""
+    """Run a bridge until cancelled; a failing live reader is restarted, not fatal."""
     bridge = Bridge(settings)
     await bridge.start()
     try:
-        await bridge.reader
+        await bridge.wait_closed()
     finally:
         await bridge.stop()

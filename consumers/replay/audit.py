@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Literal, Union
 
 from nexus.settings import KafkaSettings
+from schemas import headers
 from schemas import (
     Codec,
     InferenceRequest,
@@ -27,20 +28,18 @@ from schemas import (
     utcnow,
 )
 
+from consumers.replay.errors import ReplayArgumentError, ReplayError  # ReplayError: re-exported, as before
+
 Kind = Literal["request", "response", "token", "dead_letter"]
 Value = Union[InferenceRequest, InferenceResponse, InferenceToken]
 TOPIC_CHOICES: tuple[str, ...] = ("requests", "responses", "tokens", "dlq")
 # --join reads this far outside the range for the other half of a pair (see consumers.replay.join).
 DEFAULT_GRACE_MS = 10 * 60 * 1000
-# Headers the worker puts on a dead letter (see streams/app.py); read here by name only.
-DLQ_REASON_HEADER = "nexus-error"
+# The header the worker puts on a dead letter to say why (kept under this name for callers).
+DLQ_REASON_HEADER = headers.ERROR
 
 _RELATIVE = re.compile(r"^-(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-class ReplayError(ValueError):
-    """An argument of ``nexus replay`` is wrong; the message says which and how to fix it."""
 
 
 def parse_time(text: str, now: datetime | None = None) -> int:
@@ -58,7 +57,7 @@ def parse_time(text: str, now: datetime | None = None) -> int:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ReplayError(
+        raise ReplayArgumentError(
             f"{text!r} is not a time: use ISO-8601 (2025-01-31T14:00:00Z), epoch milliseconds "
             "(1738332000000) or a time before now (-90s, -15m, -1h, -2d)"
         ) from None
@@ -87,7 +86,7 @@ def topic_kinds(kafka: KafkaSettings, names: Iterable[str] = ("requests", "respo
     out: dict[str, Kind] = {}
     for name in names:
         if name not in table:
-            raise ReplayError(f"unknown topic {name!r} in --topics; choose from {', '.join(TOPIC_CHOICES)}")
+            raise ReplayArgumentError(f"unknown topic {name!r} in --topics; choose from {', '.join(TOPIC_CHOICES)}")
         topic, kind = table[name]
         out[topic] = kind
     return out
@@ -185,10 +184,10 @@ class RecordFilter:
 
     def __post_init__(self) -> None:
         if self.since_ms is not None and self.until_ms is not None and self.until_ms <= self.since_ms:
-            raise ReplayError(f"--until ({iso(self.until_ms)}) must be after --since ({iso(self.since_ms)})")
+            raise ReplayArgumentError(f"--until ({iso(self.until_ms)}) must be after --since ({iso(self.since_ms)})")
         unknown = self.statuses - {"ok", "error"}
         if unknown:
-            raise ReplayError(f"unknown --status {sorted(unknown)[0]!r}; use ok or error")
+            raise ReplayArgumentError(f"unknown --status {sorted(unknown)[0]!r}; use ok or error")
 
     def in_range(self, record: ReplayRecord) -> bool:
         return (self.since_ms is None or record.timestamp >= self.since_ms) and (
@@ -278,7 +277,7 @@ def read_windows(
     and responses up to ``grace_ms`` after it (so late requests find their answers).
     """
     if grace_ms < 0:
-        raise ReplayError(f"--grace must not be negative, got {grace_ms / 1000:g}s")
+        raise ReplayArgumentError(f"--grace must not be negative, got {grace_ms / 1000:g}s")
     since, until = selection.since_ms, selection.until_ms
     windows: dict[str, tuple[int | None, int | None]] = {}
     for topic, kind in kinds.items():

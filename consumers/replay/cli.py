@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from nexus.settings import Settings
 
-from consumers.replay.audit import DEFAULT_GRACE_MS, TOPIC_CHOICES, RecordFilter, ReplayError, parse_time
+from consumers.replay.audit import DEFAULT_GRACE_MS, TOPIC_CHOICES, RecordFilter, parse_time
+from consumers.replay.errors import ReplayArgumentError, ReplayError, ReplayKafkaError
 from consumers.replay.render import FORMATS, jsonl_line, progress_line, table_header, table_row
 
 if TYPE_CHECKING:  # the Kafka shell is imported when the command runs, not when `nexus` parses
@@ -57,14 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> "ReplayOptions":
-    """Validate the arguments; raises :class:`ReplayError` with what to change."""
+    """Validate the arguments; raises :class:`ReplayArgumentError` with what to change."""
     from consumers.replay.reader import ReplayOptions
 
     topics = tuple(t.strip() for t in args.topics.split(",") if t.strip())
     if not topics:
-        raise ReplayError(f"--topics is empty; choose from {', '.join(TOPIC_CHOICES)}")
+        raise ReplayArgumentError(f"--topics is empty; choose from {', '.join(TOPIC_CHOICES)}")
     if args.resubmit_model and not args.resubmit:
-        raise ReplayError("--resubmit-model needs --resubmit")
+        raise ReplayArgumentError("--resubmit-model needs --resubmit")
     selection = RecordFilter(
         since_ms=parse_time(args.since) if args.since else None,
         until_ms=parse_time(args.until) if args.until else None,
@@ -103,8 +104,6 @@ class ProgressBar:
 
 def run(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     from producers.client import ProducerError
-
-    from consumers.replay.reader import ReplayKafkaError
 
     try:
         options = options_from_args(args)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from nexus.kafka.clients import client_options, refusal
+from nexus.kafka.clients import refusal
+from nexus.kafka.readers import TopicMissingError, known_partitions, reader
 from nexus.settings import KafkaSettings
-from nexus.kafka.readers import TopicMissingError, known_partitions
 from producers.client import RequestProducer
 from schemas import Codec, InferenceRequest, new_id
 
@@ -27,7 +27,6 @@ from consumers.replay.audit import (
     DEFAULT_GRACE_MS,
     Kind,
     RecordFilter,
-    ReplayError,
     ReplayRecord,
     Span,
     decode_record,
@@ -36,17 +35,19 @@ from consumers.replay.audit import (
     resubmission,
     topic_kinds,
 )
+from consumers.replay.errors import ReplayArgumentError, ReplayKafkaError, ReplayStalledError
 from consumers.replay.join import Joiner, JoinReport
 
+__all__ = [
+    # reading
+    "RangeReader", "ReplayOptions", "Progress",
+    # what the command does
+    "join_report", "replay_records", "resubmit", "Resubmitted",
+    # errors (defined in consumers.replay.errors; importable from here as before)
+    "ReplayKafkaError", "ReplayStalledError",
+]
+
 Progress = Callable[[int, int], None]
-
-
-class ReplayKafkaError(ReplayError):
-    """Kafka cannot be read: unreachable, no such topic, or it stopped delivering."""
-
-
-class ReplayStalledError(ReplayKafkaError):
-    """Kafka stopped delivering records before the end of the range."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,9 @@ class RangeReader:
         windows: dict[str, tuple[int | None, int | None]],
         progress: Progress | None = None,
     ) -> AsyncIterator[ReplayRecord]:
-        consumer = AIOKafkaConsumer(
-            **client_options(self._kafka),
-            group_id=None,  # no group: nothing joins, nothing is committed
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",  # records deleted by retention meanwhile are skipped
-            client_id="nexus-replay",
-            isolation_level=self._kafka.isolation_level,
-        )
+        # No group: nothing joins, nothing is committed. Records deleted by retention
+        # meanwhile are skipped (earliest), not an error.
+        consumer = reader(self._kafka, "nexus-replay", auto_offset_reset="earliest")
         try:
             await consumer.start()
         except KafkaError as exc:
@@ -208,7 +204,7 @@ async def replay_records(
 async def join_report(kafka: KafkaSettings, options: ReplayOptions, progress: Progress | None = None) -> JoinReport:
     """Pair the requests and responses of the range; see :mod:`consumers.replay.join` for the scope."""
     if options.selection.statuses:
-        raise ReplayError("--status selects responses only and cannot be joined; --join counts statuses itself")
+        raise ReplayArgumentError("--status selects responses only and cannot be joined; --join counts statuses itself")
     kinds = topic_kinds(kafka, ("requests", "responses"))
     windows = read_windows(kinds, options.selection, join=True, grace_ms=options.grace_ms)
     joiner = Joiner(options.selection.since_ms, options.selection.until_ms)
@@ -227,7 +223,7 @@ async def resubmit(
     """Submit the selected requests again, once per id, with new ids linking back."""
     selection = options.selection
     if selection == RecordFilter():
-        raise ReplayError(
+        raise ReplayArgumentError(
             "refusing to resubmit every request in the topic: narrow it with --since/--until, "
             "--session, --model or --request-id"
         )

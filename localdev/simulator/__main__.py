@@ -1,4 +1,4 @@
-"""``python -m simulator``: run the simulated Ollama server."""
+"""``python -m localdev.simulator``: run the simulated Ollama server."""
 
 import sys
 

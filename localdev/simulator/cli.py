@@ -1,4 +1,4 @@
-"""Simulator command line, shared by ``python -m simulator`` and ``nexus simulate-ollama``."""
+"""Simulator command line, shared by ``python -m localdev.simulator`` and ``nexus simulate-ollama``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models",
         type=_models,
         default=_DEFAULTS.models,
-        help="comma-separated model ids to serve (default: llama3.1,mistral)",
+        help=f"comma-separated model ids to serve (default: {','.join(_DEFAULTS.models)})",
     )
     parser.add_argument(
         "--ttft-ms", type=float, default=_DEFAULTS.ttft_ms, help="time to first token in ms"
@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
-    """Build the config from parsed arguments (raises ValueError on out-of-range values)."""
+    """Build the config from parsed arguments (raises SimulatorConfigError, a ValueError, on
+    out-of-range values)."""
     return SimulatorConfig(
         models=tuple(args.models),
         ttft_ms=args.ttft_ms,
@@ -88,7 +89,7 @@ async def _serve_until_signalled(config: SimulatorConfig, host: str, port: int) 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and serve until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulator",
+        prog="python -m localdev.simulator",
         description="Simulated Ollama server (answers are fake, for tests and benchmarks).",
     )
     add_arguments(parser)

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Generic, TypeVar
 
+from nexus.errors import NexusError
+from nexus.settings import DEFAULT_MODEL_IDS
+
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
 """Ollama's exact 503 message (two spaces included) when OLLAMA_MAX_QUEUE is full."""
 
@@ -32,11 +35,15 @@ _VOCAB_SIZE = 128_256  # llama3 vocabulary size; only used to make context ids p
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")
 
 
+class SimulatorConfigError(NexusError, ValueError):
+    """A simulator knob is out of range; still a ValueError, which the command lines catch."""
+
+
 @dataclass(frozen=True)
 class SimulatorConfig:
     """Knobs of a simulated Ollama server; mirrors OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE."""
 
-    models: tuple[str, ...] = ("llama3.1", "mistral")
+    models: tuple[str, ...] = DEFAULT_MODEL_IDS  # what Nexus serves without a [models] section
     ttft_ms: float = 50.0
     tokens_per_s: float = 200.0
     parallel: int = 4
@@ -46,17 +53,17 @@ class SimulatorConfig:
 
     def __post_init__(self) -> None:
         if not self.models or any(not m.strip() for m in self.models):
-            raise ValueError("models must be a non-empty tuple of non-empty names")
+            raise SimulatorConfigError("models must be a non-empty tuple of non-empty names")
         if self.ttft_ms < 0 or math.isnan(self.ttft_ms):
-            raise ValueError("ttft_ms must be >= 0")
+            raise SimulatorConfigError("ttft_ms must be >= 0")
         if self.tokens_per_s < 0 or math.isnan(self.tokens_per_s):
-            raise ValueError("tokens_per_s must be >= 0 (0 or inf = no delay)")
+            raise SimulatorConfigError("tokens_per_s must be >= 0 (0 or inf = no delay)")
         if self.parallel < 1:
-            raise ValueError("parallel must be >= 1")
+            raise SimulatorConfigError("parallel must be >= 1")
         if self.max_queue < 0:
-            raise ValueError("max_queue must be >= 0")
+            raise SimulatorConfigError("max_queue must be >= 0")
         if not 0.0 <= self.fail_rate <= 1.0:
-            raise ValueError("fail_rate must be within [0, 1]")
+            raise SimulatorConfigError("fail_rate must be within [0, 1]")
 
     @property
     def token_interval_s(self) -> float:

@@ -53,6 +53,7 @@ from localdev.simulator.model import (
     tags_response,
     tokenize,
 )
+from nexus.errors import NexusError
 
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))  # like Go
 
@@ -79,7 +80,7 @@ STATE_KEY = web.AppKey("simulator_state", SimulatorState)
 STATS_KEY = web.AppKey("simulator_stats", SimulatorStats)
 
 
-class ApiError(Exception):
+class ApiError(NexusError):
     """Raised by handlers; the middleware turns it into Ollama's ``{"error": ...}`` body."""
 
     def __init__(self, status: int, message: str) -> None:

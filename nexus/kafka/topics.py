@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from nexus.errors import NexusError
 from nexus.kafka.clients import client_options, refusal
 from nexus.settings import KafkaSettings
 
@@ -39,29 +42,50 @@ def replication_config(kafka: KafkaSettings) -> dict[str, str]:
     return {"min.insync.replicas": str(kafka.replication_factor // 2 + 1)}
 
 
-class KafkaUnavailableError(RuntimeError):
+class KafkaUnavailableError(NexusError, RuntimeError):
     """The brokers at the bootstrap address did not answer in time."""
+
+
+class TopicCreationError(NexusError, RuntimeError):
+    """Kafka refused to create a topic (not because it exists: that is fine)."""
 
 
 def topic_names(kafka: KafkaSettings) -> list[str]:
     return [kafka.requests_topic, kafka.responses_topic, kafka.tokens_topic, kafka.dlq_topic]
 
 
-async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[str]:
-    """Create the missing topics; return the names created. Safe to call concurrently."""
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic to create when missing: its name, partition count and topic configs."""
+
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def nexus_topics(kafka: KafkaSettings) -> list[TopicSpec]:
+    """Every topic Nexus's roles share: the audit-log topics and the endpoint-state topic."""
+    audit = [TopicSpec(name, kafka.partitions, topic_config(kafka)) for name in topic_names(kafka)]
+    # Not part of the audit log: only the latest state per worker matters.
+    state = TopicSpec(kafka.state_topic, 1, {"cleanup.policy": "compact", **replication_config(kafka)})
+    return [*audit, state]
+
+
+async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0, *, extra: Iterable[TopicSpec] = ()) -> list[str]:
+    """Create the missing topics; return the names created. Safe to call concurrently.
+
+    ``extra`` adds topics of one role's own (the worker's cache topics), created the same way,
+    with their own partitions and configs, on the same wait for the broker.
+    """
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
     await _start_with_retry(admin, kafka, timeout_s)
     try:
         existing = set(await admin.list_topics())
-        missing = [name for name in topic_names(kafka) if name not in existing]
         new = [
-            NewTopic(name, kafka.partitions, kafka.replication_factor, topic_configs=topic_config(kafka))
-            for name in missing
+            NewTopic(spec.name, spec.partitions, kafka.replication_factor, topic_configs=spec.config)
+            for spec in [*nexus_topics(kafka), *extra]
+            if spec.name not in existing
         ]
-        if kafka.state_topic not in existing:
-            # Not part of the audit log: only the latest state per worker matters.
-            new.append(NewTopic(kafka.state_topic, 1, kafka.replication_factor,
-                                topic_configs={"cleanup.policy": "compact", **replication_config(kafka)}))
         if not new:
             return []
         result = await admin.create_topics(new)
@@ -70,7 +94,11 @@ async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0) -> list[s
             if code == 0:
                 created.append(name)
             elif code != TopicAlreadyExistsError.errno:
-                raise RuntimeError(f"creating topic {name!r} failed with Kafka error code {code}")
+                raise TopicCreationError(
+                    f"creating topic {name!r} failed with Kafka error code {code}: check that the "
+                    f"principal may create topics and that {kafka.replication_factor} replicas "
+                    "(kafka.replication_factor) fit the cluster, or create it by hand"
+                )
         if created:
             log.info("created topics %s (%d partitions)", created, kafka.partitions)
         return created

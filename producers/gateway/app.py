@@ -1,7 +1,9 @@
 """The HTTP gateway: ``POST /infer`` onto Kafka, plus health, metrics and models.
 
 A thin aiohttp shell: validation lives in :mod:`schemas.validation`, writing
-to Kafka in :mod:`producers.client`.
+to Kafka in :mod:`producers.client`. Its two background readers (the endpoint
+state for ``GET /models``, the replies of the drop-in calls) are restarted when
+they fail, and ``/health`` is red while one is down (:mod:`nexus.tasks`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -17,12 +20,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from nexus.access import AccessPolicy, Forbidden
-from nexus.settings import Settings
 from nexus.kafka.topics import ensure_topics
+from nexus.settings import Settings
+from nexus.tasks import Background, TaskState
 
 from producers.gateway import access as access_http
 from producers.client import RequestProducer, SubmitError
-from producers.gateway.dropin.call import add_dropin_routes
+from producers.gateway.dropin import add_dropin_routes
 from producers.gateway.models import EndpointStateReader
 from producers.gateway.page import add_page_routes
 from producers.gateway.openapi import add_openapi_route
@@ -79,7 +83,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     app[MAX_BODY] = settings.gateway.max_body_bytes
     access_http.install(app, AccessPolicy(settings.access))  # API keys: docs/security.md
     known_models = set(settings.model_ids)
-    endpoint_state = EndpointStateReader(settings)
+    background = Background()
+    endpoint_state = EndpointStateReader(settings, background)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ensure_topics(settings.kafka)
@@ -87,9 +92,10 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         await producer.start()
         app[PRODUCER] = producer
         app[HTTP] = httpx.AsyncClient(timeout=settings.gateway.health_timeout_s)
-        endpoint_state.start()
+        await endpoint_state.start()
         yield
         await endpoint_state.stop()
+        await background.aclose()
         await app[HTTP].aclose()
         await producer.stop()
 
@@ -118,6 +124,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
 
     async def health(request: web.Request) -> web.Response:
         checks = await check_health(settings, app[PRODUCER], app[HTTP])
+        checks.update(reader_checks(s for s in (endpoint_state.state, replies.state) if s is not None))
         healthy = all(c["status"] == "ok" for c in checks.values())
         return web.json_response(
             {"status": "ok" if healthy else "unavailable", "checks": checks},
@@ -140,9 +147,24 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     app.router.add_get("/models", models)
     add_openapi_route(app, settings)  # GET /openapi.json
     # Ollama's /api/* and OpenAI's /v1/* answered over Kafka; starts the reply reader (docs/drop-in.md).
-    add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER])
+    replies = add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER]).exchange.reader
     add_page_routes(app, settings)  # /, /config.json, /static/: the live page
     return app
+
+
+def reader_checks(states: Iterable[TaskState]) -> dict[str, dict[str, Any]]:
+    """``/health`` entries ``reader:<name>``: down from a failure until the restarted reader is up."""
+    checks: dict[str, dict[str, Any]] = {}
+    for state in states:
+        check: dict[str, Any] = {"status": "ok" if state.up else "down", "restarts": state.restarts}
+        if state.last_error is not None:
+            check["last_error"] = state.last_error
+        if not state.up:
+            now = "starting again" if state.running else state.status
+            failed = f"; it failed with {state.last_error}" if state.last_error else ""
+            check["reason"] = f"the {state.name} reader is {now}{failed}"
+        checks[f"reader:{state.name}"] = check
+    return checks
 
 
 async def check_health(

@@ -2,21 +2,23 @@
 
 Workers publish their routing state (in flight, EWMA latency, tokens/s, circuit)
 every few seconds to a compacted topic keyed by worker; the gateway keeps the
-latest record per worker and merges them for ``GET /models``.
+latest record per worker and merges them for ``GET /models``. The record's shape
+is :class:`schemas.endpoint_state.WorkerReport`, shared with the worker.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from nexus.kafka.clients import client_options
+from nexus.kafka.readers import known_partitions, reader
 from nexus.settings import Settings
+from nexus.tasks import Background, TaskState
+from schemas import SchemaError, WorkerReport
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +26,15 @@ STALE_AFTER_S = 15.0
 
 
 def merge_states(
-    settings: Settings, reports: dict[str, dict[str, Any]], now: float
+    settings: Settings, reports: Mapping[str, WorkerReport], now: float
 ) -> list[dict[str, Any]]:
     """Configured models and endpoints, each with what fresh worker reports say of it."""
-    fresh = [r for r in reports.values() if now - r.get("at", 0) <= STALE_AFTER_S]
+    fresh = [r for r in reports.values() if now - r.at <= STALE_AFTER_S]
     models = []
     for model in settings.models:
         endpoints = []
         for endpoint in model.endpoints:
-            seen = [
-                e for r in fresh for e in r.get("models", {}).get(model.id, []) if e.get("url") == endpoint.url
-            ]
+            seen = [e for r in fresh for e in _endpoints(r, model.id) if e.get("url") == endpoint.url]
             live: dict[str, Any] = {"workers_reporting": len(seen)}
             if seen:
                 live["in_flight"] = sum(e.get("in_flight", 0) for e in seen)
@@ -76,46 +76,102 @@ def _endpoint_settings(endpoint: Any) -> dict[str, Any]:
     }
 
 
+def _endpoints(report: WorkerReport, model_id: str) -> list[dict[str, Any]]:
+    """The endpoint reports of one model in a worker's report, ignoring anything misshapen."""
+    entries = report.models.get(model_id)
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
 def _mean(values: Any) -> float | None:
     numbers = [v for v in values if isinstance(v, (int, float))]
     return sum(numbers) / len(numbers) if numbers else None
 
 
 class EndpointStateReader:
-    """Follows the state topic in the background; ``reports`` maps worker id to its latest."""
+    """Follows the state topic in the background; ``reports`` maps worker id to its latest.
 
-    def __init__(self, settings: Settings) -> None:
+    The loop runs under ``background`` as the task :attr:`TASK`; when it fails it is
+    started again, reading the compacted topic from the beginning again (the reports
+    read so far stay until newer ones replace them).
+    """
+
+    TASK = "endpoint-state"
+
+    def __init__(self, settings: Settings, background: Background | None = None) -> None:
         self._settings = settings
-        self.reports: dict[str, dict[str, Any]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = background or Background()
+        self.reports: dict[str, WorkerReport] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._state: TaskState | None = None
+        self._following = False
 
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._follow())
+    @property
+    def state(self) -> TaskState | None:
+        """The reading task as ``/health`` reports it; ``None`` before :meth:`start`."""
+        return self._state
+
+    async def start(self) -> None:
+        """Connect now if Kafka lets us (so ``/health`` is green from the start), then follow in the background.
+
+        A failure to connect is not fatal: ``GET /models`` then lacks live data, the loop
+        keeps trying, and ``/health`` says so.
+        """
+        try:
+            self._consumer = await self._connect()
+            self._following = True
+        except Exception as exc:  # noqa: BLE001 - retried, with the traceback, by the loop
+            log.warning("cannot read %s yet (%s); retrying in the background", self._settings.kafka.state_topic, exc)
+        self._state = self._background.start(self.TASK, self._follow, ready=lambda: self._following)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        self._following = False
+        await self._background.stop(self.TASK)
+        self._state = None
+        if self._consumer is not None:  # stopped before its loop ever ran
+            await self._consumer.stop()
+            self._consumer = None
 
     def models(self) -> list[dict[str, Any]]:
         return merge_states(self._settings, self.reports, time.time())
 
-    async def _follow(self) -> None:
-        kafka = self._settings.kafka
-        consumer = AIOKafkaConsumer(**client_options(kafka), group_id=None, enable_auto_commit=False)
-        await consumer.start()
+    def ingest(self, value: bytes | None) -> bool:
+        """Keep a record's report as its worker's latest; a malformed record is logged and skipped."""
         try:
-            tp = TopicPartition(kafka.state_topic, 0)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            async for record in consumer:
-                try:
-                    report = json.loads(record.value)
-                    self.reports[report["worker"]] = report
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.warning("ignoring a malformed endpoint-state record: %r", exc)
-        finally:
+            report = WorkerReport.from_bytes(value or b"")
+        except SchemaError as exc:
+            log.warning("ignoring a malformed endpoint-state record: %s", exc)
+            return False
+        self.reports[report.worker] = report
+        return True
+
+    async def _connect(self) -> AIOKafkaConsumer:
+        """A started consumer assigned every partition of the state topic, at its beginning."""
+        kafka = self._settings.kafka
+        consumer = reader(kafka, client_id="nexus-gateway-endpoint-state")
+        try:
+            await consumer.start()
+            tps = [TopicPartition(kafka.state_topic, p) for p in await known_partitions(consumer, kafka.state_topic)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+        except BaseException:
             await consumer.stop()
+            raise
+        return consumer
+
+    async def _follow(self) -> None:
+        """The supervised loop: read until cancelled; a failure propagates (logged, restarted)."""
+        try:
+            if self._consumer is None:  # a restart: from the beginning again
+                self._consumer = await self._connect()
+                self._following = True
+            consumer = self._consumer
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        self.ingest(record.value)
+        finally:
+            self._following = False
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                await consumer.stop()

@@ -1,7 +1,7 @@
 """``GET /openapi.json``: the gateway's HTTP API as an OpenAPI 3.1 document.
 
 Built from code, not kept as a static file, so the limits in it are the ones the gateway
-enforces (:mod:`schemas.validation`, ``gateway.max_body_bytes``) and the model list is
+enforces (:mod:`schemas.limits`, ``gateway.max_body_bytes``) and the model list is
 this gateway's. ``tests/test_openapi.py`` checks the document against the OpenAPI 3.1
 schema and validates the running gateway's real answers against it.
 """
@@ -14,10 +14,10 @@ from aiohttp import web
 
 from nexus.settings import Settings
 from schemas import CACHE_POLICIES
+from schemas.limits import MAX_ID_LENGTH, MAX_SEED, MAX_SESSION_ID_LENGTH, MAX_TIMEOUT_MS, MAX_TOKENS, MIN_SEED
 
 from producers.gateway.access import is_open
-from producers.gateway.dropin.spec import dropin_parameters, dropin_paths, dropin_schemas
-from schemas.validation import MAX_ID_LENGTH, MAX_TIMEOUT_MS
+from producers.gateway.dropin import dropin_parameters, dropin_paths, dropin_schemas
 
 JSON = "application/json"
 PROMETHEUS = "text/plain"  # the exposition format's media type; its version is a parameter
@@ -172,6 +172,7 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                     "description": "The model context, echoed in the response; a fresh session when absent.",
                     "properties": {
                         "session_id": {"type": ["string", "null"], "minLength": 1,
+                                       "maxLength": MAX_SESSION_ID_LENGTH,
                                        "description": "Generated when absent; the response's Kafka key."},
                         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                     },
@@ -181,8 +182,8 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                     "additionalProperties": False,
                     "properties": {
                         "temperature": {"type": ["number", "null"], "minimum": 0},
-                        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31 - 1},
-                        "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
+                        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS},
+                        "seed": {"type": ["integer", "null"], "minimum": MIN_SEED, "maximum": MAX_SEED},
                     },
                 },
                 "stream": {"type": "boolean", "default": False,
@@ -215,7 +216,7 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "status": {"enum": ["ok", "unavailable"]},
                 "checks": {
                     "type": "object",
-                    "description": "`kafka` and `model:<id>` for every model.",
+                    "description": "`kafka`, `model:<id>` for every model and `reader:<name>` for each background reader.",
                     "required": ["kafka"],
                     "additionalProperties": {
                         "type": "object",

@@ -36,7 +36,7 @@ def add_page_routes(app: web.Application, settings: Settings) -> None:
     if not index.is_file():
         raise FileNotFoundError(
             f"{index} is missing: the page's static files were not installed "
-            "(pyproject [tool.setuptools.package-data] producers = [\"static/*\"])"
+            "(pyproject [tool.setuptools.package-data] \"producers.gateway\" = [\"static/*\"])"
         )
 
     async def page(request: web.Request) -> web.FileResponse:

@@ -1,4 +1,4 @@
-"""A thin client for Ollama's ``POST /api/generate``, streaming or not.
+"""The Ollama backend: ``POST /api/generate``, streaming or not, and ``GET /api/version`` probes.
 
 It runs on aiohttp: with many calls in flight, httpx's pool spent about 3 ms of CPU
 per call where aiohttp spends 0.2 ms, and that CPU was the worker's throughput limit
@@ -7,47 +7,46 @@ per call where aiohttp spends 0.2 ms, and that CPU was the worker's throughput l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
-
-import asyncio
 from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 
 from schemas import InferenceOptions
+from streams.backends.base import BackendError, Generation, OnChunk, OnSent
 
-OnChunk = Callable[[str], Awaitable[None]]
-OnSent = Callable[[], None]
-
-
-class BackendError(RuntimeError):
-    """The endpoint failed to answer; the message says how, for the response's error.
-
-    ``retryable`` failures (busy, 5xx, timeout, unreachable) may succeed on another
-    endpoint; the others (4xx) would fail anywhere. ``busy`` (429, Ollama's 503 "server
-    busy") means the endpoint works but is full: back off, don't open its circuit.
-    ``reached`` is false when no connection was made: no model work was spent on it.
-    """
-
-    def __init__(self, message: str, *, retryable: bool, busy: bool = False, reached: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.busy = busy
-        self.reached = reached
+__all__ = ["BackendError", "Generation", "OllamaBackend", "generate", "new_session", "ollama_options"]
 
 
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    done_reason: str | None
-    seconds: float
-    ttft_s: float | None  # time to the first chunk, when streamed
+class OllamaBackend:
+    """:class:`streams.backends.base.Backend` over one aiohttp session shared by every endpoint."""
+
+    def __init__(self, http: aiohttp.ClientSession) -> None:
+        self._http = http
+
+    async def generate(
+        self,
+        endpoint: str,
+        model: str,
+        prompt: str,
+        system: str,
+        options: InferenceOptions,
+        timeout_s: float,
+        on_chunk: OnChunk | None = None,
+        on_sent: OnSent | None = None,
+    ) -> Generation:
+        return await generate(self._http, endpoint, model, prompt, system, options, timeout_s, on_chunk, on_sent)
+
+    async def probe(self, endpoint: str, timeout_s: float) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._http.get(f"{endpoint}/api/version", timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
 
 def ollama_options(options: InferenceOptions) -> dict[str, Any]:

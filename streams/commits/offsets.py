@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from nexus.kafka.clients import client_options
+from nexus.kafka.readers import reader
 from nexus.settings import KafkaSettings
 
 PROBE_TIMEOUT_S = 5.0
@@ -31,9 +32,9 @@ class PartitionOffsets:
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self._admin is None or self._consumer is None:
             admin = AIOKafkaAdminClient(**client_options(self._kafka))
-            # Read as the worker reads (read_committed under exactly once), or it would see aborted records.
-            consumer = AIOKafkaConsumer(**client_options(self._kafka), group_id=None, enable_auto_commit=False,
-                                        isolation_level=self._kafka.isolation_level)
+            # A reader reads as the worker reads (read_committed under exactly once), or it would
+            # see aborted records.
+            consumer = reader(self._kafka, "nexus-worker-offsets")
             await admin.start()
             await consumer.start()
             self._admin, self._consumer = admin, consumer

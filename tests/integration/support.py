@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,9 +20,10 @@ from nexus.kafka.clients import client_options
 from localdev.broker import free_port
 from nexus.settings import KafkaSettings
 from nexus.kafka.readers import read_from_end
+from tests.eventually import eventually_sync
 from schemas import Codec, InferenceResponse, decode_response
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CODEC = Codec.from_directory()
 
 
@@ -75,17 +75,19 @@ class Role:
 
     def wait_http(self, url: str, timeout: float = 60.0) -> None:
         """Wait until ``url`` answers anything; fail early with the log if the role died."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def answers_or_died() -> bool:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+                return True  # stop waiting: reported below with the log
             try:
                 httpx.get(url, timeout=1.0)
-                return
+                return True
             except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} did not answer at {url}:\n{self.log_tail()}")
-                time.sleep(0.1)
+                return False
+
+        eventually_sync(answers_or_died, f"{self.name} answers at {url}", timeout=timeout, interval=0.1,
+                        context=self.log_tail)
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
 
 
 def stack_env(bootstrap: str, ollama_url: str, **overrides: str) -> dict[str, str]:

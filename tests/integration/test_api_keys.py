@@ -242,7 +242,9 @@ async def test_a_key_sees_its_own_sessions_results_and_never_another_keys(keyed:
         c = await WsClient.open(keyed.ws_url, additional_headers=bearer(ALPHA))
         await c.send({"type": "subscribe", "all": True, "since": 0})
         await c.next_of("replayed")
-        await asyncio.sleep(0.5)  # anything routed to a would be there by now
+        # The positive control first: once alpha's own answer reached both, beta's (older) would have too.
+        for client in (a, c):
+            await client.wait_for(lambda fs: f"{run}-a1" in {f.get("id") for f in fs if f["type"] in ("result", "token")})
 
         for client in (a, c):
             seen = _ids(client, "result") | _ids(client, "token")

@@ -18,10 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from consumers.bridge.server import LIVE_READER, Bridge
 from localdev.broker import free_port
+from nexus.settings import BridgeSettings, KafkaSettings, Settings
+from nexus.tasks import Background
+from tests.eventually import eventually
 from tests.integration.bridge_support import Publisher, WsClient
 from tests.integration.support import REPO, Role, stack_env, start_gateway, start_simulator
 
@@ -477,3 +483,74 @@ async def test_two_bridges_side_by_side_each_deliver_every_result(live: Live) ->
             await client.close()
     finally:
         second.stop()
+
+
+# -- a live reader that dies -------------------------------------------------------------
+
+
+async def test_a_live_reader_that_dies_is_restarted_where_it_stopped_and_shown_on_health(
+    bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, so its fetch can be made to fail; what was written while it was down still arrives."""
+    run = _run()
+    kafka = KafkaSettings(
+        bootstrap=bootstrap, partitions=2, requests_topic=f"bridge-{run}.requests",
+        responses_topic=f"bridge-{run}.responses", tokens_topic=f"bridge-{run}.tokens", dlq_topic=f"bridge-{run}.dlq",
+    )
+    settings = Settings(kafka=kafka, bridge=BridgeSettings(host="127.0.0.1", port=0))
+    fetch = AIOKafkaConsumer.getmany
+    failures: list[Exception] = []
+
+    async def fails_when_told(self: AIOKafkaConsumer, *args: object, **kwargs: object) -> object:
+        if failures:
+            raise failures.pop()
+        return await fetch(self, *args, **kwargs)
+
+    open_reader = Bridge._open_reader
+    may_restart = asyncio.Event()
+
+    async def held_restart(self: Bridge) -> AIOKafkaConsumer:
+        if self._core.positions:  # not the first start: a restart, held until the test lets it go
+            await may_restart.wait()
+        return await open_reader(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", fails_when_told)
+    monkeypatch.setattr(Bridge, "_open_reader", held_restart)
+    bridge = Bridge(settings, background=Background(pauses=(0.05,)))
+    await bridge.start()
+    client = None
+    try:
+        health_url = f"http://127.0.0.1:{bridge.port}/health"
+
+        async def reader_state() -> dict:
+            async with httpx.AsyncClient() as http:
+                return (await http.get(health_url)).json()
+
+        client = await WsClient.open(f"ws://127.0.0.1:{bridge.port}/ws")
+        await client.send({"type": "subscribe", "session_id": f"{run}-s"})
+        await client.next_of("subscribed")
+        async with Publisher(bootstrap, kafka.responses_topic, kafka.tokens_topic) as publish:
+            await publish.result(f"{run}-before", f"{run}-s")
+            assert (await client.next_of("result"))["id"] == f"{run}-before"
+
+            failures.append(KafkaError("injected: the broker went away"))
+            await eventually(lambda: not failures, "the live reader hit the injected failure")
+            await publish.result(f"{run}-while-down", f"{run}-s")  # written while no reader runs
+            may_restart.set()
+
+            async def restarted() -> dict | None:
+                body = await reader_state()
+                task = body["tasks"][LIVE_READER]
+                return body if task["restarts"] == 1 and task["running"] else None
+
+            body = await eventually(restarted, "the live reader restarted after its injected failure")
+            assert body["status"] == "ok" and {"clients", "subscribed"} <= set(body)
+            assert "injected: the broker went away" in body["tasks"][LIVE_READER]["last_error"]
+            await publish.result(f"{run}-after", f"{run}-s")
+            await client.wait_for(lambda fs: f"{run}-after" in {f.get("id") for f in fs if f["type"] == "result"})
+        # Nothing written while the reader was down is missed, nothing is delivered twice.
+        assert [f["id"] for f in client.of("result")] == [f"{run}-before", f"{run}-while-down", f"{run}-after"]
+    finally:
+        if client is not None:
+            await client.close()
+        await bridge.stop()

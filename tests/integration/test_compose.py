@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -211,15 +211,17 @@ def test_image_install_ships_the_avro_schemas() -> None:
     )
 
 
-def test_image_install_ships_the_page() -> None:
-    """The gateway serves producers/static/ from site-packages in the image: it must be package data."""
+@pytest.mark.parametrize("package, data", [("producers.gateway", "static"), ("localdev", "kafka_pom.xml")])
+def test_image_install_ships_the_package_data(package: str, data: str) -> None:
+    """An installed package finds its files: the page's static files, the broker's POM (package data)."""
     import tomllib
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {}).get("producers", [])
-    package = ROOT / "producers"
-    shipped = {path for pattern in patterns for path in package.glob(pattern)}
-    files = sorted(p for p in (package / "static").iterdir() if p.is_file())
-    assert files, "no files under producers/static"
-    missing = [str(path.relative_to(package)) for path in files if path not in shipped]
-    assert not missing, f"pyproject.toml package-data producers = {patterns!r} does not ship {missing}"
+    patterns = pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {}).get(package, [])
+    folder = ROOT / package.replace(".", "/")
+    shipped = {path for pattern in patterns for path in folder.glob(pattern)}
+    target = folder / data
+    files = sorted(p for p in target.iterdir() if p.is_file()) if target.is_dir() else [target]
+    assert files and all(f.is_file() for f in files), f"no files at {target}"
+    missing = [str(path.relative_to(folder)) for path in files if path not in shipped]
+    assert not missing, f"pyproject.toml package-data {package} = {patterns!r} does not ship {missing}"

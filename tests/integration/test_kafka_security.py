@@ -27,6 +27,7 @@ from localdev.broker import LocalKafka, free_port
 from nexus.settings import ConfigError, KafkaSettings, load_settings
 from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer, SubmitError
+from tests.eventually import eventually
 from schemas import InferenceRequest, ModelContext
 from tests.integration.support import REPO, Role, TopicReader, stack_env, start_gateway, wait_for_responses
 
@@ -207,10 +208,10 @@ def test_gateway_worker_and_bridge_work_over_scram_and_tls_and_never_log_the_pas
                 assert generated.status_code == 200, generated.text
                 assert generated.json()["response"] == "[simulated llama3.1] You said: drop-in"
                 # GET /models: the worker's endpoint state, read back from its compacted topic.
-                deadline = time.monotonic() + 30
-                while not _workers_reporting(await http.get(f"{gateway.url}/models")):
-                    assert time.monotonic() < deadline, "no worker state on GET /models"
-                    await asyncio.sleep(0.2)
+                async def reporting() -> bool:
+                    return _workers_reporting(await http.get(f"{gateway.url}/models"))
+
+                await eventually(reporting, "worker state on GET /models", timeout=30, interval=0.2)
 
             # The producer API on the other listener (SASL_PLAINTEXT, SCRAM-SHA-256): same cluster.
             async with RequestProducer(scram(broker)) as producer:

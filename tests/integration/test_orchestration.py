@@ -26,6 +26,7 @@ from localdev.broker import free_port
 from nexus.settings import KafkaSettings
 from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
+from tests.eventually import eventually
 from schemas import (
     InferenceOptions, InferenceRequest, InferenceResponse, ModelContext, decode_response, decode_token, utcnow,
 )
@@ -108,11 +109,7 @@ class Nexus:
 
     async def until(self, what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
         """Poll ``check`` until true; fail with ``what`` and the worker's log when it never is."""
-        deadline = time.monotonic() + timeout
-        while not await check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never happened within {timeout}s: {what}\n{self.worker.log_tail()}")
-            await asyncio.sleep(0.1)
+        await eventually(check, what, timeout=timeout, interval=0.1, context=self.worker.log_tail)
 
 
 @asynccontextmanager

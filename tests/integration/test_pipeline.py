@@ -256,7 +256,7 @@ async def test_offsets_are_committed_once_the_answers_are_durable(stack: dict[st
 
 
 async def test_consumer_lag_is_measured_per_partition(stack: dict[str, str]) -> None:
-    from streams.app import _consumer_lag
+    from streams.lag import consumer_lag
 
     bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
     request = InferenceRequest(uuid.uuid4().hex, "mistral", "lag?", ModelContext("lag"))
@@ -264,6 +264,6 @@ async def test_consumer_lag_is_measured_per_partition(stack: dict[str, str]) -> 
         async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
             await producer.submit(request)
         await wait_for_responses(responses, {request.id})
-    lag = await _consumer_lag(KafkaSettings(bootstrap=stack["NEXUS_KAFKA_BOOTSTRAP"]), "nexus-worker", "inference.requests")
+    lag = await consumer_lag(KafkaSettings(bootstrap=stack["NEXUS_KAFKA_BOOTSTRAP"]), "nexus-worker", "inference.requests")
     assert sorted(lag) == list(range(8))
     assert all(isinstance(v, int) and v >= 0 for v in lag.values())

@@ -17,7 +17,7 @@ import fastavro
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from fastavro.schema import to_parsing_canonical_form
 
-AVRO_DIR = Path(__file__).resolve().parent.parent / "schemas" / "avro"
+AVRO_DIR = Path(__file__).resolve().parents[2] / "schemas" / "avro"
 EMPTY = 0xC15D213AA4D7A795  # the Avro spec's CRC-64-AVRO seed
 
 

@@ -16,7 +16,7 @@ import pytest
 from localdev.broker import free_port
 from nexus.settings import KafkaSettings
 from nexus.kafka.topics import ensure_topics
-from producers.client import (
+from producers import (
     ProducerClosedError,
     RequestProducer,
     ResponsesUnavailableError,
@@ -118,15 +118,17 @@ def test_client_needs_only_schemas_settings_and_aiokafka(stack: dict[str, str]) 
     """Another system's process: the worker, gateway, bridge and their dependencies are not importable."""
     script = textwrap.dedent(f"""
         import sys
-        BLOCKED = ("streams", "consumers", "simulator", "faust", "aiohttp", "httpx", "prometheus_client",
-                   "websockets", "producers.gateway.app", "schemas.validation")
+        BLOCKED = ("streams", "consumers", "localdev", "faust", "aiohttp", "httpx", "prometheus_client",
+                   "websockets", "producers.gateway.app", "producers.gateway.dropin", "producers.gateway.models",
+                   "producers.gateway.openapi", "producers.gateway.page", "producers.gateway.access",
+                   "producers.submit", "schemas.validation")
         class Block:
             def find_spec(self, name, path=None, target=None):
                 if name.startswith(BLOCKED):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
         from nexus.settings import KafkaSettings
-        from producers.client import SyncRequestProducer
+        from producers import SyncRequestProducer
         from schemas import InferenceRequest, ModelContext, new_id
         with SyncRequestProducer(KafkaSettings(bootstrap={stack["NEXUS_KAFKA_BOOTSTRAP"]!r})) as producer:
             response = producer.submit_and_wait(

@@ -284,3 +284,49 @@ def test_tokens_decode_and_filter_by_session() -> None:
     assert not RecordFilter(statuses=frozenset({"ok"})).matches(record)
     assert "#3 world" in table_row(record)  # whitespace is flattened in the table
     assert json.loads(jsonl_line(record))["value"]["seq"] == 3
+
+
+# -- errors and exit codes ---------------------------------------------------------------
+
+
+def test_replay_errors_are_nexus_errors_and_only_bad_input_is_a_value_error() -> None:
+    from consumers.replay import ReplayArgumentError, ReplayKafkaError, ReplayStalledError
+    from nexus.errors import NexusError
+
+    assert issubclass(ReplayError, NexusError) and not issubclass(ReplayError, ValueError)
+    assert issubclass(ReplayArgumentError, ReplayError) and issubclass(ReplayArgumentError, ValueError)
+    assert issubclass(ReplayStalledError, ReplayKafkaError) and issubclass(ReplayKafkaError, ReplayError)
+    assert not issubclass(ReplayKafkaError, ValueError)
+    with pytest.raises(ValueError, match="not a time"):
+        parse_time("yesterday-ish")
+
+
+def _replay_args(*argv: str) -> object:
+    from consumers.replay.cli import add_arguments
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_replay_command_exits_2_on_bad_arguments_and_3_when_kafka_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from consumers.replay import cli, reader
+    from nexus.settings import Settings
+
+    err = io.StringIO()
+    assert cli.run(_replay_args("--since", "last tuesday"), Settings(), io.StringIO(), err) == cli.EXIT_USAGE
+    assert err.getvalue().startswith("nexus replay: 'last tuesday' is not a time")
+
+    async def unreachable(*args: object, **kwargs: object):  # an async generator that fails at once
+        raise reader.ReplayKafkaError("cannot reach Kafka at nowhere:9092")
+        yield
+
+    monkeypatch.setattr(reader, "replay_records", unreachable)
+    err = io.StringIO()
+    assert cli.run(_replay_args("--format", "jsonl"), Settings(), io.StringIO(), err) == cli.EXIT_KAFKA
+    assert "cannot reach Kafka at nowhere:9092" in err.getvalue()

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
+from nexus.access import AccessPolicy
+from nexus.errors import NexusError
+from nexus.settings import AccessSettings, ApiKey, EndpointSettings, ModelSettings, Settings
+from producers.client import SubmitError
+from producers.gateway import access as access_http
+from producers.gateway.dropin import DropIn, DropInMetrics
 from producers.gateway.dropin.conversation import CallContext, DropInError, call_context, render_conversation, resolve_model
 from producers.gateway.dropin.ollama import final_object, ollama_stats, parse_chat, parse_generate, tags_object
 from producers.gateway.dropin.openai import (
@@ -16,9 +29,21 @@ from producers.gateway.dropin.openai import (
     parse_completion,
     usage_chunk,
 )
-from producers.gateway.replies import REPLY_HEADER, ChunkSequencer, ReplyIndex, ReplyReader, instance_name
+from producers.gateway.dropin.ollama import add_ollama_routes
+from producers.gateway.dropin.openai import add_openai_routes
+from producers.replies import (
+    REPLY_HEADER,
+    ChunkSequencer,
+    ReplyIndex,
+    ReplyReader,
+    ReplyReaderError,
+    ReplyTimeoutError,
+    instance_name,
+)
 from nexus.settings import KafkaSettings
-from schemas import Codec, InferenceResponse, InferenceToken, ModelContext, encode_response, encode_token
+from schemas import Codec, InferenceRequest, InferenceResponse, InferenceToken, ModelContext, encode_response, encode_token
+from schemas.limits import MAX_SESSION_ID_LENGTH
+from schemas.validation import RejectedRequest
 
 KNOWN = ("llama3.1", "mistral")
 CALL = CallContext(ModelContext("s1", {"user": "alice"}), 30.0, "default")
@@ -69,6 +94,20 @@ def test_bad_headers_are_400(headers: list[tuple[str, str]]) -> None:
     with pytest.raises(DropInError) as err:
         call_context(headers, 300)
     assert err.value.status == 400
+
+
+def test_header_limits_are_the_shared_ones() -> None:
+    """The session header is capped like context.session_id of POST /infer; one error type for both."""
+    longest = "s" * MAX_SESSION_ID_LENGTH
+    assert call_context([("X-Nexus-Session", longest)], 300).context.session_id == longest
+    with pytest.raises(RejectedRequest) as err:
+        call_context([("X-Nexus-Session", longest + "s")], 300)
+    assert err.value.status == 400 and "X-Nexus-Session" in err.value.message and "256" in err.value.message
+    assert err.value.param is None  # a header, not a body field: OpenAI's param stays null
+    assert DropInError is RejectedRequest and isinstance(err.value, NexusError) and isinstance(err.value, ValueError)
+    assert call_context([("X-Nexus-Timeout-Ms", "86400000")], 300).timeout_s == 86400
+    with pytest.raises(RejectedRequest, match="86400000"):
+        call_context([("X-Nexus-Timeout-Ms", "86400001")], 300)
 
 
 def test_model_names_resolve_like_ollama() -> None:
@@ -260,6 +299,206 @@ def test_openai_answer_shapes() -> None:
     assert completion_object(text, response())["choices"][0]["text"] == "hello world"
     assert error_object(504, "late", code="timeout") == {
         "error": {"message": "late", "type": "timeout_error", "param": None, "code": "timeout"}}
+
+
+def test_whole_float_integers_count_in_drop_in_bodies() -> None:
+    """JSON clients may send 5.0 for 5: the drop-in APIs take it, as they always did."""
+    call = parse_completion({"model": "mistral", "prompt": "Hi", "max_tokens": 4.0, "seed": 2.0}, KNOWN, CALL)
+    assert (call.request.options.max_tokens, call.request.options.seed) == (4, 2)
+    with pytest.raises(DropInError) as err:
+        parse_completion({"model": "mistral", "prompt": "Hi", "max_tokens": 4.5}, KNOWN, CALL)
+    assert err.value.param == "max_tokens"
+
+
+# --------------------------------------------------------------------------- one call's flow (call.py)
+
+MODELS = tuple(ModelSettings(m, (EndpointSettings("http://127.0.0.1:9"),)) for m in KNOWN)
+TOKEN = "secret-token"
+MISTRAL_ONLY = ApiKey("team", hashlib.sha256(TOKEN.encode()).digest(), ("mistral",))
+
+Script = Callable[[InferenceRequest], list[object]]
+
+
+class FakeExchange:
+    """Plays Kafka and the worker: ``script`` says what comes back for a request (chunks, then the
+    response), or an exception to raise; ``refuse`` makes ``submit`` fail as Kafka would."""
+
+    def __init__(self, script: Script, refuse: BaseException | None = None) -> None:
+        self.script = script
+        self.refuse = refuse
+        self.submitted: list[InferenceRequest] = []
+        self.released: list[str] = []
+        self._events: dict[str, deque[object]] = {}
+
+    async def submit(self, request: InferenceRequest) -> InferenceRequest:
+        if self.refuse is not None:
+            raise self.refuse
+        self.submitted.append(request)
+        self._events[request.id] = deque(self.script(request))
+        return request
+
+    def _next(self, waiter: InferenceRequest) -> object:
+        event = self._events[waiter.id].popleft()
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
+    async def response(self, waiter: InferenceRequest, deadline: float, timeout_s: float) -> object:
+        while True:
+            event = self._next(waiter)
+            if not isinstance(event, str):
+                return event
+
+    async def next_event(self, waiter: InferenceRequest, deadline: float, timeout_s: float) -> object:
+        return self._next(waiter)
+
+    def release(self, waiter: InferenceRequest) -> None:
+        self.released.append(waiter.id)
+
+
+def answer(*chunks: str, status: str = "ok", error: str | None = None) -> Script:
+    def script(request: InferenceRequest) -> list[object]:
+        return [*chunks, response(request.id, output="".join(chunks), status=status, error=error,
+                                  context=request.context)]
+    return script
+
+
+class Gateway:
+    """Both drop-in APIs on a test server, with a fake exchange and their own metrics."""
+
+    def __init__(self, client: TestClient, exchange: FakeExchange, registry: CollectorRegistry) -> None:
+        self.client, self.exchange, self.registry = client, exchange, registry
+
+    def count(self, api: str, route: str, model: str, code: int) -> float:
+        labels = {"api": api, "route": route, "model": model, "code": str(code)}
+        return self.registry.get_sample_value("nexus_gateway_dropin_requests_total", labels) or 0.0
+
+    def timeouts(self, api: str) -> float:
+        return self.registry.get_sample_value("nexus_gateway_reply_timeouts_total", {"api": api}) or 0.0
+
+
+@pytest.fixture
+async def gateway_for() -> AsyncIterator[Callable[..., object]]:
+    clients: list[TestClient] = []
+
+    async def start(exchange: FakeExchange, access: AccessSettings = AccessSettings()) -> Gateway:
+        settings = Settings(models=MODELS, access=access)
+        registry = CollectorRegistry()
+        index = ReplyIndex()
+        reader = ReplyReader(settings.kafka, "gateway-test", index, Codec.from_directory())
+        dropin = DropIn(settings, exchange, DropInMetrics(registry, index, reader), "1.2.3",  # type: ignore[arg-type]
+                        clock=lambda: 0.0)
+        app = web.Application()
+        access_http.install(app, AccessPolicy(access))
+        add_ollama_routes(app, dropin)
+        add_openai_routes(app, dropin)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return Gateway(client, exchange, registry)
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+async def test_an_unstreamed_call_is_submitted_answered_counted_and_released(gateway_for) -> None:
+    gw = await gateway_for(FakeExchange(answer("hello")))
+    reply = await gw.client.post("/api/generate", json={"model": "llama3.1", "prompt": "Hi", "stream": False,
+                                                        "options": {"top_k": 1}},
+                                 headers={"X-Nexus-Session": "s9"})
+    body = await reply.json()
+    (request,) = gw.exchange.submitted
+    assert reply.status == 200 and body["response"] == "hello" and body["done"] is True
+    assert reply.headers["X-Nexus-Request-Id"] == request.id and reply.headers["X-Nexus-Ignored"] == "options.top_k"
+    assert request.context.session_id == "s9" and request.key_name is None
+    assert gw.exchange.released == [request.id]
+    assert gw.count("ollama", "generate", "llama3.1", 200) == 1
+    reply = await gw.client.post("/v1/completions", json={"model": "mistral", "prompt": "Hi"})
+    body = await reply.json()
+    assert reply.status == 200 and body["object"] == "text_completion" and body["choices"][0]["text"] == "hello"
+    assert reply.headers["x-request-id"] == gw.exchange.submitted[1].id
+    assert gw.count("openai", "completions", "mistral", 200) == 1
+
+
+async def test_streams_are_ndjson_for_ollama_and_sse_for_openai(gateway_for) -> None:
+    gw = await gateway_for(FakeExchange(answer("hel", "lo")))
+    reply = await gw.client.post("/api/chat", json={"model": "llama3.1", "messages": [{"role": "user", "content": "x"}]})
+    lines = [json.loads(line) for line in (await reply.text()).splitlines()]
+    assert reply.status == 200 and reply.content_type == "application/x-ndjson"
+    assert [line["message"]["content"] for line in lines] == ["hel", "lo", ""]
+    assert [line["done"] for line in lines] == [False, False, True] and lines[-1]["eval_count"] == 3
+    reply = await gw.client.post("/v1/chat/completions", json={
+        "model": "llama3.1", "messages": [{"role": "user", "content": "x"}], "stream": True,
+        "stream_options": {"include_usage": True}})
+    events = (await reply.text()).split("\n\n")
+    assert reply.status == 200 and reply.content_type == "text/event-stream"
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
+        {"role": "assistant", "content": ""}, {"content": "hel"}, {"content": "lo"}, {}]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 10
+    assert gw.count("ollama", "chat", "llama3.1", 200) == gw.count("openai", "chat.completions", "llama3.1", 200) == 1
+
+
+async def test_timeouts_are_504_before_the_stream_and_an_error_chunk_after(gateway_for) -> None:
+    def late(request: InferenceRequest) -> list[object]:
+        timeout = ReplyTimeoutError(request.id, 0.5)
+        return ["first", timeout] if request.stream else [timeout]
+
+    gw = await gateway_for(FakeExchange(late))
+    reply = await gw.client.post("/api/generate", json={"model": "llama3.1", "prompt": "x", "stream": False})
+    assert reply.status == 504 and "within 0.5s" in (await reply.json())["error"]
+    reply = await gw.client.post("/v1/completions", json={"model": "llama3.1", "prompt": "x"})
+    error = (await reply.json())["error"]
+    assert reply.status == 504 and reply.headers["x-should-retry"] == "false"
+    assert (error["type"], error["code"]) == ("timeout_error", "timeout")
+    reply = await gw.client.post("/api/generate", json={"model": "llama3.1", "prompt": "x"})
+    lines = [json.loads(line) for line in (await reply.text()).splitlines()]
+    assert reply.status == 200 and lines[0]["response"] == "first" and "within 0.5s" in lines[1]["error"]
+    reply = await gw.client.post("/v1/completions", json={"model": "llama3.1", "prompt": "x", "stream": True})
+    last = json.loads((await reply.text()).split("\n\n")[-2].removeprefix("data: "))
+    assert last["error"]["code"] == "timeout" and last["error"]["type"] == "timeout_error"
+    assert gw.timeouts("ollama") == gw.timeouts("openai") == 2
+    assert gw.count("ollama", "generate", "llama3.1", 504) == 1 and gw.count("openai", "completions", "llama3.1", 200) == 1
+    assert len(gw.exchange.released) == 4
+
+
+async def test_failed_answers_are_500_and_kafka_refusals_503(gateway_for) -> None:
+    gw = await gateway_for(FakeExchange(answer(status="error", error="endpoint down")))
+    reply = await gw.client.post("/api/generate", json={"model": "llama3.1", "prompt": "x"})  # streamed: still 500
+    assert reply.status == 500 and await reply.json() == {"error": "endpoint down"}
+    reply = await gw.client.post("/v1/completions", json={"model": "llama3.1", "prompt": "x"})
+    assert reply.status == 500 and (await reply.json())["error"]["type"] == "server_error"
+    for refusal in (SubmitError("no ack"), ReplyReaderError("reader down")):
+        gw = await gateway_for(FakeExchange(answer("x"), refuse=refusal))
+        reply = await gw.client.post("/api/generate", json={"model": "llama3.1", "prompt": "x"})
+        assert reply.status == 503 and await reply.json() == {"error": str(refusal)}
+        reply = await gw.client.post("/v1/completions", json={"model": "llama3.1", "prompt": "x"})
+        assert reply.status == 503 and (await reply.json())["error"]["type"] == "service_unavailable"
+        assert gw.count("openai", "completions", "llama3.1", 503) == 1 and not gw.exchange.released
+
+
+async def test_refusals_before_kafka_in_each_apis_shape(gateway_for) -> None:
+    gw = await gateway_for(FakeExchange(answer("x")), AccessSettings((MISTRAL_ONLY,)))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    reply = await gw.client.post("/api/generate", data=b"{nope", headers=auth)
+    assert reply.status == 400 and (await reply.json())["error"].startswith("invalid JSON body: ")
+    reply = await gw.client.post("/v1/chat/completions", data=b"[" * 100_000, headers=auth)  # too deep to parse
+    assert reply.status == 400 and (await reply.json())["error"]["message"].startswith("the body is not valid JSON: ")
+    reply = await gw.client.post("/v1/completions", json={"model": "llama3.1", "prompt": "x"}, headers=auth)
+    assert reply.status == 403
+    reply = await gw.client.post("/api/generate", json={"model": "llama3.1"}, headers=auth)  # the load call too
+    assert reply.status == 403
+    reply = await gw.client.post("/api/generate", json={"model": "mistral"}, headers=auth)
+    assert reply.status == 200 and (await reply.json())["done_reason"] == "load"
+    assert not gw.exchange.submitted
+    assert gw.count("ollama", "generate", "", 400) == gw.count("openai", "chat.completions", "", 400) == 1
+    assert gw.count("openai", "completions", "llama3.1", 403) == gw.count("ollama", "generate", "llama3.1", 403) == 1
+    assert gw.count("ollama", "generate", "", 200) == 1
+    reply = await gw.client.post("/api/generate", json={"model": "mistral", "prompt": "x", "stream": False},
+                                 headers=auth)
+    assert reply.status == 200 and gw.exchange.submitted[0].key_name == "team"
 
 
 # --------------------------------------------------------------------------- the reply index

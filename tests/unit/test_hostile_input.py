@@ -7,6 +7,10 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumers.bridge.frames import FrameError, parse_client_frame
+from producers.gateway.dropin.conversation import CallContext, call_context
+from producers.gateway.dropin.ollama import parse_chat, parse_generate
+from producers.gateway.dropin.openai import parse_chat_completion, parse_completion
 from schemas.validation import RejectedRequest, parse_infer_body
 from schemas import Codec, InferenceRequest, ModelContext, SchemaError, decode_request, encode_request
 from streams.answering.prompt import PromptTemplate
@@ -16,6 +20,7 @@ CODEC = Codec.from_directory()
 MODELS = ("llama3.1", "mistral")
 VALID = encode_request(CODEC, InferenceRequest("id-1", "llama3.1", "hello", ModelContext("s", {"u": "a"})))
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LIGHTER = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -83,6 +88,53 @@ def test_deeply_nested_json_is_400_not_a_crash() -> None:
         parse_infer_body(body, MODELS)
     except RejectedRequest as exc:
         assert exc.status == 400
+
+
+DROPIN_PARSERS = (parse_generate, parse_chat, parse_chat_completion, parse_completion)
+CALL = CallContext(ModelContext("s"), 30.0, "default")
+
+
+@LIGHTER
+@given(st.sampled_from(DROPIN_PARSERS), json_values | st.dictionaries(
+    st.sampled_from(["model", "prompt", "messages", "options", "stream", "system", "max_tokens", "temperature",
+                     "seed", "user", "stream_options", "n"]), json_values, max_size=8))
+def test_any_drop_in_body_is_a_call_or_a_rejected_request(parse, body: object) -> None:
+    try:
+        parse(body, MODELS, CALL)
+    except RejectedRequest as exc:
+        assert exc.status in (400, 404) and exc.message
+
+
+@LIGHTER
+@given(json_values | st.dictionaries(st.sampled_from(["type", "session_id", "request_ids", "all", "since"]),
+                                     json_values, max_size=5))
+def test_any_bridge_frame_is_a_frame_or_a_frame_error(frame: object) -> None:
+    try:
+        parse_client_frame(json.dumps(frame))
+    except FrameError as exc:
+        assert isinstance(exc, RejectedRequest) and exc.status == 400 and exc.reason
+
+
+def _accepts(check) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        check()
+    except RejectedRequest:
+        return False
+    return True
+
+
+@FAST
+@given(st.text(min_size=0, max_size=300, alphabet=st.characters(codec="ascii", exclude_characters="\r\n\x00")))
+def test_every_edge_accepts_the_same_session_ids(session: str) -> None:
+    """POST /infer, the drop-in header and a bridge subscription agree on every session id."""
+    body = json.dumps({"model_id": "llama3.1", "input": "x", "context": {"session_id": session}}).encode()
+    frame = json.dumps({"type": "subscribe", "session_id": session})
+    verdicts = {
+        _accepts(lambda: parse_infer_body(body, MODELS)),
+        _accepts(lambda: call_context([("X-Nexus-Session", session)], 30.0)),
+        _accepts(lambda: parse_client_frame(frame)),
+    }
+    assert verdicts == {0 < len(session) <= 256}
 
 
 @FAST

@@ -1,120 +1,326 @@
-"""Inference's waiting line for endpoint slots, without Kafka or HTTP: who is woken, when.
+"""A request's whole answering path against the in-memory backend and a manual clock.
 
-A freed slot wakes the oldest waiting request, promptly; a waiter that leaves by another
-way leaves the line, so no later wake-up is spent on it. The timeouts below are shorter
-than the safety-net poll (routing.MAX_WAIT_S), so a lost wake-up fails them.
+Retries, fallback, deadlines, "server busy" and circuit probes run in-process: time moves
+only when the test (or :func:`drive`, jumping to the next timer once every task waits on
+time) moves it, so five-second cool-downs take microseconds. Each test asserts the
+outcome and how many calls each endpoint received.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import random
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
-import aiohttp
 import pytest
 
 from nexus.settings import EndpointSettings, ModelSettings, Settings
-from schemas import InferenceRequest, ModelContext
+from schemas import InferenceOptions, InferenceRequest, ModelContext, utcnow
 from streams.answering.cache import CacheEntry
-from streams.answering.inference import Inference, Unavailable
+from streams.answering.clock import ManualClock
+from streams.answering.inference import Answer, Inference
+from streams.answering.routing import Circuit
+from streams.backends.memory import Failure, Hold, MemoryBackend, Reply, bad_request, refused, server_busy, server_error
 from streams.metrics import WorkerMetrics
-from streams.answering.routing import MAX_WAIT_S
 
-URL = "http://a.invalid"
-PROMPT_WAKE_S = MAX_WAIT_S / 2
+A, B, F = "http://a", "http://b", "http://f"
 
 
-class NoCache:
+class DictCache:
+    def __init__(self) -> None:
+        self.entries: dict[bytes, CacheEntry] = {}
+
     def get(self, key: bytes) -> CacheEntry | None:
-        return None
+        return self.entries.get(key)
 
     async def put(self, request: InferenceRequest, key: bytes, entry: CacheEntry) -> None:
-        return None
+        self.entries[key] = entry
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.started = False
+        self.chunks: list[str] = []
+
+    async def chunk(self, text: str, *, flush: bool = False) -> None:
+        self.started = True
+        self.chunks.append(text)
+
+
+@dataclass
+class World:
+    inference: Inference
+    backend: MemoryBackend
+    clock: ManualClock
+    metrics: WorkerMetrics
+
+    def answer(self, request: InferenceRequest, sink: Sink | None = None) -> asyncio.Task[Answer]:
+        return asyncio.ensure_future(self.inference.answer(request, sink))
+
+    def state(self, model: str, url: str):  # type: ignore[no-untyped-def]
+        return self.inference.routers[model].endpoints[url]
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture()
-async def inference() -> AsyncIterator[Inference]:
-    settings = Settings(models=(
-        ModelSettings("m", (EndpointSettings(URL, max_concurrency=1),), fallback="b"),
-        ModelSettings("b", (EndpointSettings("http://b.invalid"),)),
-    ))
-    async with aiohttp.ClientSession() as http:  # never used: nothing here calls an endpoint
-        yield Inference(settings, http, WorkerMetrics(), NoCache())
+async def make() -> AsyncIterator[Callable[..., World]]:
+    made: list[Inference] = []
+
+    def world(*models: ModelSettings) -> World:
+        clock = ManualClock()
+        backend = MemoryBackend(clock)
+        metrics = WorkerMetrics()
+        inference = Inference(
+            Settings(models=models), None, metrics, DictCache(), clock, random.Random(3), backend=backend
+        )
+        made.append(inference)
+        return World(inference, backend, clock, metrics)
+
+    yield world
+    for inference in made:
+        await inference.aclose()
 
 
-def request(n: int) -> InferenceRequest:
-    return InferenceRequest(f"r{n}", "m", "x", ModelContext(f"s{n}"))
+def endpoint(url: str, weight: float = 1.0, max_concurrency: int = 4) -> EndpointSettings:
+    return EndpointSettings(url, weight=weight, max_concurrency=max_concurrency)
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the other tasks run until ``condition`` holds (bounded, no clock involved)."""
-    for _ in range(1000):
+def request(n: int = 0, model: str = "m", deadline_s: float | None = None, **changes: object) -> InferenceRequest:
+    deadline = utcnow() + timedelta(seconds=deadline_s) if deadline_s is not None else None
+    return InferenceRequest(f"r{n}", model, f"prompt {n}", ModelContext(f"s{n}"), deadline=deadline, **changes)  # type: ignore[arg-type]
+
+
+async def settle() -> None:
+    """Let every task that can run do so; the clock stands still."""
+    for _ in range(30):
+        await asyncio.sleep(0)
+
+
+async def drive(clock: ManualClock, condition: Callable[[], bool], limit: int = 2000) -> None:
+    """Run until ``condition``: whenever every task waits on time, jump to the next timer."""
+    for _ in range(limit):
+        await settle()
         if condition():
             return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
+        assert clock.advance_to_next(), "every task waits, and not on time: stuck"
+    raise AssertionError(f"condition never held (clock at {clock()})")
 
 
-def acquire(inf: Inference, n: int, can_fall_back: bool = False) -> asyncio.Task[tuple[str, float]]:
-    deadline = time.monotonic() + 30
-    return asyncio.ensure_future(inf._acquire(inf.routers["m"], request(n), deadline, frozenset(), can_fall_back))
+async def finish(world: World, task: asyncio.Task[Answer]) -> Answer:
+    await drive(world.clock, task.done)
+    return task.result()
 
 
-async def test_a_freed_slot_wakes_the_oldest_waiter_promptly(inference: Inference) -> None:
-    router = inference.routers["m"]
-    await acquire(inference, 0)
-    waiters = [acquire(inference, n) for n in (1, 2, 3)]
-    await until(lambda: len(inference._waiting["m"]) == 3)
-    for turn, waiter in enumerate(waiters):
-        router.succeeded(URL, 0.1)
-        inference._notify(router)
-        await asyncio.wait_for(waiter, timeout=PROMPT_WAKE_S)  # the oldest, long before the poll
-        await until(lambda: router.endpoints[URL].in_flight == 1)
-        assert [w.done() for w in waiters] == [i <= turn for i in range(3)], "one slot, one waiter"
-        assert len(inference._waiting["m"]) == 2 - turn
+# ----------------------------------------------------------------------------- retries
 
 
-async def test_a_waiter_served_by_the_safety_poll_leaves_the_line(inference: Inference) -> None:
-    """Otherwise the next freed slot's wake-up goes to a request that is no longer waiting."""
-    router = inference.routers["m"]
-    await acquire(inference, 0)
-    first = acquire(inference, 1)
-    await until(lambda: len(inference._waiting["m"]) == 1)
-    router.released(URL)  # a slot frees without a wake-up: only the safety-net poll finds it
-    await asyncio.wait_for(first, timeout=MAX_WAIT_S * 4)
-    assert len(inference._waiting["m"]) == 0
-    second = acquire(inference, 2)
-    await until(lambda: len(inference._waiting["m"]) == 1)
-    router.succeeded(URL, 0.1)
-    inference._notify(router)
-    await asyncio.wait_for(second, timeout=PROMPT_WAKE_S)
+async def test_a_retryable_failure_is_retried_on_another_endpoint(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B))))  # A first: twice the weight
+    w.backend.script(A, server_error(500, "out of memory"))
+    answer = await finish(w, w.answer(request()))
+    response = answer.response
+    assert response.status == "ok" and response.endpoint == B, response
+    assert response.output == "[memory m] prompt 0" and response.retries == 1
+    assert (w.backend.calls(A), w.backend.calls(B)) == (1, 1)
+    assert w.state("m", A).failed == 1 and w.state("m", A).last_error == "http://a answered 500: 'out of memory'"
+    assert w.state("m", A).in_flight == w.state("m", B).in_flight == 0
+    assert w.sample("nexus_worker_retries_total", model="m") == 1
+    assert w.sample("nexus_worker_backend_requests_total", model="m", endpoint=A, outcome="error") == 1
+    assert w.sample("nexus_worker_backend_requests_total", model="m", endpoint=B, outcome="ok") == 1
+    assert answer.dead_letter_reason is None
 
 
-async def test_a_cancelled_waiter_leaves_the_line(inference: Inference) -> None:
-    router = inference.routers["m"]
-    await acquire(inference, 0)
-    gone, staying = acquire(inference, 1), acquire(inference, 2)
-    await until(lambda: len(inference._waiting["m"]) == 2)
-    gone.cancel()
-    await until(lambda: len(inference._waiting["m"]) == 1)
-    router.succeeded(URL, 0.1)
-    inference._notify(router)
-    await asyncio.wait_for(staying, timeout=PROMPT_WAKE_S)
+async def test_calls_that_never_connected_do_not_use_up_the_retries(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B)), retries=1))
+    w.backend.script(A, refused())
+    w.backend.script(B, refused(), server_error(502))
+    response = (await finish(w, w.answer(request()))).response
+    # A refused, B refused: nothing spent. B again (the session's last endpoint) fails after
+    # connecting: one retry spent of one allowed, so B once more, which answers.
+    assert response.status == "ok" and response.endpoint == B, response
+    assert (w.backend.calls(A), w.backend.calls(B)) == (1, 3) and response.retries == 3
+    assert w.sample("nexus_worker_retries_total", model="m") == 3
 
 
-async def test_when_every_endpoint_is_down_waiters_with_a_fallback_leave_at_once(inference: Inference) -> None:
-    router = inference.routers["m"]
-    await acquire(inference, 0)
-    with_fallback, without = acquire(inference, 1, can_fall_back=True), acquire(inference, 2)
-    await until(lambda: len(inference._waiting["m"]) == 2)
-    router.failed(URL, time.monotonic(), "refused")  # the held request fails ...
-    for _ in range(2):  # ... and two more: the circuit opens
-        router.endpoints[URL].in_flight += 1
-        router.failed(URL, time.monotonic(), "refused")
-    inference._notify(router)
-    with pytest.raises(Unavailable):
-        await asyncio.wait_for(with_fallback, timeout=PROMPT_WAKE_S)
-    assert not without.done(), "without a fallback it waits for the endpoint to come back"
-    assert len(inference._waiting["m"]) == 1
-    without.cancel()
+async def test_a_non_retryable_error_is_answered_at_once(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B))))
+    w.backend.script(A, bad_request("unknown option"))
+    answer = await finish(w, w.answer(request()))
+    assert answer.response.status == "error" and answer.response.retries == 0
+    assert answer.response.error == "http://a answered 400: 'unknown option'"
+    assert answer.dead_letter_reason == answer.response.error
+    assert (w.backend.calls(A), w.backend.calls(B)) == (1, 0)
+    state = w.state("m", A)
+    assert state.failed == 0 and state.circuit is Circuit.CLOSED, "the request's fault, not the endpoint's"
+    assert w.sample("nexus_worker_requests_total", model="m", status="error") == 1
+
+
+async def test_a_stream_broken_after_its_first_chunk_is_not_retried(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B))))
+    w.backend.script(A, Failure("ended the stream without a final chunk", chunks=("half an",)))
+    sink = Sink()
+    answer = await finish(w, w.answer(request(stream=True), sink))
+    assert answer.response.status == "error" and sink.chunks == ["half an"]
+    assert (w.backend.calls(A), w.backend.calls(B)) == (1, 0), "a second answer would not concatenate"
+
+
+async def test_after_its_retries_a_request_falls_back_to_the_fallback_model(make: Callable[..., World]) -> None:
+    w = make(
+        ModelSettings("m", (endpoint(A), endpoint(B)), retries=1, fallback="f"),
+        ModelSettings("f", (endpoint(F),)),
+    )
+    w.backend.script(A, then=server_error(500))
+    w.backend.script(B, then=server_error(503, "overloaded"))
+    response = (await finish(w, w.answer(request()))).response
+    assert response.status == "ok" and response.endpoint == F and response.model_id == "m"
+    assert response.output == "[memory f] prompt 0", "answered by the fallback model"
+    assert (w.backend.calls(A), w.backend.calls(B), w.backend.calls(F)) == (1, 1, 1)
+    assert response.retries == 1, "one repeated call of m, none of f"
+    assert w.sample("nexus_worker_retries_total", model="m") == 1
+
+
+async def test_every_endpoint_failing_without_a_fallback_answers_all_the_reasons(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B)), retries=1))
+    w.backend.script(A, then=server_error(500, "a down"))
+    w.backend.script(B, then=server_error(500, "b down"))
+    answer = await finish(w, w.answer(request()))
+    assert answer.response.status == "error" and answer.response.retries == 1
+    assert answer.response.error == "http://a answered 500: 'a down'; http://b answered 500: 'b down'"
+    assert (w.backend.calls(A), w.backend.calls(B)) == (1, 1), "retries=1: two calls in all"
+
+
+async def test_a_model_whose_circuits_are_all_open_goes_to_the_fallback_without_waiting(
+    make: Callable[..., World],
+) -> None:
+    w = make(ModelSettings("m", (endpoint(A),), fallback="f"), ModelSettings("f", (endpoint(F),)))
+    for _ in range(3):  # three failures in a row open A's circuit
+        w.state("m", A).in_flight += 1
+        w.inference.routers["m"].failed(A, w.clock(), "refused")
+    response = (await finish(w, w.answer(request()))).response
+    assert response.status == "ok" and response.endpoint == F
+    assert w.backend.calls(A) == 0 and w.clock() == 1000.0, "no call, no wait"
+
+
+# ----------------------------------------------------------------------------- deadlines
+
+
+async def test_the_deadline_passing_while_waiting_for_a_slot_expires_the_request(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, max_concurrency=1),)))
+    gate = asyncio.Event()
+    w.backend.script(A, Hold(gate, Reply("first")))
+    first = w.answer(request(1))
+    await settle()
+    assert w.backend.calls(A) == 1
+    second = w.answer(request(2, deadline_s=5))
+    answer = await finish(w, second)
+    assert answer.response.status == "error"
+    assert answer.response.error == (
+        "expired: deadline passed before an endpoint of 'm' answered; endpoints: http://a closed"
+    )
+    assert 1004.9 < w.clock() < 1005.1 and not first.done()
+    assert w.backend.calls(A) == 1 and len(w.inference.lines["m"]) == 0, "it left the line, never called"
+    gate.set()
+    assert (await finish(w, first)).response.output == "first"
+
+
+async def test_the_deadline_passing_during_a_call_expires_it_without_blaming_the_endpoint(
+    make: Callable[..., World],
+) -> None:
+    w = make(ModelSettings("m", (endpoint(A), endpoint(B))))
+    w.backend.script(A, Hold())  # never answers
+    w.backend.script(B, Hold())
+    answer = await finish(w, w.answer(request(deadline_s=3)))
+    error = answer.response.error or ""
+    assert answer.response.status == "error" and error.startswith("expired: deadline passed before an endpoint of 'm'")
+    assert "did not answer within" in error and 1002.9 < w.clock() < 1003.1
+    assert w.backend.calls(A) + w.backend.calls(B) == 1, "cut at the deadline: no time for another"
+    called = A if w.backend.calls(A) else B
+    state = w.state("m", called)
+    assert state.failed == 0 and state.circuit is Circuit.CLOSED and state.in_flight == 0
+    assert w.backend.endpoint(called).calls[0].timeout_s == pytest.approx(3, abs=0.1), "the call gets the time left"
+
+
+# ----------------------------------------------------------------------------- busy and circuits
+
+
+async def test_server_busy_lowers_the_endpoints_concurrency_until_answers_raise_it(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A, max_concurrency=4),)))
+    gate = asyncio.Event()
+    w.backend.script(A, Hold(gate), Hold(gate), server_busy())
+    tasks = [w.answer(request(n)) for n in range(4)]
+    await settle()
+    state = w.state("m", A)
+    assert w.backend.calls(A) == 3 and state.capacity() == 2, "it held two when it said busy"
+    assert state.circuit is Circuit.CLOSED and state.failed == 0
+    w.clock.advance(2.0)  # past any backoff: the busy one tries again, and waits with the fourth
+    await settle()
+    assert w.backend.calls(A) == 3 and len(w.inference.lines["m"]) == 2, "no more than it holds"
+    gate.set()
+    answers = [await finish(w, t) for t in tasks]
+    assert [a.response.status for a in answers] == ["ok"] * 4
+    assert answers[2].response.retries == 1 and w.backend.calls(A) == 5
+    assert w.backend.endpoint(A).most_in_flight == 3
+    assert w.sample("nexus_worker_backend_requests_total", model="m", endpoint=A, outcome="error") == 1
+
+
+async def test_an_open_circuit_is_probed_and_closed_again(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A),)))
+    w.backend.script(A, refused(), refused(), refused())  # then it answers
+    w.backend.endpoint(A).healthy = False
+    state = w.state("m", A)
+    task = w.answer(request(deadline_s=60))
+    await drive(w.clock, lambda: state.circuit is Circuit.OPEN)
+    opened = w.clock()
+    assert w.backend.calls(A) == 3 and w.backend.probes(A) == 0
+    assert w.sample("nexus_worker_circuit_state", model="m", endpoint=A) == 2
+    await drive(w.clock, lambda: w.backend.probes(A) == 1)
+    assert w.clock() >= opened + 5.0, "probed after the cool-down"
+    await settle()
+    assert state.circuit is Circuit.OPEN and not task.done(), "a failed probe reopens it"
+    w.backend.endpoint(A).healthy = True
+    response = (await finish(w, task)).response
+    assert response.status == "ok" and response.endpoint == A and response.retries == 3
+    assert w.backend.probes(A) == 2 and w.backend.calls(A) == 4
+    assert state.circuit is Circuit.CLOSED and state.consecutive_failures == 0
+    assert w.sample("nexus_worker_circuit_state", model="m", endpoint=A) == 0
+
+
+async def test_open_circuits_are_probed_in_the_background_with_no_request_waiting(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A), endpoint(B))))
+    w.backend.script(A, refused(), refused(), refused())
+    for n in range(3):  # A fails three requests (B answers them), and its circuit opens
+        w.inference.routers["m"]._sessions[f"s{n}"] = A
+        await finish(w, w.answer(request(n)))
+    state = w.state("m", A)
+    assert state.circuit is Circuit.OPEN and w.backend.calls(A) == 3
+    await drive(w.clock, lambda: state.circuit is Circuit.CLOSED)
+    assert w.backend.probes(A) == 1
+
+
+# ----------------------------------------------------------------------------- the rest of the path
+
+
+async def test_a_deterministic_answer_is_served_from_the_cache_the_second_time(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A),)))
+    deterministic = InferenceOptions(temperature=0.0)
+    first = (await finish(w, w.answer(request(options=deterministic)))).response
+    sink = Sink()
+    second = (await finish(w, w.answer(request(options=deterministic, stream=True), sink))).response
+    assert first.cached is False and second.cached is True and second.output == first.output
+    assert "".join(sink.chunks) == first.output and w.backend.calls(A) == 1
+
+
+async def test_an_unknown_model_is_answered_with_the_models_served(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A),)))
+    answer = await finish(w, w.answer(request(model="nope")))
+    assert answer.response.error == "unknown model 'nope'; this worker serves ['m']"
+    assert w.sample("nexus_worker_requests_total", model="unknown", status="error") == 1
+
+
+def test_inference_needs_a_session_or_a_backend() -> None:
+    with pytest.raises(TypeError, match="HTTP session"):
+        Inference(Settings(), None, WorkerMetrics(), DictCache())

@@ -1,14 +1,34 @@
-"""POST /infer bodies: what becomes a request, and the 400/404 answers for the rest."""
+"""POST /infer bodies: what becomes a request, and the 400/404 answers for the rest.
+
+And the one validation vocabulary: the field checks and limits that POST /infer, the
+drop-in APIs and the bridge's frames share, each edge answering in its own shape.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
+from consumers.bridge import BridgeCore, Produce
+from consumers.bridge.frames import FrameError
+from nexus.access import AccessPolicy
+from nexus.errors import NexusError
+from nexus.settings import AccessSettings, EndpointSettings, ModelSettings, Settings
+from producers.gateway import access as access_http
+from producers.gateway.dropin import DropIn, DropInMetrics
+from producers.gateway.dropin.ollama import add_ollama_routes
+from producers.gateway.dropin.openai import add_openai_routes
+from producers.replies import ReplyIndex, ReplyReader
+from schemas import validation
+from schemas.limits import MAX_SESSION_ID_LENGTH, MAX_TIMEOUT_MS
 from schemas.validation import MAX_ID_LENGTH, RejectedRequest, parse_infer_body
-from schemas import InferenceOptions, InferenceRequest, ModelContext
+from schemas import Codec, InferenceOptions, InferenceRequest, ModelContext
 
 MODELS = ("llama3.1", "mistral")
 SEED_BODY = (
@@ -104,8 +124,9 @@ def test_empty_input_is_allowed_and_unicode_kept() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"{", b"not json", b'{"model_id": "llama3.1", "input": "x",}', b"[" * 100_000],
-    ids=["empty", "unclosed", "text", "trailing-comma", "deeply-nested"],
+    [b"", b"{", b"not json", b'{"model_id": "llama3.1", "input": "x",}', b"[" * 100_000,
+     b'{"model_id": "llama3.1", "input": "x", "options": {"seed": ' + b"9" * 5000 + b"}}"],
+    ids=["empty", "unclosed", "text", "trailing-comma", "deeply-nested", "integer-too-long-to-convert"],
 )
 def test_malformed_json(body: bytes) -> None:
     error = _rejected(body)
@@ -235,3 +256,98 @@ def test_bad_cache_policy_or_timeout_is_400(extra: dict, field: str) -> None:
     with pytest.raises(RejectedRequest) as info:
         parse_infer_body(json.dumps(body).encode(), MODELS)
     assert info.value.status == 400 and field in info.value.message
+
+
+# --- one vocabulary: the same limits at every edge ------------------------------------------
+
+TOO_LONG_SESSION = "s" * (MAX_SESSION_ID_LENGTH + 1)
+
+
+def test_rejected_request_is_a_nexus_error_and_still_a_value_error() -> None:
+    error = RejectedRequest(404, "no such model", param="model", code="model_not_found")
+    assert isinstance(error, NexusError) and isinstance(error, ValueError)
+    assert (error.status, error.message, error.param, error.code, str(error)) == (
+        404, "no such model", "model", "model_not_found", "no such model")
+    assert issubclass(FrameError, RejectedRequest) and FrameError("bad").status == 400
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "needle"),
+    [
+        (validation.session_id, "", "non-empty string"),
+        (validation.session_id, 7, "non-empty string"),
+        (validation.session_id, TOO_LONG_SESSION, f"longer than {MAX_SESSION_ID_LENGTH}"),
+        (validation.request_id, "r" * (MAX_ID_LENGTH + 1), f"longer than {MAX_ID_LENGTH}"),
+        (validation.timeout_ms, 0, str(MAX_TIMEOUT_MS)),
+        (validation.timeout_ms, MAX_TIMEOUT_MS + 1, str(MAX_TIMEOUT_MS)),
+        (validation.timeout_ms, True, str(MAX_TIMEOUT_MS)),
+        (validation.cache_policy, "sometimes", "no-store"),
+        (validation.metadata, {"a": 1}, "string values"),
+    ],
+)
+def test_field_checks_name_the_field_and_the_limit(check, value, needle: str) -> None:
+    with pytest.raises(RejectedRequest) as info:
+        check(value, "the_field")
+    assert info.value.status == 400 and info.value.param == "the_field"
+    assert "'the_field'" in info.value.message and needle in info.value.message
+
+
+def test_field_checks_pass_what_is_within_the_limits() -> None:
+    assert validation.session_id("s" * MAX_SESSION_ID_LENGTH) == "s" * MAX_SESSION_ID_LENGTH
+    assert validation.request_id("r" * MAX_ID_LENGTH) == "r" * MAX_ID_LENGTH
+    assert validation.timeout_ms(MAX_TIMEOUT_MS) == MAX_TIMEOUT_MS
+    assert validation.metadata({"user": "alice"}) == {"user": "alice"}
+    assert validation.number(2, "t", 0, math.inf) == 2.0 and validation.number(None, "t", 0, 1) is None
+    assert validation.integer(-(2**63), "seed") == -(2**63)
+    with pytest.raises(RejectedRequest, match="'seed' must be an integer"):
+        validation.integer(5.0, "seed")  # strict here; the drop-in APIs accept whole floats themselves
+    assert validation.flag(None, "stream", True) is True
+    assert validation.text(None, "prompt") == ""
+    with pytest.raises(RejectedRequest, match="not valid JSON"):
+        validation.parse_json(b"[" * 100_000)
+
+
+async def _dropin_refusals(headers: dict[str, str]) -> tuple[tuple[int, object], tuple[int, object]]:
+    """Ollama's and OpenAI's answers to one generate call with ``headers``; nothing reaches Kafka."""
+    settings = Settings(models=(ModelSettings("llama3.1", (EndpointSettings("http://127.0.0.1:9"),)),))
+    index = ReplyIndex()
+    reader = ReplyReader(settings.kafka, "gateway-test", index, Codec.from_directory())
+    dropin = DropIn(settings, None, DropInMetrics(CollectorRegistry(), index, reader), "0", lambda: 0.0)  # type: ignore[arg-type]
+    app = web.Application()
+    access_http.install(app, AccessPolicy(AccessSettings()))
+    add_ollama_routes(app, dropin)
+    add_openai_routes(app, dropin)
+    async with TestClient(TestServer(app)) as client:
+        ollama = await client.post("/api/generate", json={"model": "llama3.1", "prompt": "Hi"}, headers=headers)
+        openai = await client.post("/v1/completions", json={"model": "llama3.1", "prompt": "Hi"}, headers=headers)
+        return (ollama.status, await ollama.json()), (openai.status, await openai.json())
+
+
+async def test_an_over_long_session_id_is_refused_at_every_edge_in_its_own_shape() -> None:
+    """256 characters is the documented session id limit (docs/producing.md); every edge holds it."""
+    # POST /infer and `nexus submit`: {"error": "..."} with 400.
+    error = _rejected(_body(context={"session_id": TOO_LONG_SESSION}))
+    assert error.status == 400
+    assert error.message == f"'context.session_id' is longer than {MAX_SESSION_ID_LENGTH} characters"
+    longest = "s" * MAX_SESSION_ID_LENGTH
+    assert parse_infer_body(_body(context={"session_id": longest}), MODELS).context.session_id == longest
+
+    # The drop-in APIs, from the X-Nexus-Session header: Ollama's and OpenAI's error shapes.
+    (ollama_status, ollama), (openai_status, openai) = await _dropin_refusals({"X-Nexus-Session": TOO_LONG_SESSION})
+    reason = f"'X-Nexus-Session' is longer than {MAX_SESSION_ID_LENGTH} characters"
+    assert (ollama_status, ollama) == (400, {"error": reason})
+    assert (openai_status, openai) == (400, {"error": {"message": reason, "type": "invalid_request_error",
+                                                       "param": None, "code": None}})
+
+    # The bridge: a submit frame gets an error frame with the status; a subscribe frame one without.
+    core = BridgeCore(Codec.from_directory(), responses_topic="inference.responses", tokens_topic="inference.tokens",
+                      access=AccessPolicy(AccessSettings()), known_models=MODELS, max_queue=16)
+    peer = core.connect()
+    submit = {"type": "submit", "id": "r1", "model_id": "llama3.1", "input": "Hi"}
+    assert core.receive(peer, json.dumps({**submit, "context": {"session_id": TOO_LONG_SESSION}})) == []
+    assert core.receive(peer, json.dumps({"type": "subscribe", "session_id": TOO_LONG_SESSION})) == []
+    submitted, subscribed = (json.loads(frame) for frame in peer.outbox.queued())
+    assert submitted == {"type": "error", "reason": error.message, "status": 400, "id": "r1"}
+    assert subscribed == {"type": "error", "reason": f"'session_id' is longer than {MAX_SESSION_ID_LENGTH} characters"}
+    (produce,) = core.receive(peer, json.dumps({**submit, "context": {"session_id": longest}}))
+    assert isinstance(produce, Produce) and produce.request.context.session_id == longest

@@ -1,35 +1,43 @@
-"""Wires the drop-in APIs (Ollama's and OpenAI's) and the reply reader into the gateway.
+"""One drop-in call, whichever API it came through: parse, authorize, submit, wait, answer.
 
-    add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER])
+The Ollama and OpenAI modules differ only in how a body becomes a request and how
+answers, chunks and errors look; each describes that as a :class:`DropInApi` and
+:func:`call_handler` runs the same flow for both:
 
-registers the routes of :mod:`producers.gateway.dropin.ollama` and :mod:`producers.gateway.dropin.openai`, starts
-this instance's :class:`~producers.gateway.replies.ReplyReader` on startup (after the gateway's own
-startup created the topics and the producer) and stops it on cleanup. See ``docs/drop-in.md``.
+- an invalid body or header: 400 (404 for an unknown model), before Kafka sees anything;
+- a model the caller's API key may not use: 403 (raised to the access middleware);
+- Kafka did not acknowledge the request, or the reply reader is down: 503;
+- the pipeline answered ``status=error``: 500;
+- no answer before the call's timeout: 504 (the request is still answered, into the audit log);
+- streamed: the status line waits for the first chunk, so an early failure keeps its status;
+  a later failure ends the stream with the API's error chunk.
+
+Every call is counted in ``nexus_gateway_dropin_requests`` by API, route, model and status.
+See ``docs/drop-in.md``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from importlib import metadata
-from typing import Any, AsyncIterator
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
-from schemas import Codec
+from schemas import InferenceRequest, InferenceResponse
+from schemas.validation import RejectedRequest, parse_json
 
-from producers.client import RequestProducer
-from producers.gateway.dropin.ollama import add_ollama_routes
-from producers.gateway.dropin.openai import add_openai_routes, error_response
-from producers.gateway.replies import Exchange, ReplyIndex, ReplyReader, instance_name
+from producers.client import SubmitError
+from producers.gateway import access as access_http
+from producers.gateway.dropin.conversation import CallContext, call_context
+from producers.replies import Exchange, ReplyError, ReplyIndex, ReplyReader, ReplyTimeoutError
 
-log = logging.getLogger(__name__)
-
-OLLAMA_IS_RUNNING = "Ollama is running"
+FAILED = "the request failed"  # a failed answer without an error text
 
 
 class DropInMetrics:
@@ -72,6 +80,9 @@ class DropInMetrics:
     def answered(self, api: str, seconds: float) -> None:
         self.reply_seconds.labels(api=api).observe(seconds)
 
+    def timed_out(self, api: str) -> None:
+        self.timeouts.labels(api=api).inc()
+
 
 @dataclass
 class DropIn:
@@ -84,64 +95,152 @@ class DropIn:
     clock: Callable[[], float]
 
 
-def nexus_version() -> str:
-    try:
-        return metadata.version("nexus-inference")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
+class ParsedCall(Protocol):
+    """What the flow needs of a parsed call; each API's call class has more."""
+
+    @property
+    def model_id(self) -> str:
+        """The Nexus model the call names: the access check is on it."""
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def request(self) -> InferenceRequest | None:
+        """What to submit; None for a call answered at once (Ollama's "load the model")."""
 
 
-def wants_html(accept: str) -> bool:
-    """A browser asks for HTML; Ollama clients and curl do not."""
-    return "text/html" in accept.lower()
+C = TypeVar("C", bound=ParsedCall)
+Parse = Callable[[Any, Collection[str], CallContext], C]
 
 
-def add_dropin_routes(
-    app: web.Application,
-    settings: Settings,
-    registry: CollectorRegistry,
-    producer: Callable[[], RequestProducer],
-    name: str | None = None,
-) -> DropIn:
-    """Register the Ollama and OpenAI routes and the reply reader's lifecycle on ``app``.
+class DropInApi(ABC, Generic[C]):
+    """How one API's calls look: its error shape, its answers and its stream framing.
 
-    Call after the gateway's own cleanup context is appended, so the topics and the
-    producer exist when the reader starts, and the reader stops before the producer.
+    Stream methods return the encoded bytes to write (an NDJSON line, an SSE event...).
     """
-    index = ReplyIndex()
-    reader = ReplyReader(settings.kafka, name or instance_name(), index, Codec.from_directory())
-    dropin = DropIn(
-        settings=settings,
-        exchange=Exchange(reader, index, producer),
-        metrics=DropInMetrics(registry, index, reader),
-        version=nexus_version(),
-        clock=lambda: asyncio.get_running_loop().time(),
-    )
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await reader.start()  # before the first call: every answer after this is seen
-        log.info("reply reader %s follows %s and %s", reader.name, settings.kafka.responses_topic,
-                 settings.kafka.tokens_topic)
-        yield
-        await reader.stop()
+    name: ClassVar[str]  # the ``api`` label of the metrics
+    invalid_json: ClassVar[str]  # the 400 message for a body that is not JSON, before the parser's words
+    stream_headers: ClassVar[dict[str, str]]  # Content-Type and the like of a streamed answer
 
-    @web.middleware
-    async def compat(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
-        """``GET /``: the page for browsers, Ollama's greeting for everyone else; OpenAI's error shape under /v1."""
-        if request.path == "/" and request.method in ("GET", "HEAD") and not wants_html(request.headers.get("Accept", "")):
-            return web.Response(text=OLLAMA_IS_RUNNING)
-        if not request.path.startswith("/v1/"):
-            return await handler(request)
+    @abstractmethod
+    def error(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+              headers: dict[str, str] | None = None) -> web.Response:
+        """An error answer in this API's shape."""
+
+    @abstractmethod
+    def headers(self, call: C) -> dict[str, str]:
+        """The headers of every answer to ``call`` (request id, ignored fields...)."""
+
+    @abstractmethod
+    def whole(self, call: C, response: InferenceResponse | None) -> dict[str, Any]:
+        """The JSON of an unstreamed answer; ``response`` is None for a call without a request."""
+
+    def stream_start(self, call: C) -> bytes:
+        """Written before the first chunk; nothing by default."""
+        return b""
+
+    @abstractmethod
+    def stream_chunk(self, call: C, text: str) -> bytes:
+        """One chunk of the answer's text."""
+
+    @abstractmethod
+    def stream_end(self, call: C, response: InferenceResponse) -> bytes:
+        """What ends a stream that was answered ``ok``."""
+
+    @abstractmethod
+    def stream_error(self, status: int, message: str, code: str | None = None) -> bytes:
+        """What ends a stream that failed after its status line was sent."""
+
+
+def call_handler(
+    dropin: DropIn, api: DropInApi[C], route: str, parse: Parse[C]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of one generate-like route of ``api`` (``route`` labels its metrics)."""
+    known = dropin.settings.model_ids
+
+    async def handle(http: web.Request) -> web.StreamResponse:
         try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            text = exc.text or ""
-            return error_response(exc.status, exc.reason if not text or text.startswith(f"{exc.status}:") else text)
+            body = parse_json(await http.read(), api.invalid_json)
+            context = call_context(http.headers.items(), dropin.settings.gateway.reply_timeout_s)
+            call = parse(body, known, context)
+        except RejectedRequest as exc:
+            dropin.metrics.count(api.name, route, "", exc.status)
+            return api.error(exc.status, exc.message, param=exc.param, code=exc.code)
+        try:
+            access_http.authorize(http, call.model_id)  # a call answered at once too: it names a model
+        except Forbidden:
+            dropin.metrics.count(api.name, route, call.model_id, 403)
+            raise  # the access middleware answers 403 in the API's shape
+        headers = api.headers(call)
+        if call.request is None:
+            dropin.metrics.count(api.name, route, "", 200)
+            return web.json_response(api.whole(call, None), headers=headers)
+        request = dataclasses.replace(call.request, key_name=AccessPolicy.owner(access_http.key_of(http)))
+        answer = await _exchange(http, dropin, api, call, request, context.timeout_s, headers)
+        dropin.metrics.count(api.name, route, request.model_id, answer.status)
+        return answer
 
-    app.cleanup_ctx.append(lifecycle)
-    app.middlewares.append(compat)
-    add_ollama_routes(app, dropin)
-    add_openai_routes(app, dropin)
-    return dropin
+    return handle
+
+
+async def _exchange(
+    http: web.Request, dropin: DropIn, api: DropInApi[C], call: C, request: InferenceRequest,
+    timeout_s: float, headers: dict[str, str],
+) -> web.StreamResponse:
+    """Submit, wait, answer: one object, or the stream's chunks then its end."""
+    exchange, metrics, clock = dropin.exchange, dropin.metrics, dropin.clock
+    try:
+        waiter = await exchange.submit(request)
+    except (SubmitError, ReplyError) as exc:
+        return api.error(503, str(exc), headers=headers)
+    t0 = clock()
+    deadline = t0 + timeout_s
+    try:
+        if not call.stream:
+            response = await exchange.response(waiter, deadline, timeout_s)
+            metrics.answered(api.name, clock() - t0)
+            if response.status != "ok":
+                return api.error(500, response.error or FAILED, headers=headers)
+            return web.json_response(api.whole(call, response), headers=headers)
+
+        # The status line waits for the first event, so an early failure still gets its status.
+        event = await exchange.next_event(waiter, deadline, timeout_s)
+        if isinstance(event, InferenceResponse) and event.status != "ok":
+            metrics.answered(api.name, clock() - t0)
+            return api.error(500, event.error or FAILED, headers=headers)
+        stream = web.StreamResponse(headers={**api.stream_headers, **headers})
+        await stream.prepare(http)
+        try:
+            try:
+                start = api.stream_start(call)
+                if start:
+                    await stream.write(start)
+                while True:
+                    if isinstance(event, str):
+                        await stream.write(api.stream_chunk(call, event))
+                    else:
+                        metrics.answered(api.name, clock() - t0)
+                        if event.status != "ok":  # mid-stream: the API's error chunk
+                            await stream.write(api.stream_error(500, event.error or FAILED))
+                        else:
+                            await stream.write(api.stream_end(call, event))
+                        break
+                    event = await exchange.next_event(waiter, deadline, timeout_s)
+            except ReplyError as exc:
+                timeout = isinstance(exc, ReplyTimeoutError)
+                if timeout:
+                    metrics.timed_out(api.name)
+                await stream.write(api.stream_error(504 if timeout else 503, str(exc), "timeout" if timeout else None))
+            await stream.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away; its answer still lands in the audit log
+        return stream
+    except ReplyTimeoutError as exc:
+        metrics.timed_out(api.name)
+        return api.error(504, str(exc), code="timeout", headers=headers)
+    except ReplyError as exc:
+        return api.error(503, str(exc), headers=headers)
+    finally:
+        exchange.release(waiter)

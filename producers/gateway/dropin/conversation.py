@@ -3,18 +3,27 @@
 How a call's HTTP headers become a model context, how a conversation becomes one
 ``input``, how a client's model name maps to a Nexus model. Both API modules use
 these, so the same call means the same request whichever API it came through.
-See ``docs/drop-in.md``.
+Values are checked by :mod:`schemas.validation` against :mod:`schemas.limits`, as
+``POST /infer`` and the bridge check theirs. See ``docs/drop-in.md``.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import CACHE_POLICIES, ModelContext, new_id
+from schemas import ModelContext, new_id
+from schemas.limits import MAX_SEED, MAX_TIMEOUT_MS, MIN_SEED
+from schemas.validation import RejectedRequest, cache_policy, flag, number, session_id, timeout_ms
+from schemas.validation import integer as _integer
+
+__all__ = [
+    "CACHE_HEADER", "IGNORED_HEADER", "META_PREFIX", "MAX_TIMEOUT_MS", "REQUEST_ID_HEADER", "SESSION_HEADER",
+    "TIMEOUT_HEADER", "CallContext", "DropInError", "call_context", "canonical_model_name", "flag", "integer",
+    "number", "render_conversation", "require_model", "resolve_model", "unsupported",
+]
 
 SESSION_HEADER = "X-Nexus-Session"
 META_PREFIX = "X-Nexus-Meta-"
@@ -23,25 +32,11 @@ CACHE_HEADER = "X-Nexus-Cache"
 REQUEST_ID_HEADER = "X-Nexus-Request-Id"
 IGNORED_HEADER = "X-Nexus-Ignored"
 
-MAX_SESSION_LENGTH = 256
-MAX_TIMEOUT_MS = 24 * 3600 * 1000
 ROLES = ("system", "user", "assistant")
-_INT64 = 2**63
 
-
-class DropInError(ValueError):
-    """A call the drop-in API refuses; each API renders it in its own error shape.
-
-    ``param`` names the offending field (OpenAI reports it), ``code`` is OpenAI's
-    machine-readable code (``model_not_found``, ``timeout``...).
-    """
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
+# A call the drop-in APIs refuse: the one error type of every edge (status, message, and
+# ``param``/``code`` that OpenAI's error shape reports). Each API renders it its own way.
+DropInError = RejectedRequest
 
 
 @dataclass(frozen=True)
@@ -57,7 +52,8 @@ def call_context(headers: Iterable[tuple[str, str]], default_timeout_s: float) -
     """Read ``X-Nexus-Session``, ``X-Nexus-Meta-<key>``, ``X-Nexus-Timeout-Ms`` and ``X-Nexus-Cache``.
 
     Header names are case-insensitive, so metadata keys are lower-cased: ``X-Nexus-Meta-User: alice``
-    gives ``{"user": "alice"}``. Without a session header every call gets a fresh session.
+    gives ``{"user": "alice"}``. Without a session header every call gets a fresh session. The
+    values are checked as ``POST /infer`` checks ``context.session_id``, ``timeout_ms`` and ``cache``.
     """
     session: str | None = None
     metadata: dict[str, str] = {}
@@ -67,9 +63,7 @@ def call_context(headers: Iterable[tuple[str, str]], default_timeout_s: float) -
     for name, value in headers:
         lower = name.lower()
         if lower == SESSION_HEADER.lower():
-            if not value or len(value) > MAX_SESSION_LENGTH:
-                raise DropInError(400, f"{SESSION_HEADER} must be 1 to {MAX_SESSION_LENGTH} characters")
-            session = value
+            session = _header(session_id, value, SESSION_HEADER)
         elif lower.startswith(prefix):
             key = lower[len(prefix):]
             if not key:
@@ -78,18 +72,25 @@ def call_context(headers: Iterable[tuple[str, str]], default_timeout_s: float) -
                 raise DropInError(400, f"metadata key {key!r} is given twice ({name})")
             metadata[key] = value
         elif lower == TIMEOUT_HEADER.lower():
-            try:
-                timeout_ms = int(value)
-            except ValueError:
-                timeout_ms = 0
-            if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
-                raise DropInError(400, f"{TIMEOUT_HEADER} must be an integer in [1, {MAX_TIMEOUT_MS}]")
-            timeout_s = timeout_ms / 1000
+            timeout_s = _header(timeout_ms, _int_or_zero(value), TIMEOUT_HEADER) / 1000
         elif lower == CACHE_HEADER.lower():
-            if value not in CACHE_POLICIES:
-                raise DropInError(400, f"{CACHE_HEADER} must be one of {list(CACHE_POLICIES)}")
-            cache = value
+            cache = _header(cache_policy, value, CACHE_HEADER)
     return CallContext(ModelContext(session or new_id(), metadata), timeout_s, cache)
+
+
+def _header(check: Callable[[Any, str], Any], value: Any, header: str) -> Any:
+    """A header checked by the shared rule; the error names the header but no body ``param``."""
+    try:
+        return check(value, header)
+    except RejectedRequest as exc:
+        raise DropInError(exc.status, exc.message) from None
+
+
+def _int_or_zero(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0  # out of range: refused with the range in the message
 
 
 def canonical_model_name(name: str) -> str:
@@ -142,36 +143,12 @@ def require_model(
     return requested, model_id
 
 
-def number(value: Any, name: str, low: float, high: float) -> float | None:
-    """A finite number in [low, high], or None when absent."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DropInError(400, f"'{name}' must be a number", param=name)
-    if not low <= value <= high:
-        raise DropInError(400, f"'{name}' must be in [{low:g}, {high:g}]", param=name)
-    return float(value)
-
-
-def integer(value: Any, name: str, low: int = -_INT64, high: int = _INT64 - 1) -> int | None:
-    """An integer in [low, high] (a whole float such as 5.0 counts), or None when absent."""
-    if value is None:
-        return None
+def integer(value: Any, name: str, low: int = MIN_SEED, high: int = MAX_SEED) -> int | None:
+    """:func:`schemas.validation.integer`, except that a whole float such as 5.0 counts:
+    Ollama's and OpenAI's clients may send JSON numbers that way."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DropInError(400, f"'{name}' must be an integer", param=name)
-    if not low <= value <= high:
-        raise DropInError(400, f"'{name}' must be an integer in [{low}, {high}]", param=name)
-    return value
-
-
-def flag(value: Any, name: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise DropInError(400, f"'{name}' must be true or false", param=name)
-    return value
+    return _integer(value, name, low, high)
 
 
 def unsupported(name: str, why: str = "") -> DropInError:

@@ -4,47 +4,41 @@
 with ``"stream": false``, ending with Ollama's statistics), ``GET /api/tags`` (the models
 Nexus routes), ``GET /api/version``. Each call becomes an :class:`InferenceRequest` on
 ``inference.requests`` (batching, routing, caching, metrics and the audit log see it like
-any other) and is answered from Kafka through :mod:`producers.gateway.replies`.
+any other) and is answered from Kafka through :mod:`producers.replies`.
 
 The body rules and answer shapes are plain functions (``parse_generate``, ``parse_chat``,
-``final_object``...); the handlers at the bottom are the aiohttp shell.
+``final_object``...); :class:`OllamaApi` hands them to the flow every drop-in call shares
+(:mod:`producers.gateway.dropin.call`: submit, wait, 503/504, metrics).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from nexus.access import AccessPolicy, Forbidden
 from schemas import InferenceOptions, InferenceRequest, InferenceResponse, new_id, utcnow
+from schemas import validation
 
 from producers.gateway import access as access_http
-from producers.client import SubmitError
+from producers.gateway.dropin.call import DropIn, DropInApi, call_handler
 from producers.gateway.dropin.conversation import (
     IGNORED_HEADER,
     REQUEST_ID_HEADER,
     CallContext,
     DropInError,
-    call_context,
     flag,
     integer,
     number,
     render_conversation,
     require_model,
-    resolve_model,
     unsupported,
 )
-from producers.gateway.replies import ReplyError, ReplyTimeoutError
-
-if TYPE_CHECKING:
-    from producers.gateway.dropin.call import DropIn
 
 NDJSON = "application/x-ndjson"
 MODEL_REQUIRED = "model is required"  # Ollama's own message
@@ -56,6 +50,7 @@ class OllamaCall:
     """A parsed generate or chat call."""
 
     model: str  # as the client spelled it; Ollama echoes it back unchanged
+    model_id: str  # the Nexus model it names
     chat: bool
     stream: bool
     request: InferenceRequest | None  # None: Ollama's "load the model" call, answered at once
@@ -77,9 +72,10 @@ def parse_generate(body: Any, known: Collection[str], call: CallContext) -> Olla
     stream = flag(body.get("stream"), "stream", True)
     options, ignored = _options(body)
     if not prompt:
-        return OllamaCall(model, False, stream, None, ignored)
+        return OllamaCall(model, model_id, False, stream, None, ignored)
     turns = ([("system", system)] if system else []) + [("user", prompt)]
-    return OllamaCall(model, False, stream, _request(model_id, render_conversation(turns), options, stream, call), ignored)
+    request = _request(model_id, render_conversation(turns), options, stream, call)
+    return OllamaCall(model, model_id, False, stream, request, ignored)
 
 
 def parse_chat(body: Any, known: Collection[str], call: CallContext) -> OllamaCall:
@@ -112,8 +108,9 @@ def parse_chat(body: Any, known: Collection[str], call: CallContext) -> OllamaCa
             raise DropInError(400, f"messages[{i}].content must be a string", param="messages")
         turns.append((role, content))
     if not turns:
-        return OllamaCall(model, True, stream, None, ignored)
-    return OllamaCall(model, True, stream, _request(model_id, render_conversation(turns), options, stream, call), ignored)
+        return OllamaCall(model, model_id, True, stream, None, ignored)
+    return OllamaCall(model, model_id, True, stream, _request(model_id, render_conversation(turns), options, stream, call),
+                      ignored)
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -123,12 +120,7 @@ def _object(body: Any) -> dict[str, Any]:
 
 
 def _string(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DropInError(400, f"'{key}' must be a string", param=key)
-    return value
+    return validation.text(body.get(key), key)
 
 
 def _options(body: dict[str, Any]) -> tuple[InferenceOptions, tuple[str, ...]]:
@@ -223,55 +215,45 @@ def tags_object(model_ids: Collection[str], since: datetime) -> dict[str, Any]:
 # --------------------------------------------------------------------------- HTTP
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
 def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-def add_ollama_routes(app: web.Application, dropin: "DropIn") -> None:
+class OllamaApi(DropInApi[OllamaCall]):
+    """Ollama's shapes: ``{"error": "..."}``, one object or NDJSON lines ending with the final object."""
+
+    name = "ollama"
+    invalid_json = "invalid JSON body"
+    stream_headers = {"Content-Type": NDJSON}
+
+    def error(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+              headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response({"error": message}, status=status, headers=headers)
+
+    def headers(self, call: OllamaCall) -> dict[str, str]:
+        headers = {IGNORED_HEADER: ",".join(call.ignored)} if call.ignored else {}
+        if call.request is not None:
+            headers[REQUEST_ID_HEADER] = call.request.id
+        return headers
+
+    def whole(self, call: OllamaCall, response: InferenceResponse | None) -> dict[str, Any]:
+        return final_object(call, response, response.output if response else "")
+
+    def stream_chunk(self, call: OllamaCall, text: str) -> bytes:
+        return _line(chunk_object(call, text, datetime.now(timezone.utc)))
+
+    def stream_end(self, call: OllamaCall, response: InferenceResponse) -> bytes:
+        return _line(final_object(call, response, ""))
+
+    def stream_error(self, status: int, message: str, code: str | None = None) -> bytes:
+        return _line({"error": message})  # Ollama's way to fail mid-stream: an error line
+
+
+def add_ollama_routes(app: web.Application, dropin: DropIn) -> None:
     """Register ``/api/generate``, ``/api/chat``, ``/api/tags`` and ``/api/version``."""
     known = dropin.settings.model_ids
     started = utcnow()
-
-    async def answer(request: web.Request, chat: bool) -> web.StreamResponse:
-        route = "chat" if chat else "generate"
-        model_label = ""
-        try:
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise DropInError(400, f"invalid JSON body: {exc}") from None
-            call = call_context(request.headers.items(), dropin.settings.gateway.reply_timeout_s)
-            parsed = (parse_chat if chat else parse_generate)(body, known, call)
-        except DropInError as exc:
-            dropin.metrics.count("ollama", route, "", exc.status)
-            return _error(exc.status, exc.message)
-        model_id = resolve_model(parsed.model, known) or parsed.model  # parsing found it
-        try:
-            access_http.authorize(request, model_id)  # the load call too: it names a model
-        except Forbidden:
-            dropin.metrics.count("ollama", route, model_id, 403)
-            raise  # the access middleware answers 403
-        headers = {IGNORED_HEADER: ",".join(parsed.ignored)} if parsed.ignored else {}
-        if parsed.request is None:
-            dropin.metrics.count("ollama", route, "", 200)
-            return web.json_response(final_object(parsed, None, ""), headers=headers)
-        model_label = parsed.request.model_id
-        inference = dataclasses.replace(parsed.request, key_name=AccessPolicy.owner(access_http.key_of(request)))
-        parsed = dataclasses.replace(parsed, request=inference)
-        headers[REQUEST_ID_HEADER] = inference.id
-        response = await _exchange(request, dropin, parsed, call, headers)
-        dropin.metrics.count("ollama", route, model_label, response.status)
-        return response
-
-    async def generate(request: web.Request) -> web.StreamResponse:
-        return await answer(request, chat=False)
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await answer(request, chat=True)
+    api = OllamaApi()
 
     async def tags(request: web.Request) -> web.Response:
         allowed = access_http.policy_of(request).models_for(access_http.key_of(request), known)
@@ -280,65 +262,7 @@ def add_ollama_routes(app: web.Application, dropin: "DropIn") -> None:
     async def version(request: web.Request) -> web.Response:
         return web.json_response({"version": dropin.version})
 
-    app.router.add_post("/api/generate", generate)
-    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", call_handler(dropin, api, "generate", parse_generate))
+    app.router.add_post("/api/chat", call_handler(dropin, api, "chat", parse_chat))
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/version", version)
-
-
-async def _exchange(
-    http: web.Request, dropin: "DropIn", call: OllamaCall, context: CallContext, headers: dict[str, str]
-) -> web.StreamResponse:
-    """Submit, wait, answer: one object, or NDJSON chunks then the final object."""
-    assert call.request is not None
-    exchange = dropin.exchange
-    try:
-        waiter = await exchange.submit(call.request)
-    except (SubmitError, ReplyError) as exc:
-        return _error(503, str(exc), headers)
-    clock = dropin.clock
-    t0 = clock()
-    deadline = t0 + context.timeout_s
-    try:
-        if not call.stream:
-            response = await exchange.response(waiter, deadline, context.timeout_s)
-            dropin.metrics.answered("ollama", clock() - t0)
-            if response.status != "ok":
-                return _error(500, response.error or "the request failed", headers)
-            return web.json_response(final_object(call, response, response.output), headers=headers)
-
-        # The status line waits for the first chunk, so an early failure still gets its status.
-        event = await exchange.next_event(waiter, deadline, context.timeout_s)
-        if isinstance(event, InferenceResponse) and event.status != "ok":
-            dropin.metrics.answered("ollama", clock() - t0)
-            return _error(500, event.error or "the request failed", headers)
-        stream = web.StreamResponse(headers={"Content-Type": NDJSON, **headers})
-        await stream.prepare(http)
-        try:
-            try:
-                while True:
-                    if isinstance(event, str):
-                        await stream.write(_line(chunk_object(call, event, datetime.now(timezone.utc))))
-                    else:
-                        dropin.metrics.answered("ollama", clock() - t0)
-                        if event.status != "ok":  # mid-stream: Ollama's way is an error line
-                            await stream.write(_line({"error": event.error or "the request failed"}))
-                        else:
-                            await stream.write(_line(final_object(call, event, "")))
-                        break
-                    event = await exchange.next_event(waiter, deadline, context.timeout_s)
-            except ReplyError as exc:
-                if isinstance(exc, ReplyTimeoutError):
-                    dropin.metrics.timeouts.labels(api="ollama").inc()
-                await stream.write(_line({"error": str(exc)}))
-            await stream.write_eof()
-        except ConnectionResetError:
-            pass  # the client went away; its answer still lands in the audit log
-        return stream
-    except ReplyTimeoutError as exc:
-        dropin.metrics.timeouts.labels(api="ollama").inc()
-        return _error(504, str(exc), headers)
-    except ReplyError as exc:
-        return _error(503, str(exc), headers)
-    finally:
-        exchange.release(waiter)

@@ -6,32 +6,30 @@ events ending with ``data: [DONE]``; ``usage`` in the answer, and in the stream 
 have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
 Like the Ollama API (:mod:`producers.gateway.dropin.ollama`), every call is an ordinary request on
-``inference.requests`` answered through :mod:`producers.gateway.replies`. Body rules and answer
-shapes are plain functions; the aiohttp handlers are at the bottom.
+``inference.requests`` answered through :mod:`producers.replies`. Body rules and answer
+shapes are plain functions; :class:`OpenAIApi` hands them to the flow every drop-in call shares
+(:mod:`producers.gateway.dropin.call`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from nexus.access import AccessPolicy, Forbidden
 from schemas import InferenceOptions, InferenceRequest, InferenceResponse, new_id
 
 from producers.gateway import access as access_http
-from producers.client import SubmitError
+from producers.gateway.dropin.call import DropIn, DropInApi, call_handler
 from producers.gateway.dropin.conversation import (
     IGNORED_HEADER,
     REQUEST_ID_HEADER,
     CallContext,
     DropInError,
-    call_context,
     flag,
     integer,
     number,
@@ -39,10 +37,6 @@ from producers.gateway.dropin.conversation import (
     require_model,
     unsupported,
 )
-from producers.gateway.replies import ReplyError, ReplyTimeoutError
-
-if TYPE_CHECKING:
-    from producers.gateway.dropin.call import DropIn
 
 SSE = "text/event-stream"
 MODEL_MISSING = "you must provide a model parameter"
@@ -65,6 +59,10 @@ class OpenAICall:
     include_usage: bool
     request: InferenceRequest
     ignored: tuple[str, ...] = ()
+
+    @property
+    def model_id(self) -> str:
+        return self.request.model_id
 
 
 def parse_chat_completion(body: Any, known: Collection[str], call: CallContext) -> OpenAICall:
@@ -275,43 +273,48 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def add_openai_routes(app: web.Application, dropin: "DropIn") -> None:
-    """Register ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/v1/models/{id}``."""
-    known = dropin.settings.model_ids
-    created = int(time.time())
+class OpenAIApi(DropInApi[OpenAICall]):
+    """OpenAI's shapes: its error object, one completion or SSE chunks ending with ``data: [DONE]``."""
 
-    async def answer(request: web.Request, chat: bool) -> web.StreamResponse:
-        route = "chat.completions" if chat else "completions"
-        try:
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise DropInError(400, f"the body is not valid JSON: {exc}") from None
-            context = call_context(request.headers.items(), dropin.settings.gateway.reply_timeout_s)
-            call = (parse_chat_completion if chat else parse_completion)(body, known, context)
-        except DropInError as exc:
-            dropin.metrics.count("openai", route, "", exc.status)
-            return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
-        try:
-            access_http.authorize(request, call.request.model_id)
-        except Forbidden:
-            dropin.metrics.count("openai", route, call.request.model_id, 403)
-            raise  # the access middleware answers 403 in OpenAI's shape
-        call = dataclasses.replace(
-            call, request=dataclasses.replace(call.request, key_name=AccessPolicy.owner(access_http.key_of(request)))
-        )
+    name = "openai"
+    invalid_json = "the body is not valid JSON"
+    stream_headers = {"Content-Type": SSE, "Cache-Control": "no-cache"}
+
+    def error(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+              headers: dict[str, str] | None = None) -> web.Response:
+        return error_response(status, message, param=param, code=code, headers=headers)
+
+    def headers(self, call: OpenAICall) -> dict[str, str]:
         headers = {REQUEST_ID_HEADER: call.request.id, "x-request-id": call.request.id}
         if call.ignored:
             headers[IGNORED_HEADER] = ",".join(call.ignored)
-        response = await _exchange(request, dropin, call, context, headers)
-        dropin.metrics.count("openai", route, call.request.model_id, response.status)
-        return response
+        return headers
 
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
-        return await answer(request, chat=True)
+    def whole(self, call: OpenAICall, response: InferenceResponse | None) -> dict[str, Any]:
+        assert response is not None  # every OpenAI call has a request
+        return completion_object(call, response)
 
-    async def completions(request: web.Request) -> web.StreamResponse:
-        return await answer(request, chat=False)
+    def stream_start(self, call: OpenAICall) -> bytes:
+        return _sse(chunk_object(call, "", first=True)) if call.chat else b""  # the chat role comes first
+
+    def stream_chunk(self, call: OpenAICall, text: str) -> bytes:
+        return _sse(chunk_object(call, text))
+
+    def stream_end(self, call: OpenAICall, response: InferenceResponse) -> bytes:
+        end = _sse(chunk_object(call, None, finish_reason(response)))
+        if call.include_usage:
+            end += _sse(usage_chunk(call, response))
+        return end + b"data: [DONE]\n\n"
+
+    def stream_error(self, status: int, message: str, code: str | None = None) -> bytes:
+        return _sse(error_object(status, message, code=code))
+
+
+def add_openai_routes(app: web.Application, dropin: DropIn) -> None:
+    """Register ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/v1/models/{id}``."""
+    known = dropin.settings.model_ids
+    created = int(time.time())
+    api = OpenAIApi()
 
     def allowed(request: web.Request) -> list[str]:
         return access_http.policy_of(request).models_for(access_http.key_of(request), known)
@@ -325,71 +328,7 @@ def add_openai_routes(app: web.Application, dropin: "DropIn") -> None:
             return error_response(404, MODEL_NOT_FOUND.format(model=model_id), param="model", code="model_not_found")
         return web.json_response(model_object(model_id, created))
 
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", call_handler(dropin, api, "chat.completions", parse_chat_completion))
+    app.router.add_post("/v1/completions", call_handler(dropin, api, "completions", parse_completion))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)
-
-
-async def _exchange(
-    http: web.Request, dropin: "DropIn", call: OpenAICall, context: CallContext, headers: dict[str, str]
-) -> web.StreamResponse:
-    """Submit, wait, answer: one completion object, or SSE chunks then ``data: [DONE]``."""
-    exchange = dropin.exchange
-    try:
-        waiter = await exchange.submit(call.request)
-    except (SubmitError, ReplyError) as exc:
-        return error_response(503, str(exc), headers=headers)
-    clock = dropin.clock
-    t0 = clock()
-    deadline = t0 + context.timeout_s
-    try:
-        if not call.stream:
-            response = await exchange.response(waiter, deadline, context.timeout_s)
-            dropin.metrics.answered("openai", clock() - t0)
-            if response.status != "ok":
-                return error_response(500, response.error or "the request failed", headers=headers)
-            return web.json_response(completion_object(call, response), headers=headers)
-
-        # The status line waits for the first event, so an early failure still gets its status.
-        event = await exchange.next_event(waiter, deadline, context.timeout_s)
-        if isinstance(event, InferenceResponse) and event.status != "ok":
-            dropin.metrics.answered("openai", clock() - t0)
-            return error_response(500, event.error or "the request failed", headers=headers)
-        stream = web.StreamResponse(headers={"Content-Type": SSE, "Cache-Control": "no-cache", **headers})
-        await stream.prepare(http)
-        try:
-            try:
-                if call.chat:
-                    await stream.write(_sse(chunk_object(call, "", first=True)))
-                while True:
-                    if isinstance(event, str):
-                        await stream.write(_sse(chunk_object(call, event)))
-                    else:
-                        dropin.metrics.answered("openai", clock() - t0)
-                        if event.status != "ok":
-                            await stream.write(_sse(error_object(500, event.error or "the request failed")))
-                            break
-                        await stream.write(_sse(chunk_object(call, None, finish_reason(event))))
-                        if call.include_usage:
-                            await stream.write(_sse(usage_chunk(call, event)))
-                        await stream.write(b"data: [DONE]\n\n")
-                        break
-                    event = await exchange.next_event(waiter, deadline, context.timeout_s)
-            except ReplyError as exc:
-                timeout = isinstance(exc, ReplyTimeoutError)
-                if timeout:
-                    dropin.metrics.timeouts.labels(api="openai").inc()
-                await stream.write(_sse(error_object(504 if timeout else 503, str(exc),
-                                                     code="timeout" if timeout else None)))
-            await stream.write_eof()
-        except ConnectionResetError:
-            pass  # the client went away; its answer still lands in the audit log
-        return stream
-    except ReplyTimeoutError as exc:
-        dropin.metrics.timeouts.labels(api="openai").inc()
-        return error_response(504, str(exc), code="timeout", headers=headers)
-    except ReplyError as exc:
-        return error_response(503, str(exc), headers=headers)
-    finally:
-        exchange.release(waiter)

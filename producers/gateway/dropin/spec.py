@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from producers.gateway.dropin.conversation import CACHE_HEADER, IGNORED_HEADER, MAX_TIMEOUT_MS, REQUEST_ID_HEADER, SESSION_HEADER, TIMEOUT_HEADER
+from schemas.limits import MAX_SESSION_ID_LENGTH, MAX_TIMEOUT_MS
+
+from producers.gateway.dropin.conversation import (
+    CACHE_HEADER,
+    IGNORED_HEADER,
+    REQUEST_ID_HEADER,
+    SESSION_HEADER,
+    TIMEOUT_HEADER,
+)
 
 JSON = "application/json"
 _REF = "#/components/schemas/"
@@ -115,7 +123,7 @@ def dropin_parameters() -> dict[str, Any]:
     return {
         "NexusSession": {
             "name": SESSION_HEADER, "in": "header", "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_SESSION_ID_LENGTH},
             "description": "The model context's session id (fresh when absent). Metadata comes from "
                            "`X-Nexus-Meta-<key>` headers, keys lower-cased.",
         },

@@ -12,7 +12,9 @@ and routed through a :class:`ReplyIndex` (request id -> :class:`Waiter`).
 Because the reader's positions are fixed before the gateway accepts calls, and a waiter is
 registered before its request is produced, no answer can pass unseen. An answer that comes
 after its caller gave up finds no waiter and is dropped here; it stays in the topic (the
-audit log). Design and trade-offs: ``docs/drop-in.md``.
+audit log). A reader that fails fails every waiting call at once, refuses new ones, and is
+started again after a pause (:mod:`nexus.tasks`), from the ends of the topics again; the
+gateway's ``/health`` is red meanwhile. Design and trade-offs: ``docs/drop-in.md``.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ from typing import TYPE_CHECKING, Union
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from nexus.kafka.clients import client_options
+from nexus.errors import NexusError
+from nexus.kafka.readers import TopicMissingError, read_from_end, reader
 from nexus.settings import KafkaSettings
-from nexus.kafka.readers import TopicMissingError, read_from_end
+from nexus.tasks import Background, TaskState
 from schemas import Codec, InferenceRequest, InferenceResponse, InferenceToken, SchemaError, decode_response, decode_token
+from schemas.headers import REPLY_TO
 
 if TYPE_CHECKING:  # the producer API waits through this module: no import cycle at run time
     from producers.client import RequestProducer
 
 log = logging.getLogger(__name__)
 
-# The worker's streams.app.REPLY_TO. The edges and the worker share no code, only this name.
-REPLY_HEADER = "nexus-reply-to"
+REPLY_HEADER = REPLY_TO  # the old name, still used by tests and benches
 
 Event = Union[str, InferenceResponse]
 
@@ -52,7 +55,7 @@ def instance_name(
     return f"{role}-{hostname or socket.gethostname()}-{pid or os.getpid()}-{suffix or secrets.token_hex(4)}"
 
 
-class ReplyError(RuntimeError):
+class ReplyError(NexusError):
     """Base class of the request/reply errors."""
 
 
@@ -208,70 +211,69 @@ class ReplyReader:
 
     ``name``: the ``reply_to`` of this instance's requests; other records are skipped unread.
     ``None`` hands every answer to the index (for a reader of requests that name no one).
+
+    The reading loop runs under a :class:`~nexus.tasks.Background` (its own, or the one
+    given) as the task :attr:`TASK`: when it fails, every waiting call is failed at once
+    (the answers sent while it is down are not read), and it is started again after a
+    pause, from the ends of the topics again. :meth:`check` refuses calls until then.
     """
 
-    def __init__(self, kafka: KafkaSettings, name: str | None, index: ReplyIndex, codec: Codec) -> None:
+    TASK = "replies"
+
+    def __init__(
+        self, kafka: KafkaSettings, name: str | None, index: ReplyIndex, codec: Codec,
+        background: Background | None = None,
+    ) -> None:
         self._kafka = kafka
         self.name = name or "nexus-response-reader"
         self._name = name.encode() if name is not None else None
         self._index = index
         self._codec = codec
+        self._background = background or Background()
         self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.failure: BaseException | None = None
+        self._state: TaskState | None = None
+        self._following = False  # positions fixed: every answer produced from now on is read
+        self.failure: BaseException | None = None  # the last failure, kept after a restart
         self.mine = 0
         self.skipped = 0
 
+    @property
+    def state(self) -> TaskState | None:
+        """The reading task as ``/health`` reports it; ``None`` before :meth:`start`."""
+        return self._state
+
     async def start(self) -> None:
-        """Assign every partition at its current end; return once the positions are fixed."""
-        topics = (self._kafka.responses_topic, self._kafka.tokens_topic)
-        consumer = AIOKafkaConsumer(
-            **client_options(self._kafka),
-            group_id=None,
-            enable_auto_commit=False,
-            client_id=self.name,
-            fetch_max_wait_ms=50,  # a waiting caller, not throughput, sets the pace
-            isolation_level=self._kafka.isolation_level,
-        )
-        try:
-            await consumer.start()
-            await read_from_end(consumer, list(topics))
-        except TopicMissingError as exc:
-            await consumer.stop()
-            raise ReplyReaderError(f"{exc} (at {self._kafka.bootstrap})") from None
-        except KafkaError as exc:
-            await consumer.stop()
-            raise ReplyReaderError(f"cannot read {list(topics)} at {self._kafka.bootstrap}: {exc}") from None
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(), name=f"reply-reader-{self.name}")
+        """Assign every partition at its current end; return once the positions are fixed.
+
+        Raises :class:`ReplyReaderError` when the topics cannot be read now; failures
+        after that are restarted in the background.
+        """
+        self._consumer = await self._connect()
+        self._following = True
+        self._state = self._background.start(self.TASK, self._follow, ready=lambda: self._following)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
-        if self._consumer is not None:
+        self._following = False
+        await self._background.stop(self.TASK)
+        self._state = None
+        if self._consumer is not None:  # stopped before its loop ever ran
             await self._consumer.stop()
             self._consumer = None
         self._index.fail_all(ReplyReaderError("the reply reader is stopping"))
 
     def check(self) -> None:
         """Raise if answers can no longer be received, so no call waits in vain."""
-        if self._task is None:
+        if self._state is None:
             raise ReplyReaderError("the reply reader is not running")
-        if self.failure is not None:
-            raise ReplyReaderError(f"the reply reader stopped: {self.failure!r}")
+        if not self._state.up:
+            raise ReplyReaderError(
+                f"the reply reader stopped ({self._state.last_error}); it is being restarted, try again shortly"
+            )
 
     def route(self, topic: str, headers: tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]], value: bytes | None) -> None:
         """Decode and hand over a record addressed to this instance; skip every other one unread."""
         if value is None or (
-            self._name is not None and not any(k == REPLY_HEADER and v == self._name for k, v in headers or ())
+            self._name is not None and not any(k == REPLY_TO and v == self._name for k, v in headers or ())
         ):
             self.skipped += 1
             return
@@ -284,21 +286,48 @@ class ReplyReader:
         except SchemaError as exc:
             log.warning("skipping an undecodable record addressed to %s on %s: %s", self.name, topic, exc)
 
-    async def _run(self) -> None:
-        assert self._consumer is not None
+    async def _connect(self) -> AIOKafkaConsumer:
+        """A started consumer assigned every partition of the reply topics, at their ends."""
+        topics = [self._kafka.responses_topic, self._kafka.tokens_topic]
+        # a waiting caller, not throughput, sets the pace
+        consumer = reader(self._kafka, client_id=self.name, fetch_max_wait_ms=50)
         try:
+            await consumer.start()
+            await read_from_end(consumer, topics)
+        except TopicMissingError as exc:
+            await consumer.stop()
+            raise ReplyReaderError(f"{exc} (at {self._kafka.bootstrap})") from None
+        except KafkaError as exc:
+            await consumer.stop()
+            raise ReplyReaderError(f"cannot read {topics} at {self._kafka.bootstrap}: {exc}") from None
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    async def _follow(self) -> None:
+        """The supervised loop: read until cancelled; on a failure, fail every waiter and raise."""
+        try:
+            if self._consumer is None:  # a restart: from the ends again
+                self._consumer = await self._connect()
+                self._following = True
+                log.warning("the reply reader of %s follows the reply topics again", self.name)
+            consumer = self._consumer
             while True:
-                batches = await self._consumer.getmany(timeout_ms=500)
+                batches = await consumer.getmany(timeout_ms=500)
                 for tp, records in batches.items():
                     for record in records:
                         self.route(tp.topic, record.headers, record.value)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # tell every waiter now instead of leaving it to time out
-            log.exception("the reply reader of %s stopped", self.name)
+        except Exception as exc:  # tell every waiter now instead of leaving it to time out
+            self._following = False
             self.failure = exc
             self._index.fail_all(ReplyReaderError(f"the reply reader stopped: {exc!r}"))
             raise
+        finally:
+            self._following = False
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                await consumer.stop()
 
 
 class Exchange:

@@ -1,0 +1,370 @@
+"""The bridge's protocol and routing, with no sockets, no Kafka and no tasks: events in, actions out.
+
+Why a core: every rule of the bridge (who gets which record, in which order, what a
+broken frame is answered with, who may see or submit what, when a client is too slow)
+is decided here and unit-tested in microseconds; :mod:`consumers.bridge.server` only
+moves bytes between websockets, Kafka and this class.
+
+Each connection is a :class:`Peer`. "Sending" a frame means queueing it in the peer's
+bounded :class:`~consumers.bridge.delivery.Outbox`, which the shell drains into the
+socket. What needs I/O is returned as actions: :class:`Close` a connection,
+:class:`Produce` a submitted request, :class:`Replay` history from Kafka. The shell
+reports back what happened (``submitted``, ``replayed``, ``replay_failed``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from nexus.access import AccessPolicy, Forbidden
+from nexus.settings import ApiKey
+from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
+from schemas.validation import RejectedRequest, request_from_json
+
+from consumers.bridge.delivery import CatchUp, Outbox, RecordKey
+from consumers.bridge.frames import (
+    FrameError,
+    Subscribe,
+    Target,
+    Unsubscribe,
+    accepted_frame,
+    error_frame,
+    parse_client_frame,
+    replayed_frame,
+    result_frame,
+    subscribed_frame,
+    token_frame,
+    unsubscribed_frame,
+)
+from consumers.bridge.owners import SessionOwners
+from consumers.bridge.subscriptions import SubscriptionIndex, TooManySubscriptions
+
+__all__ = ["Action", "BridgeCore", "Close", "KafkaRecord", "Partition", "Peer", "Produce", "Replay"]
+
+log = logging.getLogger(__name__)
+
+# A websocket close code: the server is overloaded, try again later (RFC 6455 registry).
+TRY_AGAIN_LATER = 1013
+# The query parameter a browser puts its token in (browsers cannot set headers on a websocket).
+TOKEN_PARAM = "token"
+
+Partition = tuple[str, int]  # (topic, partition)
+
+
+class KafkaRecord(Protocol):
+    """What the core reads of a consumed record (aiokafka's ``ConsumerRecord`` has it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(eq=False)
+class Peer:
+    """One connection as the protocol sees it: its key, its outbox, its replay state."""
+
+    number: int
+    key: ApiKey | None  # the API key it authenticated with; None when access is open
+    outbox: Outbox
+    catchup: CatchUp = field(default_factory=CatchUp)
+    address: str = ""  # where it connected from, for logs
+    closing: bool = False  # set once: nothing more is routed to it
+
+    def __repr__(self) -> str:
+        who = "" if self.key is None else f" key {self.key.name}"
+        where = f" {self.address}" if self.address else ""
+        return f"<client {self.number}{where}{who}>"
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close ``peer``'s connection with ``code``; it is already out of every route."""
+
+    peer: Peer
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Produce:
+    """Write ``request`` to Kafka, then report :meth:`BridgeCore.submitted` or ``submit_failed``."""
+
+    peer: Peer
+    request: InferenceRequest
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Read ``target``'s records from ``since_ms`` up to ``cutoff`` (exclusive) and send them."""
+
+    peer: Peer
+    target: Target
+    since_ms: int
+    cutoff: dict[Partition, int]
+
+
+Action = Close | Produce | Replay
+Wanted = Callable[[str, str, str | None], Any]  # (session id, request id, owner) -> who wants it
+
+
+class BridgeCore:
+    """The bridge's state and decisions; one per bridge, driven by its shell."""
+
+    def __init__(
+        self,
+        codec: Codec,
+        *,
+        responses_topic: str,
+        tokens_topic: str,
+        access: AccessPolicy,
+        known_models: Iterable[str],
+        max_queue: int,
+    ) -> None:
+        self._codec = codec
+        self._responses = responses_topic
+        self._tokens = tokens_topic
+        self._access = access
+        self._known_models = frozenset(known_models)
+        self._max_queue = max_queue
+        self._owners = SessionOwners()
+        self._index: SubscriptionIndex[Peer] = SubscriptionIndex()
+        self._peers: set[Peer] = set()
+        self._numbers = itertools.count(1)
+        # Next offset the live reader routes, per partition: the cutoff of a replay.
+        self._positions: dict[Partition, int] = {}
+
+    # -- connections -----------------------------------------------------------------------
+
+    def authenticate(self, path: str, authorization: str | None) -> ApiKey | None:
+        """The key of a handshake: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers).
+
+        Raises :class:`nexus.access.Unauthenticated`; ``None`` when access is open.
+        """
+        if authorization is not None:
+            return self._access.authenticate_header(authorization)
+        tokens = parse_qs(urlsplit(path).query).get(TOKEN_PARAM)
+        return self._access.authenticate(tokens[0] if tokens else None)
+
+    def connect(self, key: ApiKey | None = None, address: str = "") -> Peer:
+        peer = Peer(next(self._numbers), key, Outbox(self._max_queue), address=address)
+        self._peers.add(peer)
+        return peer
+
+    def disconnect(self, peer: Peer) -> None:
+        """The connection ended: forget it, wake whatever waits on its outbox, route nothing more."""
+        peer.closing = True
+        self._peers.discard(peer)
+        self._index.drop(peer)
+        peer.outbox.close()
+
+    def status(self) -> dict[str, int]:
+        """The counts ``/health`` shows."""
+        return {"clients": len(self._peers), "subscribed": len(self._index)}
+
+    # -- Kafka -> clients ------------------------------------------------------------------
+
+    def start_at(self, positions: Mapping[Partition, int]) -> None:
+        """The live reader was (re)placed: it routes these offsets next."""
+        self._positions = {(topic, partition): offset for (topic, partition), offset in positions.items()}
+
+    @property
+    def positions(self) -> dict[Partition, int]:
+        return dict(self._positions)
+
+    def route_batch(self, batch: Mapping[Partition, Sequence[KafkaRecord]]) -> list[Action]:
+        """Route one fetch: token partitions before result partitions.
+
+        The worker writes a request's chunks before its result, and one fetch holds
+        both in no set order of partitions; a client must get the chunks before the
+        result that ends them.
+        """
+        actions: list[Action] = []
+        for _, records in sorted(batch.items(), key=lambda item: item[0][0] == self._responses):
+            for record in records:
+                actions += self.route(record)
+        return actions
+
+    def route(self, record: KafkaRecord) -> list[Action]:
+        """Deliver one live record to the clients that want it and may see it."""
+        self._positions[(record.topic, record.partition)] = record.offset + 1
+        selected = self._decode(record, self._live_results, self._live_tokens)
+        if selected is None:
+            return []
+        peers, frame = selected
+        key = (record.topic, record.partition, record.offset)
+        actions: list[Action] = []
+        for peer in peers:
+            actions += self._deliver_live(peer, key, frame)
+        return actions
+
+    def _live_results(self, session_id: str, request_id: str, owner: str | None) -> list[Peer]:
+        if self._access.enabled:
+            self._owners.saw(session_id, owner)
+        return self._visible(self._index.for_result(session_id, request_id), owner)
+
+    def _live_tokens(self, session_id: str, request_id: str, owner: str | None) -> list[Peer]:
+        return self._visible(self._index.for_token(session_id, request_id), owner)
+
+    def _visible(self, peers: set[Peer], owner: str | None) -> list[Peer]:
+        """Only the clients whose key may see a record of ``owner``: a key sees its own records only."""
+        return [p for p in peers if self._access.may_see(p.key, owner)]
+
+    def _decode(self, record: KafkaRecord, results: Wanted, tokens: Wanted) -> tuple[Any, str] | None:
+        """Decode ``record``; ask ``results``/``tokens`` who wants it; build its frame only then."""
+        try:
+            if record.topic == self._responses:
+                response = decode_response(self._codec, record.value)  # type: ignore[arg-type]
+                wanted = results(response.context.session_id, response.id, response.key_name)
+                return (wanted, result_frame(response)) if wanted else None
+            token = decode_token(self._codec, record.value)  # type: ignore[arg-type]
+            wanted = tokens(token.session_id, token.id, token.key_name)
+            return (wanted, token_frame(token)) if wanted else None
+        except SchemaError as exc:
+            log.warning(
+                "skipping undecodable record %s/%d/%d: %s", record.topic, record.partition, record.offset, exc
+            )
+            return None
+
+    def _deliver_live(self, peer: Peer, key: RecordKey, frame: str) -> list[Action]:
+        if peer.catchup.live(key, frame):
+            return self._send(peer, frame)
+        if peer.catchup.held > peer.outbox.limit:
+            return self._too_slow(peer)
+        return []
+
+    # -- clients -> bridge -----------------------------------------------------------------
+
+    def receive(self, peer: Peer, message: str | bytes) -> list[Action]:
+        """One client frame; a broken one is answered with an error frame, the connection kept."""
+        try:
+            frame = parse_client_frame(message)
+        except FrameError as exc:
+            return self._send(peer, error_frame(exc.reason))
+        if isinstance(frame, Subscribe):
+            return self._subscribe(peer, frame)
+        if isinstance(frame, Unsubscribe):
+            self._index.remove(peer, frame.target)
+            return self._send(peer, unsubscribed_frame(frame.target))
+        return self._submit(peer, frame.body)
+
+    def _subscribe(self, peer: Peer, frame: Subscribe) -> list[Action]:
+        session_id = frame.target.session_id
+        if session_id is not None and not self._access.may_subscribe(peer.key, self._owners.of(session_id)):
+            assert peer.key is not None
+            reason = f"session {session_id!r} belongs to another API key than {peer.key.name!r}"
+            return self._send(peer, error_frame(reason, status=403, **frame.target.to_json()))
+        try:
+            self._index.add(peer, frame.target)
+        except TooManySubscriptions as exc:
+            return self._send(peer, error_frame(str(exc), **frame.target.to_json()))
+        actions = self._send(peer, subscribed_frame(frame.target, frame.since_ms))
+        if frame.since_ms is not None and not peer.closing:
+            # Registered and cut at the same instant: live delivery starts exactly
+            # where the replay stops.
+            peer.catchup.begin()
+            actions.append(Replay(peer, frame.target, frame.since_ms, dict(self._positions)))
+        return actions
+
+    def _submit(self, peer: Peer, body: dict[str, Any]) -> list[Action]:
+        raw_id = body.get("id")
+        try:
+            request = request_from_json(body, self._known_models)
+        except RejectedRequest as exc:
+            detail = {"id": raw_id} if isinstance(raw_id, str) else {}
+            return self._send(peer, error_frame(exc.message, status=exc.status, **detail))
+        try:
+            self._access.authorize(peer.key, request.model_id)
+        except Forbidden as exc:
+            return self._send(peer, error_frame(exc.reason, status=403, id=request.id))
+        request = dataclasses.replace(request, key_name=AccessPolicy.owner(peer.key))
+        if self._access.enabled:
+            self._owners.saw(request.context.session_id, request.key_name)
+        try:
+            # Before producing: the answer cannot overtake the subscription.
+            self._index.add(peer, Target(request_ids=(request.id,)))
+        except TooManySubscriptions as exc:
+            return self._send(peer, error_frame(str(exc), status=429, id=request.id))
+        return [Produce(peer, request)]
+
+    def submitted(self, peer: Peer, request: InferenceRequest) -> list[Action]:
+        """Kafka acknowledged ``request``."""
+        return self._send(peer, accepted_frame(request.id, request.context.session_id))
+
+    def submit_failed(self, peer: Peer, request: InferenceRequest, reason: str, status: int) -> list[Action]:
+        """Kafka refused ``request`` (503) or it did not encode (400); the subscription stays,
+        since a request that timed out may still have been written and be answered."""
+        return self._send(peer, error_frame(reason, status=status, id=request.id))
+
+    # -- history ---------------------------------------------------------------------------
+
+    def history_filter(self, peer: Peer, target: Target) -> Callable[[KafkaRecord], str | None]:
+        """The frame of a history record ``peer`` should get for ``target``, or ``None``."""
+
+        def wanted(is_token: bool) -> Wanted:
+            return lambda session_id, request_id, owner: (
+                target.matches(session_id, request_id, is_token) and self._access.may_see(peer.key, owner)
+            )
+
+        def select(record: KafkaRecord) -> str | None:
+            selected = self._decode(record, wanted(False), wanted(True))
+            return None if selected is None else selected[1]
+
+        return select
+
+    @staticmethod
+    def wants_history(peer: Peer, key: RecordKey) -> bool:
+        """Whether a replayed record is sent from history (it is not held to be sent live)."""
+        return peer.catchup.history(key)
+
+    def replayed(self, peer: Peer, target: Target, since_ms: int, count: int) -> list[Action]:
+        """The replay sent ``count`` records; what follows for ``target`` is live."""
+        return self._send(peer, replayed_frame(target, since_ms, count))
+
+    def replay_failed(self, peer: Peer, target: Target, since_ms: int, reason: str) -> list[Action]:
+        return self._send(peer, error_frame(reason, **target.to_json(), since=since_ms))
+
+    @staticmethod
+    def replay_ended(peer: Peer) -> None:
+        """A replay is over (sent, failed or cancelled); then send :meth:`next_held` until ``None``."""
+        peer.catchup.end()
+
+    @staticmethod
+    def next_held(peer: Peer) -> str | None:
+        """The next live frame held during replays, to send paced; ``None`` when there is none."""
+        return peer.catchup.next_held()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _send(self, peer: Peer, frame: str) -> list[Action]:
+        """Queue ``frame``; a client whose outbox is full is too slow and is closed."""
+        if peer.outbox.push(frame):
+            return []
+        return self._too_slow(peer)
+
+    def _too_slow(self, peer: Peer) -> list[Action]:
+        return self.close(
+            peer,
+            TRY_AGAIN_LATER,
+            f"too slow: {peer.outbox.limit} frames unsent; reconnect and subscribe with since",
+        )
+
+    def close(self, peer: Peer, code: int, reason: str) -> list[Action]:
+        """Stop routing to ``peer`` at once; the shell closes the connection. Once per peer."""
+        if peer.closing:
+            return []
+        log.warning("closing %r: %d %s", peer, code, reason)
+        peer.closing = True
+        self._index.drop(peer)
+        peer.outbox.close()
+        return [Close(peer, code, reason)]

@@ -1,0 +1,183 @@
+"""The calls for one request: a slot from the model's waiting line, one call through the
+backend, its outcome reported back; retries on other endpoints, then the fallback model,
+all within the request's deadline.
+
+Retries bound repeated model work: a call that never connected spent none, so it does
+not count. Against endpoints that are all down, a request then waits for a recovery
+(their circuits open) until its deadline instead of failing at once; with a fallback
+model it goes there as soon as every circuit of its own model is open.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nexus.settings import ModelSettings
+from schemas import InferenceRequest
+
+from streams.answering.clock import Clock
+from streams.answering.prompt import PromptTemplate
+from streams.answering.routing import backoff_seconds
+from streams.answering.waiting import Expired, Slot, Unavailable, WaitingLine
+from streams.backends.base import Backend, BackendError, Generation
+from streams.metrics import WorkerMetrics
+
+DEADLINE_SLACK_S = 0.01  # timers may fire this early; a call cut at its deadline is expired
+
+
+class TokenSink(Protocol):
+    """Where the chunks of a streamed answer go, in order."""
+
+    started: bool  # a chunk was given: the answer can no longer be retried elsewhere
+
+    async def chunk(self, text: str, *, flush: bool = False) -> None: ...
+
+
+@dataclass
+class Called:
+    """How the calls for one request ended: a generation, or the reasons there is none."""
+
+    reasons: list[str] = field(default_factory=list)  # every failure, in order
+    retries: int = 0  # calls made after the first, reported in the response
+    generation: Generation | None = None
+    model: ModelSettings | None = None  # which answered: the request's model or its fallback
+    url: str | None = None
+    expired: bool = False  # the deadline passed first
+
+
+class Caller:
+    def __init__(
+        self,
+        backend: Backend,
+        lines: Mapping[str, WaitingLine],
+        template: PromptTemplate,
+        metrics: WorkerMetrics,
+        clock: Clock,
+        rng: random.Random,
+    ) -> None:
+        self._backend = backend
+        self._lines = lines
+        self._template = template
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng
+
+    async def call(
+        self,
+        request: InferenceRequest,
+        models: Sequence[ModelSettings],
+        deadline: float,
+        sink: TokenSink | None = None,
+        calling: Callable[[], None] | None = None,
+    ) -> Called:
+        """Try ``models`` in order (the request's, then its fallback) until one answers."""
+        called = Called()
+        try:
+            for i, model in enumerate(models):
+                answered, retries = await self._call_model(
+                    request, model, deadline, sink, called.reasons, i + 1 < len(models), calling
+                )
+                called.retries += retries
+                if answered is not None:
+                    called.generation, called.url = answered
+                    called.model = model
+                    return called
+                if sink is not None and sink.started:
+                    break  # chunks are out: a second answer would not concatenate to one output
+        except Expired:
+            called.expired = True
+        return called
+
+    async def _call_model(
+        self,
+        request: InferenceRequest,
+        model: ModelSettings,
+        deadline: float,
+        sink: TokenSink | None,
+        reasons: list[str],
+        can_fall_back: bool,
+        calling: Callable[[], None] | None,
+    ) -> tuple[tuple[Generation, str] | None, int]:
+        """The answer and its endpoint, or ``None``; and the calls made after the first."""
+        line = self._lines[model.id]
+        endpoints = len(line.router.endpoints)
+        tried: set[str] = set()
+        attempts = 0
+        spent = 0  # calls that reached an endpoint: what model.retries bounds
+        while spent <= model.retries:
+            # Prefer endpoints not tried yet; once all were, any will do.
+            exclude = frozenset(tried) if len(tried) < endpoints else frozenset()
+            try:
+                slot = await line.acquire(request.context.session_id, deadline, exclude, can_fall_back)
+            except Unavailable:
+                reasons.append(f"every endpoint of {model.id!r} has an open circuit")
+                return None, max(attempts - 1, 0)
+            attempts += 1
+            try:
+                if calling is not None:
+                    calling()
+                generation = await self._attempt(slot, request, model, deadline, sink)
+            except BackendError as exc:
+                reasons.append(str(exc))
+                if self._clock() >= deadline - DEADLINE_SLACK_S:
+                    # The sender's deadline cut the call short: not the endpoint's fault.
+                    slot.failed(str(exc), counts_against_endpoint=False)
+                    self._record_failure(model, slot)
+                    raise Expired() from None
+                if exc.busy:
+                    slot.busy(str(exc))
+                else:
+                    slot.failed(str(exc), counts_against_endpoint=exc.retryable)
+                self._record_failure(model, slot)
+                if not exc.retryable or (sink is not None and sink.started):
+                    return None, attempts - 1
+                tried.add(slot.url)
+                spent += exc.reached
+                if spent <= model.retries:
+                    self._metrics.retries.labels(model=model.id).inc()
+                    pause = backoff_seconds(attempts - 1, self._rng)
+                    if self._clock() + pause >= deadline:
+                        raise Expired() from None
+                    await self._clock.sleep(pause)
+                continue
+            except BaseException:
+                slot.released()
+                raise
+            slot.succeeded(generation)
+            self._record_success(model, slot, generation)
+            return (generation, slot.url), attempts - 1
+        return None, attempts - 1
+
+    async def _attempt(
+        self, slot: Slot, request: InferenceRequest, model: ModelSettings, deadline: float, sink: TokenSink | None
+    ) -> Generation:
+        """One call to the slot's endpoint, cut at the model's timeout or the request's deadline."""
+        return await self._backend.generate(
+            slot.url,
+            model.id,
+            request.input,
+            self._template.system_prompt(request.context),
+            request.options,
+            min(model.timeout_s, max(0.001, deadline - self._clock())),
+            sink.chunk if sink is not None else None,
+            # Only a rate limit needs to know when the request went on the wire.
+            slot.sent if slot.endpoint.settings.max_rps is not None else None,
+        )
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def _record_success(self, model: ModelSettings, slot: Slot, generation: Generation) -> None:
+        m, url = self._metrics, slot.url
+        m.backend_seconds.labels(model=model.id, endpoint=url).observe(generation.seconds)
+        if generation.ttft_s is not None:
+            m.ttft_seconds.labels(model=model.id, endpoint=url).observe(generation.ttft_s)
+        tokens_per_second = slot.endpoint.tokens_per_second()
+        if tokens_per_second is not None:
+            m.tokens_per_second.labels(model=model.id, endpoint=url).set(tokens_per_second)
+        m.backend_requests.labels(model=model.id, endpoint=url, outcome="ok").inc()
+
+    def _record_failure(self, model: ModelSettings, slot: Slot) -> None:
+        self._metrics.backend_requests.labels(model=model.id, endpoint=slot.url, outcome="error").inc()

@@ -1,0 +1,92 @@
+"""Building the response to a request, and counting it: ok, cached, or an error.
+
+Every response the worker publishes is built here, so the request metrics count each
+exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nexus.settings import ModelSettings, Settings
+from schemas import InferenceRequest, InferenceResponse, utcnow
+
+from streams.answering import cache
+from streams.backends.base import Generation
+from streams.metrics import WorkerMetrics
+
+
+@dataclass(frozen=True)
+class Answer:
+    response: InferenceResponse
+    # Why the request also belongs in the dead-letter topic, when it failed.
+    dead_letter_reason: str | None = None
+
+
+class Responses:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+
+    def ok(self, request: InferenceRequest, generation: Generation, url: str, retries: int) -> Answer:
+        return Answer(self._response(
+            request,
+            status="ok",
+            output=generation.text,
+            endpoint=url,
+            backend_latency_ms=round(generation.seconds * 1000),
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            done_reason=generation.done_reason,
+            time_to_first_token_ms=None if generation.ttft_s is None else round(generation.ttft_s * 1000),
+            retries=retries,
+        ))
+
+    def cached(self, request: InferenceRequest, entry: cache.CacheEntry) -> Answer:
+        return Answer(self._response(
+            request,
+            status="ok",
+            output=entry.output,
+            endpoint=entry.endpoint,
+            prompt_tokens=entry.prompt_tokens,
+            completion_tokens=entry.completion_tokens,
+            done_reason=entry.done_reason,
+            cached=True,
+        ))
+
+    def failed(self, request: InferenceRequest, reason: str, retries: int = 0) -> Answer:
+        """An error answer for ``request``; it belongs in the dead-letter topic too."""
+        return Answer(self._response(request, status="error", error=reason, retries=retries), reason)
+
+    @staticmethod
+    def entry(response: InferenceResponse, model: ModelSettings) -> cache.CacheEntry:
+        """The cache entry of an ``ok`` response."""
+        return cache.CacheEntry(
+            output=response.output,
+            prompt_tokens=response.prompt_tokens,
+            completion_tokens=response.completion_tokens,
+            done_reason=response.done_reason,
+            endpoint=response.endpoint,
+            expires_at=time.time() + model.cache_ttl_s,
+        )
+
+    def _response(self, request: InferenceRequest, **fields: Any) -> InferenceResponse:
+        completed = utcnow()
+        latency_ms = max(0, round((completed - request.created_at).total_seconds() * 1000))
+        response = InferenceResponse(
+            id=request.id,
+            model_id=request.model_id,
+            context=request.context,
+            completed_at=completed,
+            latency_ms=latency_ms,
+            reply_to=request.reply_to,
+            key_name=request.key_name,
+            **fields,
+        )
+        # Unknown model ids come from senders; keep them out of label values.
+        label = request.model_id if self._settings.model(request.model_id) else "unknown"
+        self._metrics.requests.labels(model=label, status=response.status).inc()
+        self._metrics.latency_seconds.labels(model=label).observe(latency_ms / 1000)
+        return response

@@ -1,0 +1,467 @@
+"""The worker's request loop: what it does with each batch of requests, its commits and its stop.
+
+:class:`Worker` holds everything one worker process knows (the ledger, the answers running, the
+outbox, the inference, the health) and does the I/O around the pure deciders: the ledger
+(streams/commits/ledger.py) says which requests to answer and how far to commit, the outbox
+(streams/commits/outbox.py) when answer records are written and how offsets are committed.
+streams/app.py builds the Faust app and gives its agents, timers, signals and pages to a Worker.
+
+Delivery is at-least-once (or exactly-once, see the outbox): a request counts as answered once
+its response, token chunks and dead letter are acknowledged by Kafka; each partition is committed
+up to its lowest unanswered request, on a timer, when the partition is revoked and when the
+worker stops. A redelivered request that is running or answered is not answered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import faust
+from aiokafka import TopicPartition
+from aiokafka.errors import ProducerFenced
+from faust.types import TP, EventT
+
+from nexus.settings import Settings
+from schemas import Codec, InferenceRequest, SchemaError, decode_request, encode_response, headers
+from schemas.endpoint_state import WorkerReport
+from streams.answering import cache
+from streams.answering.inference import Answer, Inference
+from streams.backends.ollama import new_session
+from streams.commits.ledger import RequestLedger, Verdict
+from streams.commits.offsets import PartitionOffsets
+from streams.commits.outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
+from streams.health import WorkerHealth
+from streams.lag import consumer_lag
+from streams.metrics import WorkerMetrics
+from streams.sinks import KafkaTokenSink, TableCache, read_cache_update
+
+log = logging.getLogger(__name__)
+
+RETRY_PAUSE_S = (0.5, 2.0, 5.0)  # before answering again a request whose answering failed
+
+E = TypeVar("E")
+Group = list[tuple[EventT, InferenceRequest]]
+
+
+def share_groups(decoded: Iterable[tuple[E, InferenceRequest | None]]) -> list[list[tuple[E, InferenceRequest]]]:
+    """The requests of a batch, in groups answered by one model call: identical shareable
+    requests (same cache key, not streamed) together, every other request alone, in order of
+    first appearance. Undecodable ones (``None``) are left out: they are dead-lettered."""
+    groups: dict[object, list[tuple[E, InferenceRequest]]] = {}
+    for item, request in decoded:
+        if request is None:
+            continue
+        share = cache.shareable(request) and not request.stream
+        key = cache.cache_key(request) if share else object()
+        groups.setdefault(key, []).append((item, request))
+    return list(groups.values())
+
+
+@dataclass
+class Answering(Generic[E]):
+    """A running answer: its requests' events, and whether it called a model yet (until then
+    it can be cancelled and read again by its partition's next owner at no cost)."""
+
+    events: list[E]
+    called: bool = False
+
+    def calls(self) -> None:
+        self.called = True
+
+
+def waiting(running: Iterable[tuple[Any, Answering[E]]], in_partitions: Callable[[E], bool] | None = None) -> list[Any]:
+    """The keys of the running answers that called no model yet (and, with ``in_partitions``,
+    hold an event it accepts)."""
+    return [key for key, answering in running if not answering.called
+            and (in_partitions is None or any(in_partitions(e) for e in answering.events))]
+
+
+@dataclass(frozen=True)
+class WorkerTopics:
+    """The topics the worker writes."""
+
+    responses: faust.TopicT
+    tokens: faust.TopicT
+    dead_letters: faust.TopicT
+    cache_updates: faust.TopicT
+    endpoint_state: faust.TopicT
+
+
+class Worker:
+    """Answers the requests of the partitions this worker owns; commits what is answered."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        topics: WorkerTopics,
+        cache_table: faust.Table,
+        metrics: WorkerMetrics | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self._app = app
+        self._settings = settings
+        self._kafka = settings.kafka
+        self._config = settings.worker
+        self._topics = topics
+        self._cache_table = cache_table
+        self.metrics = metrics or WorkerMetrics()
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.codec = Codec.from_directory()
+        self.health = WorkerHealth()
+        self.ledger: RequestLedger[TP] = RequestLedger()
+        self.exactly_once = self._kafka.processing_guarantee == "exactly_once"
+        self._outbox: Outbox = InCommittedPrefix(app) if self.exactly_once else AtOnce(app, self.send)
+        self.inference: Inference | None = None  # while the requests agent runs
+        self._running: dict[asyncio.Task[None], Answering[EventT]] = {}
+        self._in_flight = asyncio.Semaphore(self._config.max_in_flight)
+        self._stopping = asyncio.Event()
+        self._commit_gate = asyncio.Lock()
+        self._generation_gate = asyncio.Lock()
+        self._broker = PartitionOffsets(self._kafka, self._config.app_id)
+        self._seen_holes: dict[TP, tuple[int, int]] = {}  # at the last look
+
+    # -- writing records ------------------------------------------------------------------
+
+    async def send(self, topic: faust.TopicT, key: bytes | None, value: bytes, record_headers: Any = None) -> Any:
+        """Queue one record outside any transaction; return the future of its acknowledgement.
+
+        Token chunks, cache updates and endpoint state go this way under exactly once too: chunks
+        must stream before the commit, and the other two are idempotent.
+        """
+        return await self._app.producer.send(topic.get_topic_name(), key, value, None, None, record_headers)
+
+    async def produce(self, topic: faust.TopicT, key: bytes | None, value: bytes) -> None:
+        """Send one record and wait until Kafka acknowledged it, retrying until it does."""
+        await until_sent(topic.get_topic_name(), lambda: self.send(topic, key, value))
+
+    async def dead_letter(self, event: EventT, reason: str, kind: str) -> None:
+        """The request's record, as it came, to the dead-letter topic, with why in its headers."""
+        message = event.message
+        self.metrics.dead_letters.labels(kind=kind).inc()
+        record_headers = [
+            (headers.ERROR, reason.encode()),
+            (headers.ERROR_KIND, kind.encode()),
+            (headers.SOURCE, f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        ]
+        await self._outbox.write(event, self._topics.dead_letters, message.key, message.value, record_headers)
+
+    async def publish(self, answer: Answer, event: EventT, request: InferenceRequest) -> None:
+        """The response (and, for a failed answer, the dead letter) of one request."""
+        reply_to = answer.response.reply_to
+        # The waiting gateway skips everyone else's responses by this header, without decoding them.
+        record_headers = [(headers.REPLY_TO, reply_to.encode())] if reply_to else None
+        await self._outbox.write(
+            event, self._topics.responses, request.context.session_id.encode(),
+            encode_response(self.codec, answer.response), record_headers,
+        )
+        if answer.dead_letter_reason is not None:
+            await self.dead_letter(event, answer.dead_letter_reason, "failed")
+
+    async def publish_state(self) -> None:
+        """Share the routing state so gateways can show it (GET /models): a compacted topic."""
+        if self.inference is None:
+            return
+        report = WorkerReport(worker=self.worker_id, at=time.time(), models=self.inference.snapshot())
+        await self.send(self._topics.endpoint_state, report.key, report.to_bytes())
+
+    # -- answering ------------------------------------------------------------------------
+
+    async def answer(self, stream: faust.StreamT) -> None:
+        """The requests agent: read batches, answer each new request (or group of identical
+        ones) concurrently, up to ``worker.max_in_flight`` at once."""
+        asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
+        async with new_session() as http:
+            self.inference = Inference(
+                self._settings, http, self.metrics,
+                TableCache(self._cache_table, lambda k, v: self.produce(self._topics.cache_updates, k, v)),
+            )
+            # Batches overlap: a slow answer holds neither the next batch nor the commits of
+            # the answers before it; the ledger commits each partition's answered prefix.
+            async for events in stream.noack_take(self._config.max_batch, within=self._config.max_wait_ms / 1000):
+                await self.catch_up_generation()
+                await self._start(events)
+
+    async def _start(self, events: list[EventT]) -> None:
+        fresh = []
+        for event in events:
+            message = event.message
+            verdict = self.ledger.deliver(message.tp, message.offset, message.generation_id)
+            if verdict is Verdict.NEW:
+                fresh.append(event)
+            else:
+                self.metrics.redeliveries.labels(verdict=verdict.value).inc()
+        if not fresh:
+            return
+        self.metrics.batch_size.observe(len(fresh))
+        decoded = await asyncio.gather(*(self.decode(event) for event in fresh))
+        for group in share_groups(zip(fresh, decoded)):
+            await self._in_flight.acquire()  # back-pressure: at most max_in_flight answers pending
+            # Not started if revoked meanwhile (its next owner reads it again) or stopping.
+            group = [(e, r) for e, r in group
+                     if not self._stopping.is_set() and self.ledger.start(e.message.tp, e.message.offset)]
+            if not group:
+                self._in_flight.release()
+                continue
+            answering = Answering([e for e, _ in group])
+            task = asyncio.ensure_future(self.run(group, answering))
+            self._running[task] = answering
+            task.add_done_callback(self._finished)
+
+    async def decode(self, event: EventT) -> InferenceRequest | None:
+        """The request in ``event``, or None once an undecodable record is dead-lettered."""
+        try:
+            return decode_request(self.codec, event.message.value)
+        except SchemaError as exc:
+            log.warning("dead-lettering undecodable record %s/%s: %s",
+                        event.message.partition, event.message.offset, exc)
+            await self.dead_letter(event, str(exc), "undecodable")
+            self.ledger.answered(event.message.tp, event.message.offset)
+            return None
+
+    async def run(self, group: Group, answering: Answering[EventT]) -> None:
+        """Answer a group, whatever it takes: a failure is logged, counted, shown on /health and
+        the group answered again (at last with an error response), never dropped."""
+        assert self.inference is not None
+        done: set[int] = set()
+        failures = 0
+        while True:
+            try:
+                await self.handle(group, done, answering.calls)
+                return
+            except Exception as exc:
+                failures += 1
+                request = group[0][1]
+                self.metrics.task_failures.inc()
+                self.health.failed(request.id, exc)
+                log.exception("answering %s failed (%d times); answering it again", request.id, failures)
+                if failures > len(RETRY_PAUSE_S):  # answer with the error instead, until that works
+                    reason = f"internal error: {exc!r}"
+                    group = [(e, dataclasses.replace(r, stream=False)) for e, r in group]
+                    await self.answer_with(group, self.inference.failed(request, reason), done)
+                    return
+                await asyncio.sleep(RETRY_PAUSE_S[failures - 1])
+
+    async def handle(self, group: Group, done: set[int], calling: Callable[[], None] | None = None) -> None:
+        """Answer the first request of a group; identical others get the same answer.
+
+        Each request counts as answered (``done``, the ledger) once its records are written, so
+        answering the group again after a failure skips those already out.
+        """
+        assert self.inference is not None
+        event, request = group[0]
+        sink = None
+        if request.stream:
+            sink = KafkaTokenSink(lambda k, v, h: self.send(self._topics.tokens, k, v, h), self.codec, request)
+        answer = await self.inference.answer(request, sink, calling)
+        if sink is not None:
+            await sink.close()  # every chunk is acknowledged before the response goes out
+        for i, (other_event, other) in enumerate(group):
+            if other_event.message.offset in done:
+                continue
+            if i == 0:
+                await self.publish(answer, other_event, other)
+            else:
+                self.metrics.shared.labels(model=request.model_id).inc()
+                response = dataclasses.replace(
+                    answer.response, id=other.id, reply_to=other.reply_to, key_name=other.key_name
+                )
+                await self.publish(Answer(response, answer.dead_letter_reason), other_event, other)
+            done.add(other_event.message.offset)
+            self.ledger.answered(other_event.message.tp, other_event.message.offset)
+
+    async def answer_with(self, group: Group, answer: Answer, done: set[int]) -> None:
+        """Publish ``answer`` (an error) for every request of ``group`` not answered yet, retrying
+        each until its records are written."""
+        pause = RETRY_PAUSE_S[0]
+        for event, request in group:
+            while event.message.offset not in done:
+                try:
+                    response = dataclasses.replace(
+                        answer.response, id=request.id, reply_to=request.reply_to, key_name=request.key_name
+                    )
+                    await self.publish(Answer(response, answer.dead_letter_reason), event, request)
+                except Exception as exc:
+                    self.metrics.task_failures.inc()
+                    self.health.failed(request.id, exc)
+                    log.exception("answering %s with an error failed; trying again", request.id)
+                    await asyncio.sleep(pause)
+                    continue
+                done.add(event.message.offset)
+                self.ledger.answered(event.message.tp, event.message.offset)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """A done callback, not a ``finally``: a task cancelled before it ran never enters its body."""
+        self._running.pop(task, None)
+        self._in_flight.release()
+
+    def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """A task failed with no one awaiting it: count it and show it on /health, then log it as asyncio would."""
+        if isinstance(context.get("exception"), ProducerFenced):
+            # Exactly once: a partition moved to another worker, whose transactional producer fenced
+            # this one's; aiokafka fails the fenced producer's pending futures, which no one awaits.
+            log.info("a transactional producer of this worker was fenced by the partition's new owner")
+            return
+        self.metrics.task_failures.inc()
+        task = context.get("task") or context.get("future")
+        self.health.failed(getattr(task, "get_name", lambda: "event loop")(),
+                           context.get("exception") or context["message"])
+        loop.default_exception_handler(context)
+
+    # -- the response cache ---------------------------------------------------------------
+
+    def store_cache_update(self, value: bytes) -> None:
+        """Write one updates-topic record into the cache table (from its agent: table writes
+        need their event)."""
+        key, entry = read_cache_update(value)
+        self._cache_table[key] = entry
+        self.metrics.cache_entries.set(len(self._cache_table))
+
+    # -- ownership and commits ------------------------------------------------------------
+
+    def requests_of(self, tps: Iterable[TP]) -> set[TP]:
+        return {tp for tp in tps if tp.topic == self._kafka.requests_topic}
+
+    async def commit(self, offsets: dict[TP, int] | None = None) -> None:
+        """Commit every owned partition up to its lowest unanswered request (or ``offsets``)."""
+        async with self._commit_gate:
+            offsets = self.ledger.committable() if offsets is None else offsets
+            if not offsets and not self.exactly_once:
+                return
+            try:
+                self.ledger.committed(await self._outbox.commit(offsets))
+            except Exception as exc:  # the next commit covers them; nothing is lost meanwhile
+                log.warning("committing %s failed: %r", offsets, exc)
+
+    async def catch_up_generation(self) -> None:
+        """Follow a new consumer generation (from its assignment signal, or the first batch of it).
+
+        A newly owned partition's run starts at its committed offset (or log start), asked of the
+        broker: not at what Faust happens to deliver first (it may resume fetching before it seeks).
+        """
+        app = self._app
+        if app.consumer_generation_id == self.ledger.generation:
+            return
+        async with self._generation_gate:
+            pause = 0.5
+            while (generation := app.consumer_generation_id) != self.ledger.generation:
+                assigned = self.requests_of(app.consumer.assignment())
+                try:
+                    starts = await self._broker.start_of_run({tp for tp in assigned if not self.ledger.knows(tp)})
+                except Exception as exc:  # deliveries wait meanwhile: none is dropped
+                    log.warning("could not read the committed offsets (%r); retrying in %.1fs", exc, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                if generation != app.consumer_generation_id:
+                    continue  # rebalanced again meanwhile
+                log.info("generation %s: answering %s", generation,
+                         ", ".join(f"{tp.topic}/{tp.partition}@{starts.get(tp, '-')}" for tp in sorted(assigned))
+                         or "no partition")
+                self.ledger.assign(assigned, generation, starts)
+                self._outbox.forget(assigned)
+
+    async def fill_holes(self) -> None:
+        """Offsets the consumer skipped (a hole the commit cannot pass) are read again, unless the
+        broker shows there is no record there. A hole gets one commit interval to fill by itself."""
+        holes = self.ledger.holes()
+        seen = self._seen_holes
+        for tp in [tp for tp in seen if tp not in holes]:
+            del seen[tp]
+        for tp, (start, end) in holes.items():
+            if seen.get(tp) != (start, end):
+                seen[tp] = (start, end)
+                continue
+            try:
+                first = await self._broker.first_record(TopicPartition(tp.topic, tp.partition), start, end)
+            except Exception as exc:
+                log.warning("could not look into the hole %s/%s %d-%d: %r", tp.topic, tp.partition, start, end, exc)
+                continue
+            if first is None:
+                log.info("no record in %s/%s %d-%d: nothing to answer there", tp.topic, tp.partition, start, end)
+                self.ledger.no_records(tp, start, end)
+            else:
+                log.warning("offsets %d-%d of %s/%s were skipped by the consumer: reading them again",
+                            start, end - 1, tp.topic, tp.partition)
+                self.metrics.rereads.inc()
+                await self._app.consumer.seek(TopicPartition(tp.topic, tp.partition), start)
+            del seen[tp]
+
+    async def commit_and_fill_holes(self) -> None:
+        """The commit timer."""
+        await self.commit()
+        await self.fill_holes()
+
+    async def cancel_waiting(self, partitions: set[TP] | None = None) -> None:
+        """Cancel the answers (of ``partitions``) that have not called a model yet; the ledger
+        forgets them, so the commit stops below them and their partition's owner reads them again."""
+        in_partitions = None if partitions is None else (lambda e: e.message.tp in partitions)
+        tasks = waiting(self._running.items(), in_partitions)
+        events = [e for task in tasks for e in self._running[task].events]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for event in events:
+            self.ledger.drop(event.message.tp, event.message.offset)
+
+    async def on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        """Drop the revoked partitions' requests that called no model yet; commit what is answered
+        before leaving them. Calls already running go on: if the partition comes back (it usually
+        does), its redelivered requests wait for them instead of calling a model again."""
+        partitions = self.requests_of(revoked)
+        await self.cancel_waiting(partitions)
+        await self.commit(self.ledger.revoke(partitions))
+
+    async def on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
+        await self.catch_up_generation()
+
+    async def drain(self) -> None:
+        """Before leaving the group: start nothing new, let running answers finish for up to
+        ``worker.stop_grace_s``, then commit everything answered."""
+        grace = self._config.stop_grace_s
+        self._stopping.set()
+        await self.cancel_waiting()
+        if self._running:
+            log.info("stopping: waiting up to %.0fs for %d running answers", grace, len(self._running))
+            _, late = await asyncio.wait(set(self._running), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("stopping: %d answers still running after %.0fs were cancelled; "
+                            "the partitions' next owner answers them", len(late), grace)
+                await asyncio.gather(*late, return_exceptions=True)
+        await self.commit()
+        await self._broker.close()
+
+    # -- what the pages and metrics show --------------------------------------------------
+
+    async def measure_lag(self) -> None:
+        """The consumer-lag gauge, per requests partition; a failure is logged, never raised."""
+        try:
+            lag = await consumer_lag(self._kafka, self._config.app_id, self._kafka.requests_topic)
+        except Exception as exc:  # metrics must never take the worker down
+            log.warning("could not measure consumer lag: %r", exc)
+            return
+        for partition, records in lag.items():
+            self.metrics.consumer_lag.labels(partition=str(partition)).set(records)
+
+    def health_report(self) -> tuple[bool, dict[str, object]]:
+        """(healthy, the body of ``/health``): failures of the last minute, and the ledger's view."""
+        return self.health.report(
+            generation=self.ledger.generation,
+            running=len(self._running),
+            late_deliveries=self.ledger.late_deliveries,
+            partitions={f"{tp.topic}/{tp.partition}": state for tp, state in self.ledger.describe().items()},
+        )
+
+    def models(self) -> dict[str, list[dict[str, object]]]:
+        """Every endpoint's live state (``/models``); empty until the requests agent runs."""
+        return self.inference.snapshot() if self.inference is not None else {}
