@@ -22,7 +22,7 @@ then the worker logs' warnings. With ``--kills 0`` it times the run from a warm 
 when each model's answers reach the read_committed reader, requests/s and worker CPU, and with
 ``--one-by-one K`` first K requests asked one at a time. ``--cache-check`` asks one
 temperature-0 request, SIGKILLs the worker, asks it again and prints whether the answer came from
-the cache table the successor recovered. It reports; it never asserts (tests/test_faults.py does).
+the cache table the successor recovered. It reports; it never asserts (tests/integration/test_faults.py does).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/restarts.py [--cycles 20] [--per-cycle 200] [--seed N] [--bootstrap HOST:PORT]
 
-Starts (unless --bootstrap) a local broker, then runs tests/torture.py: each cycle floods
+Starts (unless --bootstrap) a local broker, then runs tests/integration/torture.py: each cycle floods
 ``POST /infer`` with --per-cycle requests (client-chosen ids; 503s retried with the same id),
 waits until a worker answers, then stops roles with answers in flight, cycling (seeded
 order) through SIGINT and SIGKILL to the worker alone, SIGINT and SIGKILL to the worker

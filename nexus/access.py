@@ -13,11 +13,12 @@ import hmac
 from collections.abc import Collection, Iterable
 
 from nexus.settings import AccessSettings, ApiKey
+from nexus.errors import NexusError
 
 BEARER = "bearer"
 
 
-class AccessError(Exception):
+class AccessError(NexusError):
     """A call that may not go ahead; ``status`` is the HTTP status to answer with."""
 
     status = 403

@@ -3,27 +3,45 @@
 Catch :class:`NexusError` to catch them all; each role's errors derive from it::
 
     NexusError
-    ├── ConfigError (also ValueError)          nexus.settings: a setting is wrong; the message names it
-    │   ├── KafkaAccessError                   nexus.kafka.clients: credentials or TLS refused
-    │   └── TemplateError                      streams.answering.prompt: worker.prompt_template
-    ├── KafkaUnavailableError                  nexus.kafka.topics: no broker answered in time
-    ├── TopicCreationError                     nexus.kafka.topics: Kafka refused to create a topic
-    ├── TopicMissingError                      nexus.kafka.readers: a topic Nexus reads does not exist
-    ├── AccessError                            nexus.access: an API key was refused
-    │   ├── Unauthenticated
-    │   └── Forbidden
-    ├── SchemaError (also ValueError)          schemas: bytes that are not a Nexus record
-    ├── RejectedRequest (also ValueError)      schemas.validation: a request body breaks the contract
-    ├── BackendError                           streams.backends: a model backend failed a call
-    ├── ProducerError                          producers.client: the producer API
-    │   ├── SubmitError                        a request was not accepted by Kafka
-    │   └── ResponseTimeout                    no answer in time
-    ├── ReplyReaderError                       producers.replies: answers cannot be read
-    ├── BridgeStartError                       consumers.bridge: the bridge cannot start
-    ├── ReplayError                            consumers.replay: a replay cannot be done as asked
-    │   └── ReplayKafkaError                   Kafka refused or did not answer
-    ├── HistoryError                           consumers.bridge: a session's history cannot be read
-    └── LocalKafkaError                        localdev.broker: the local broker failed to start
+    ├── ConfigError (also ValueError)              nexus.settings: a setting is wrong; the message names it
+    │   ├── KafkaAccessError                       nexus.kafka.clients: credentials or TLS refused
+    │   └── TemplateError                          streams.answering.prompt: worker.prompt_template
+    ├── KafkaUnavailableError (also RuntimeError)  nexus.kafka.topics: no broker answered in time
+    ├── TopicCreationError (also RuntimeError)     nexus.kafka.topics: the cluster refused to create a topic
+    ├── TopicMissingError                          nexus.kafka.readers: a topic Nexus reads does not exist
+    ├── AccessError                                nexus.access: an API key was refused
+    │   ├── Unauthenticated                        no key, or an unknown one (401)
+    │   └── Forbidden                              a key used beyond its models or sessions (403)
+    ├── SchemaError (also ValueError)              schemas.codec: bytes or values that are not a Nexus record
+    │   ├── NotAvroError                           no single-object header
+    │   ├── UnknownSchemaError                     a fingerprint no known schema has
+    │   ├── MalformedRecordError                   a body that does not decode
+    │   └── InvalidValueError                      a value its schema refuses
+    ├── RejectedRequest (also ValueError)          schemas.validation: a request breaks the contract (400)
+    │   └── FrameError                             consumers.bridge.frames: a websocket frame does
+    ├── BackendError                               streams.backends: a model endpoint failed a call
+    ├── Expired                                    streams.answering: a request's deadline passed
+    ├── Unavailable                                streams.answering: no endpoint of the model can answer
+    ├── ProducerError (also RuntimeError)          producers.client: the producer API
+    │   ├── SubmitError                            Kafka did not accept a request
+    │   ├── ResponseTimeoutError (also TimeoutError)  no answer in time
+    │   ├── ResponsesUnavailableError              the answers cannot be read
+    │   └── ProducerClosedError                    the producer was closed
+    ├── ReplyError                                 producers.replies: waiting for answers
+    │   ├── ReplyTimeoutError (also TimeoutError)  no answer in time
+    │   └── ReplyReaderError                       the reply reader cannot read
+    ├── InvalidInputError (also ValueError)        producers.submit: a line `nexus submit` cannot use
+    ├── BridgeStartError                           consumers.bridge: the bridge cannot start
+    ├── HistoryError                               consumers.bridge: a session's history cannot be read
+    ├── TooManySubscriptions (also ValueError)     consumers.bridge.subscriptions: a client's limit
+    ├── OutboxClosed                               consumers.bridge.delivery: the client is gone
+    ├── ReplayError                                consumers.replay: a replay cannot be done as asked
+    │   ├── ReplayArgumentError (also ValueError)  a bad --since, --topics, --grace...
+    │   └── ReplayKafkaError                       Kafka refused or did not answer
+    │       └── ReplayStalledError                 Kafka stopped delivering mid-replay
+    ├── LocalKafkaError                            localdev.broker: the local broker failed to start
+    ├── SimulatorConfigError (also ValueError)     localdev.simulator: a bad simulator option
+    └── ApiError                                   localdev.simulator: an Ollama-shaped error answer
 
 The "also" bases are kept where users already catch them (a bad setting has always
 been a ``ValueError``). Errors that are a client's fault are answered, not raised:

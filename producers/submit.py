@@ -22,13 +22,14 @@ from nexus.settings import Settings
 from schemas import InferenceRequest
 
 from schemas.validation import RejectedRequest, request_from_json
+from nexus.errors import NexusError
 
 DEFAULT_WAIT_S = 120.0
 EXIT_ERROR = 1  # an answer with status error, a timeout, Kafka unavailable
 EXIT_INVALID = 2
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(NexusError, ValueError):
     """A request given to ``nexus submit`` is not valid; the message says where."""
 
 

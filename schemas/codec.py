@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+from nexus.errors import NexusError
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = 10
@@ -29,7 +30,7 @@ NAMESPACE = "nexus.inference"
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>\d+)\.avsc$")
 
 
-class SchemaError(ValueError):
+class SchemaError(NexusError, ValueError):
     """Base class of codec errors: the bytes or the value do not fit a known schema."""
 
 

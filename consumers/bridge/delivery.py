@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from nexus.errors import NexusError
 
 RecordKey = tuple[str, int, int]  # (topic, partition, offset): a record's identity in Kafka
 
@@ -74,7 +75,7 @@ class Outbox:
         self._space.set()
 
 
-class OutboxClosed(Exception):
+class OutboxClosed(NexusError):
     """The outbox was closed while waiting for a frame."""
 
 

@@ -11,13 +11,14 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 from consumers.bridge.frames import Target
+from nexus.errors import NexusError
 
 C = TypeVar("C", bound=Hashable)
 
 DEFAULT_MAX_PER_CLIENT = 10_000
 
 
-class TooManySubscriptions(ValueError):
+class TooManySubscriptions(NexusError, ValueError):
     """A client asked for more subscriptions than one connection may hold."""
 
 

@@ -2,7 +2,7 @@
 
 Built from code, not kept as a static file, so the limits in it are the ones the gateway
 enforces (:mod:`schemas.limits`, ``gateway.max_body_bytes``) and the model list is
-this gateway's. ``tests/test_openapi.py`` checks the document against the OpenAPI 3.1
+this gateway's. ``tests/integration/test_openapi.py`` checks the document against the OpenAPI 3.1
 schema and validates the running gateway's real answers against it.
 """
 

@@ -15,6 +15,7 @@ from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING
 
+from nexus.errors import NexusError
 from streams.answering.clock import Clock
 from streams.answering.routing import Circuit, EndpointState, ModelRouter
 from streams.backends.base import Generation
@@ -26,11 +27,11 @@ if TYPE_CHECKING:
 _CIRCUIT_GAUGE = {Circuit.CLOSED: 0, Circuit.HALF_OPEN: 1, Circuit.OPEN: 2}
 
 
-class Expired(Exception):
+class Expired(NexusError):
     """The request's deadline passed before it could be answered."""
 
 
-class Unavailable(Exception):
+class Unavailable(NexusError):
     """Every endpoint of a model has an open circuit: move on to the fallback, don't wait."""
 
 

@@ -1,6 +1,6 @@
 """What the broker says about the requests partitions, asked on a connection of the worker's own.
 
-The ledger (streams/ledger.py) starts each newly owned partition's run at its committed offset
+The ledger (streams/commits/ledger.py) starts each newly owned partition's run at its committed offset
 (or, never committed, at its log start), not at whatever Faust delivers first, and asks whether
 a hole in the run holds records (read them again) or none (transaction markers, deleted log).
 """

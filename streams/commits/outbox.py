@@ -1,7 +1,7 @@
 """When a request's answer records are written, and how its partition's offsets are committed.
 
 At least once (:class:`AtOnce`): records are written as soon as the answer is ready; the worker
-commits each partition up to its lowest unanswered request (streams/ledger.py), so a committed
+commits each partition up to its lowest unanswered request (streams/commits/ledger.py), so a committed
 offset always has its answers durably written.
 
 Exactly once (:class:`InCommittedPrefix`): Kafka commits a transaction whole, records and offsets

@@ -1,7 +1,7 @@
 """Nexus on a real 3-broker KRaft cluster: replicated topics, and the requests partition's
 leader SIGKILLed mid-run with nothing accepted lost.
 
-    .venv/bin/python -m pytest tests/test_cluster_faults.py -s
+    .venv/bin/python -m pytest tests/integration/test_cluster_faults.py -s
 
 The cluster, a worker and a gateway (replication factor 3) are shared by the module; the
 simulator is the session's zero-latency one.

@@ -1,6 +1,6 @@
 """Restart torture: every request answered 202 by ``POST /infer`` is answered, across restarts.
 
-Six cycles of 40 requests on the session broker (tests/torture.py): each of the five ways
+Six cycles of 40 requests on the session broker (tests/integration/torture.py): each of the five ways
 of stopping roles occurs at least once (SIGINT or SIGKILL to the worker alone or to the
 worker and the gateway, and a second worker joining then one of the two leaving), with
 answers in flight every time, with fewer answers running at once than are read (so each

@@ -1,6 +1,6 @@
 """Restart torture: every request the gateway accepted (HTTP 202) is answered, however the roles stop.
 
-A reusable driver, no pytest in it (tests/test_restarts.py and bench/restarts.py run it).
+A reusable driver, no pytest in it (tests/integration/test_restarts.py and bench/restarts.py run it).
 One run uses topics, a worker group and a simulated Ollama of its own on the given broker:
 
 * Each cycle makes sure a worker and a gateway run (starting what is missing), waits until

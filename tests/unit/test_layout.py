@@ -33,8 +33,10 @@ ANYTHING_GOES = {"nexus.cli", "nexus.__main__"}
 PURE = {
     "schemas.validation", "schemas.endpoint_state", "schemas.headers", "schemas.records",
     "streams.commits.ledger", "streams.answering.routing", "streams.answering.cache",
-    "streams.answering.prompt", "consumers.bridge.subscriptions",
-    "consumers.bridge.owners", "nexus.access",
+    "streams.answering.prompt", "streams.answering.responses", "consumers.bridge.subscriptions",
+    "consumers.bridge.owners", "consumers.bridge.core", "consumers.bridge.frames", "consumers.replay.audit",
+    "consumers.replay.join", "consumers.replay.render", "producers.gateway.dropin.conversation",
+    "localdev.simulator.model", "nexus.access",
 }
 IO_MODULES = ("asyncio", "socket", "aiokafka", "aiohttp", "faust", "httpx", "websockets", "subprocess")
 
