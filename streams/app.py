@@ -124,7 +124,9 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes,
                             extra_topic_configs=replication_config(kafka))
     access = AccessPolicy(settings.access)
-    PromptTemplate(config.prompt_template)  # a bad template fails the start, not each request
+    advice = PromptTemplate(config.prompt_template).prefix_advice()  # a bad template fails the start
+    if advice:
+        log.warning("%s", advice)
     worker = Worker(app, settings, topics, cache_table)
     app.before_stop = worker.drain
     app.on_partitions_revoked.connect(worker.on_revoked)

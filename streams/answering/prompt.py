@@ -3,6 +3,11 @@
 The user's input goes to Ollama's ``prompt`` untouched; the session and
 metadata go to ``system`` through a configurable template. Metadata is rendered
 as JSON so a value cannot close a sentence of the template and start its own.
+
+The order matters for speed: a backend evaluates a prompt once and reuses the
+cached prefix two prompts share, up to their first difference. Fixed text that
+follows a per-request field is evaluated again for every request, so
+:meth:`PromptTemplate.prefix_advice` says when a template puts fields first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,24 @@ class PromptTemplate:
                 + ", ".join(f"{{{n}}}" for n in sorted(_ALLOWED))
             )
         self._template = template
+        self._parts = list(string.Formatter().parse(template))
+
+    def prefix_advice(self) -> str | None:
+        """Why this template keeps backends from reusing a cached prompt prefix, or None.
+
+        Fixed text after the first field differs in position from request to request
+        (it follows values that differ), so it is evaluated again each time.
+        """
+        seen_field = None
+        for literal, name, _, _ in self._parts:
+            if seen_field is not None and literal.strip():
+                return (
+                    f"worker.prompt_template has fixed text after {{{seen_field}}}: a backend evaluates it "
+                    "again for every request; put fixed text first and the fields last"
+                )
+            if name is not None and seen_field is None:
+                seen_field = name
+        return None
 
     def system_prompt(self, context: ModelContext) -> str:
         return self._template.format(
