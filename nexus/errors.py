@@ -40,6 +40,7 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     │   └── ReplayKafkaError                       Kafka refused or did not answer
     │       └── ReplayStalledError                 Kafka stopped delivering mid-replay
     ├── LocalKafkaError                            localdev.broker: the local broker failed to start
+    ├── LocalOllamaError                           localdev.ollama: the local Ollama cannot be built or started
     ├── SimulatorConfigError (also ValueError)     localdev.simulator: a bad simulator option
     └── ApiError                                   localdev.simulator: an Ollama-shaped error answer
 

@@ -100,12 +100,13 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class EndpointSettings:
-    """One Ollama server of a model."""
+    """One model server of a model: Ollama's native API, or any OpenAI-compatible server."""
 
     url: str
     weight: float = 1.0  # prior preference, relative to the model's other endpoints
     max_concurrency: int = 4  # Ollama's parallel slots (OLLAMA_NUM_PARALLEL)
     max_rps: float | None = None  # requests started per second, at most
+    kind: str = "ollama"  # "ollama" (native /api/*) or "openai" (/v1/*: vLLM, llama.cpp, TGI, Ollama's /v1)
 
 
 @dataclass(frozen=True)

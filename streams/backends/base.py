@@ -26,13 +26,18 @@ class BackendError(NexusError):
     endpoint; the others (4xx) would fail anywhere. ``busy`` (429, Ollama's 503 "server
     busy") means the endpoint works but is full: back off, don't open its circuit.
     ``reached`` is false when no connection was made: no model work was spent on it.
+    ``missing_model`` means the endpoint works but does not have the model (Ollama's 404
+    "model not found", OpenAI's ``model_not_found``): another endpoint may have it.
     """
 
-    def __init__(self, message: str, *, retryable: bool, busy: bool = False, reached: bool = True) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, busy: bool = False, reached: bool = True, missing_model: bool = False
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.busy = busy
         self.reached = reached
+        self.missing_model = missing_model
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,31 @@ class Generation:
     done_reason: str | None
     seconds: float
     ttft_s: float | None  # time to the first chunk, when streamed
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Which models an endpoint has, and which of them are loaded in memory right now.
+
+    ``loaded`` is ``None`` when the backend cannot say (an OpenAI-compatible server has no
+    ``/api/ps``). Model names are as the endpoint lists them (``smollm2:135m``); a name
+    without a tag also matches its ``:latest``.
+    """
+
+    available: frozenset[str]
+    loaded: frozenset[str] | None = None
+
+    def has(self, model: str) -> bool:
+        return _tagged(model) in {_tagged(m) for m in self.available}
+
+    def is_loaded(self, model: str) -> bool | None:
+        if self.loaded is None:
+            return None
+        return _tagged(model) in {_tagged(m) for m in self.loaded}
+
+
+def _tagged(model: str) -> str:
+    return model if ":" in model else f"{model}:latest"
 
 
 class Backend(Protocol):
@@ -69,4 +99,9 @@ class Backend(Protocol):
     async def probe(self, endpoint: str, timeout_s: float) -> bool:
         """Whether the endpoint answers at all: closes an open circuit. Never raises for
         an endpoint that is down; it says ``False``."""
+        ...
+
+    async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
+        """The models the endpoint has (Ollama: ``/api/tags`` and ``/api/ps``; OpenAI:
+        ``/v1/models``). Raises :class:`BackendError` when it cannot be asked."""
         ...

@@ -30,7 +30,7 @@ def _load(tmp_path: Path, text: str) -> Settings:
 
 
 def test_field_defaults_are_the_declared_plain_defaults() -> None:
-    assert field_defaults(EndpointSettings) == {"weight": 1.0, "max_concurrency": 4, "max_rps": None}
+    assert field_defaults(EndpointSettings) == {"weight": 1.0, "max_concurrency": 4, "max_rps": None, "kind": "ollama"}
     defaults = field_defaults(ModelSettings)
     assert "id" not in defaults and "endpoints" not in defaults  # required fields have none
     assert defaults["timeout_s"] == 120.0
