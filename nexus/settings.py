@@ -98,6 +98,11 @@ class WorkerSettings:
     stop_grace_s: float = 10.0
 
 
+# The APIs an endpoint may speak: Ollama's native /api/*, or OpenAI's /v1/* (vLLM, llama.cpp's server,
+# TGI, LM Studio, Ollama's own /v1). Each has a backend in streams/backends/.
+ENDPOINT_KINDS = ("ollama", "openai")
+
+
 @dataclass(frozen=True)
 class EndpointSettings:
     """One model server of a model: Ollama's native API, or any OpenAI-compatible server."""
@@ -457,12 +462,26 @@ def _models(table: Any, ollama_host: str, where: str) -> tuple[ModelSettings, ..
     models = [_model(model_id, spec, ollama_host, f"{where}: [models.{model_id!r}]")
               for model_id, spec in table.items()]
     ids = {m.id for m in models}
+    _check_kinds(models, where)
     for m in models:
         if m.fallback is not None and (m.fallback not in ids or m.fallback == m.id):
             raise ConfigError(
                 f"{where}: [models.{m.id!r}] fallback: {m.fallback!r} is not another configured model"
             )
     return tuple(models)
+
+
+def _check_kinds(models: list[ModelSettings], where: str) -> None:
+    """An endpoint is its URL to the worker (its slots, circuit, metrics): one URL, one kind."""
+    kinds: dict[str, tuple[str, str]] = {}
+    for m in models:
+        for e in m.endpoints:
+            seen = kinds.setdefault(e.url, (e.kind, m.id))
+            if seen[0] != e.kind:
+                raise ConfigError(
+                    f"{where}: endpoint {e.url} is of kind {seen[0]!r} for model {seen[1]!r} but {e.kind!r} "
+                    f"for model {m.id!r}; one server URL has one kind"
+                )
 
 
 # What a [models.<id>] table and an endpoint table may hold: their dataclasses' fields.
@@ -520,4 +539,13 @@ def _endpoint(spec: Any, here: str) -> EndpointSettings:
         max_rps = _coerce(max_rps, "float", f"{here} max_rps")
     if weight <= 0 or slots <= 0 or (max_rps is not None and max_rps <= 0):
         raise ConfigError(f"{here}: weight, max_concurrency and max_rps must be positive")
-    return EndpointSettings(_normalise_host(spec["url"]), weight, slots, max_rps)
+    kind = given["kind"]
+    if kind not in ENDPOINT_KINDS:
+        raise ConfigError(
+            f"{here} ({spec['url']}) kind: expected one of {', '.join(map(repr, ENDPOINT_KINDS))}, got {kind!r}"
+        )
+    url = _normalise_host(spec["url"])
+    if kind == "openai":
+        # The server's base: "http://h:8000" and "http://h:8000/v1" are the same endpoint.
+        url = url.removesuffix("/v1").rstrip("/")
+    return EndpointSettings(url, weight, slots, max_rps, kind)

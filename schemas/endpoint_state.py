@@ -22,6 +22,9 @@ ENDPOINT_FIELDS = (
     "url", "weight", "max_concurrency", "concurrency_limit", "max_rps", "in_flight",
     "ewma_seconds_per_request", "ewma_ttft_seconds", "tokens_per_second", "circuit", "healthy",
     "served", "failed", "last_error",
+    # Residency, from the endpoint's inventory (None: unknown): whether it has the model, whether
+    # the model is loaded there now, and every model it has.
+    "has_model", "loaded", "models",
 )
 
 EndpointReport = dict[str, Any]

@@ -13,6 +13,8 @@ from schemas.codec import Codec
 Status = Literal["ok", "error"]
 CachePolicy = Literal["default", "no-cache", "no-store"]
 CACHE_POLICIES: tuple[str, ...] = ("default", "no-cache", "no-store")
+#: ``InferenceResponse.error_kind`` of an answer whose model is on no endpoint (a 404 at the edges).
+MODEL_NOT_FOUND = "model_not_found"
 
 
 @cache
@@ -127,6 +129,7 @@ class InferenceResponse:
     retries: int = 0
     reply_to: str | None = None
     key_name: str | None = None  # copied from the request
+    error_kind: str | None = None  # "model_not_found", or None (v4)
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)

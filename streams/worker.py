@@ -184,6 +184,7 @@ class Worker:
                 self._settings, http, self.metrics,
                 TableCache(self._cache_table, lambda k, v: self.produce(self._topics.cache_updates, k, v)),
             )
+            self.inference.watch()  # which endpoint has which model: known before the first request
             # Batches overlap: a slow answer holds neither the next batch nor the commits of
             # the answers before it; the ledger commits each partition's answered prefix.
             async for events in stream.noack_take(self._config.max_batch, within=self._config.max_wait_ms / 1000):
@@ -460,6 +461,9 @@ class Worker:
             running=len(self._running),
             late_deliveries=self.ledger.late_deliveries,
             partitions={f"{tp.topic}/{tp.partition}": state for tp, state in self.ledger.describe().items()},
+            # Models some endpoint lacks: {model: {endpoint: the models it has (None: unknown)}}.
+            # Not unhealthy: the worker answers them with model_not_found (or on other endpoints).
+            missing_models=self.inference.missing() if self.inference is not None else {},
         )
 
     def models(self) -> dict[str, list[dict[str, object]]]:

@@ -138,9 +138,11 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
 
 def _requested_model(body: dict[str, Any], state: SimulatorState) -> str:
     """The model name as the client spelled it (Ollama echoes it back unchanged)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
+    model = body.get("model", "")
+    if not isinstance(model, str):
         raise ApiError(400, MODEL_REQUIRED_ERROR)
+    if not model.strip():  # Ollama 0.17.4 looks the empty name up like any other: 404
+        raise ApiError(404, not_found_error(model))
     if resolve_model(model, state.config.models) is None:
         raise ApiError(404, not_found_error(model))
     return model

@@ -4,6 +4,11 @@ Workers publish their routing state (in flight, EWMA latency, tokens/s, circuit)
 every few seconds to a compacted topic keyed by worker; the gateway keeps the
 latest record per worker and merges them for ``GET /models``. The record's shape
 is :class:`schemas.endpoint_state.WorkerReport`, shared with the worker.
+
+Residency too: each endpoint's ``live`` says whether it has the model (``has_model``),
+whether the model is loaded there (``loaded``) and what it has (``models``); each model
+lists the endpoints that lack it in ``missing_on`` (``available`` is false when every
+endpoint lacks it: its requests are answered ``model_not_found``).
 """
 
 from __future__ import annotations
@@ -52,11 +57,16 @@ def merge_states(
                 )
                 live["healthy"] = live["circuit"] == "closed"
                 live["last_error"] = next((e["last_error"] for e in seen if e.get("last_error")), None)
+                live.update(_residency(seen))
             endpoints.append({**_endpoint_settings(endpoint), "live": live})
+        missing_on = [e["url"] for e in endpoints if e["live"].get("has_model") is False]
         models.append(
             {
                 "id": model.id,
                 "endpoints": endpoints,
+                # Endpoints that do not have the model (their inventory, or a 404 for it).
+                "missing_on": missing_on,
+                "available": len(missing_on) < len(endpoints),
                 "timeout_s": model.timeout_s,
                 "retries": model.retries,
                 "fallback": model.fallback,
@@ -65,6 +75,19 @@ def merge_states(
             }
         )
     return models
+
+
+def _residency(seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the endpoint has the model and has it loaded, as the workers that know say:
+    one worker told "model not found" is worth knowing about; ``None`` when none knows."""
+    has = [e.get("has_model") for e in seen if isinstance(e.get("has_model"), bool)]
+    loaded = [e.get("loaded") for e in seen if isinstance(e.get("loaded"), bool)]
+    names = next((e["models"] for e in seen if isinstance(e.get("models"), list)), None)
+    return {
+        "has_model": (all(has) if has else None),
+        "loaded": (any(loaded) if loaded else None),
+        "models": names,
+    }
 
 
 def _endpoint_settings(endpoint: Any) -> dict[str, Any]:

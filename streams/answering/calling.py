@@ -6,6 +6,11 @@ Retries bound repeated model work: a call that never connected spent none, so it
 not count. Against endpoints that are all down, a request then waits for a recovery
 (their circuits open) until its deadline instead of failing at once; with a fallback
 model it goes there as soon as every circuit of its own model is open.
+
+An endpoint that answers "model not found" did no model work either: the model goes to
+its other endpoints (that endpoint's inventory is asked again at once, see
+:mod:`~streams.answering.residency`), then to the fallback. When no endpoint of any model
+tried has it, the request fails as ``model_not_found``, saying what each endpoint has.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from schemas import InferenceRequest
 
 from streams.answering.clock import Clock
 from streams.answering.prompt import PromptTemplate
-from streams.answering.routing import backoff_seconds
+from streams.answering.residency import Residency
+from streams.answering.routing import ModelRouter, backoff_seconds
 from streams.answering.waiting import Expired, Slot, Unavailable, WaitingLine
 from streams.backends.base import Backend, BackendError, Generation
 from streams.metrics import WorkerMetrics
@@ -46,6 +52,27 @@ class Called:
     model: ModelSettings | None = None  # which answered: the request's model or its fallback
     url: str | None = None
     expired: bool = False  # the deadline passed first
+    nowhere: list[str] = field(default_factory=list)  # models tried that no endpoint has
+    models_tried: int = 0
+
+    @property
+    def model_not_found(self) -> bool:
+        """Nothing answered because no model tried is on any of its endpoints."""
+        return self.generation is None and not self.expired and 0 < len(self.nowhere) == self.models_tried
+
+
+def nowhere_reason(router: ModelRouter, answered: dict[str, str]) -> str:
+    """Why ``router``'s model cannot be answered: what each of its endpoints has instead."""
+    parts = []
+    for e in router.endpoints.values():
+        if e.inventory is not None:
+            parts.append(f"{e.url} has {sorted(e.inventory.available)}")
+        elif e.url in answered:
+            parts.append(f"{answered[e.url]}")
+        else:
+            parts.append(f"{e.url} has (unknown)")
+    model = router.model.id
+    return f"model {model!r} is not on any endpoint of {model!r}: {'; '.join(parts)}"
 
 
 class Caller:
@@ -57,8 +84,10 @@ class Caller:
         metrics: WorkerMetrics,
         clock: Clock,
         rng: random.Random,
+        residency: Residency | None = None,
     ) -> None:
         self._backend = backend
+        self._residency = residency
         self._lines = lines
         self._template = template
         self._metrics = metrics
@@ -77,8 +106,9 @@ class Caller:
         called = Called()
         try:
             for i, model in enumerate(models):
+                called.models_tried += 1
                 answered, retries = await self._call_model(
-                    request, model, deadline, sink, called.reasons, i + 1 < len(models), calling
+                    request, model, deadline, sink, called, i + 1 < len(models), calling
                 )
                 called.retries += retries
                 if answered is not None:
@@ -97,23 +127,33 @@ class Caller:
         model: ModelSettings,
         deadline: float,
         sink: TokenSink | None,
-        reasons: list[str],
+        called: Called,
         can_fall_back: bool,
         calling: Callable[[], None] | None,
     ) -> tuple[tuple[Generation, str] | None, int]:
         """The answer and its endpoint, or ``None``; and the calls made after the first."""
+        reasons = called.reasons
         line = self._lines[model.id]
         endpoints = len(line.router.endpoints)
         tried: set[str] = set()
+        lacking: dict[str, str] = {}  # endpoints that answered "model not found", and how
         attempts = 0
         spent = 0  # calls that reached an endpoint: what model.retries bounds
         while spent <= model.retries:
             # Prefer endpoints not tried yet; once all were, any will do.
             exclude = frozenset(tried) if len(tried) < endpoints else frozenset()
             try:
-                slot = await line.acquire(request.context.session_id, deadline, exclude, can_fall_back)
+                slot = await line.acquire(
+                    request.context.session_id, deadline, exclude, can_fall_back, frozenset(lacking)
+                )
             except Unavailable:
-                reasons.append(f"every endpoint of {model.id!r} has an open circuit")
+                if line.router.nowhere(self._clock()) or len(lacking) == endpoints:
+                    # One reason says it all: what every endpoint has instead.
+                    reasons[:] = [r for r in reasons if r not in lacking.values()]
+                    reasons.append(nowhere_reason(line.router, lacking))
+                    called.nowhere.append(model.id)
+                else:
+                    reasons.append(f"every endpoint of {model.id!r} has an open circuit")
                 return None, max(attempts - 1, 0)
             attempts += 1
             try:
@@ -127,6 +167,14 @@ class Caller:
                     slot.failed(str(exc), counts_against_endpoint=False)
                     self._record_failure(model, slot)
                     raise Expired() from None
+                if exc.missing_model:
+                    # No model work was done, and the endpoint is fine: try the model elsewhere.
+                    slot.lacks(str(exc))
+                    self._record_failure(model, slot)
+                    lacking[slot.url] = str(exc)
+                    if self._residency is not None:
+                        await self._residency.refresh(slot.url)
+                    continue
                 if exc.busy:
                     slot.busy(str(exc))
                 else:

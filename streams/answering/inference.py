@@ -11,7 +11,8 @@ reads in one direction, one module per step:
 4. one call through the :class:`~streams.backends.base.Backend` (Ollama, or in memory);
 5. :mod:`~streams.answering.responses` builds and counts the response.
 
-:mod:`~streams.answering.probes` runs beside them: it probes open circuits.
+:mod:`~streams.answering.probes` runs beside them: it probes open circuits; and
+:mod:`~streams.answering.residency` asks the endpoints which models they have and have loaded.
 """
 
 from __future__ import annotations
@@ -26,18 +27,19 @@ from typing import Protocol
 import aiohttp
 
 from nexus.settings import ModelSettings, Settings
-from schemas import InferenceRequest, utcnow
+from schemas import MODEL_NOT_FOUND, InferenceRequest, utcnow
 
 from streams.answering import cache
 from streams.answering.calling import DEADLINE_SLACK_S, Called, Caller, TokenSink
 from streams.answering.clock import Clock, as_clock
 from streams.answering.probes import PROBE_POLL_S, PROBE_TIMEOUT_S, CircuitProbes
 from streams.answering.prompt import PromptTemplate
+from streams.answering.residency import Residency
 from streams.answering.responses import Answer, Responses
 from streams.answering.routing import ModelRouter
 from streams.answering.waiting import Expired, Unavailable, WaitingLine
 from streams.backends.base import Backend, BackendError, Generation
-from streams.backends.ollama import OllamaBackend
+from streams.backends.endpoints import EndpointsBackend
 from streams.metrics import WorkerMetrics
 
 __all__ = [
@@ -76,7 +78,7 @@ class Inference:
         if backend is None:
             if http is None:
                 raise TypeError("Inference needs an HTTP session for Ollama, or a backend")
-            backend = OllamaBackend(http)
+            backend = EndpointsBackend.from_settings(settings, http)
         self._settings = settings
         self._metrics = metrics
         self._store = store
@@ -87,8 +89,10 @@ class Inference:
         self.lines = {
             model_id: WaitingLine(router, self._clock, metrics, self._probes) for model_id, router in self.routers.items()
         }
+        self.residency = Residency(backend, self.routers, self._clock)
         self._caller = Caller(
-            backend, self.lines, PromptTemplate(settings.worker.prompt_template), metrics, self._clock, self._rng
+            backend, self.lines, PromptTemplate(settings.worker.prompt_template), metrics, self._clock, self._rng,
+            self.residency,
         )
         self._responses = Responses(settings, metrics)
 
@@ -97,12 +101,13 @@ class Inference:
     ) -> Answer:
         """Answer ``request``; ``calling`` is told when a model call is about to start (until then,
         cancelling the answer wastes no model work)."""
-        self._probes.watch(self.lines.values())
+        self.watch()
         model = self._settings.model(request.model_id)
         if model is None:
             return self.failed(
                 request,
                 f"unknown model {request.model_id!r}; this worker serves {sorted(self._settings.model_ids)}",
+                error_kind=MODEL_NOT_FOUND,
             )
         deadline = self._deadline(request, model)
         cacheable = cache.should_look_up(request, model) or cache.should_store(request, model)
@@ -123,17 +128,30 @@ class Inference:
             await self._store.put(request, key, self._responses.entry(answer.response, model))
         return answer
 
-    def failed(self, request: InferenceRequest, reason: str, retries: int = 0) -> Answer:
+    def watch(self) -> None:
+        """Start the background work (a no-op once running): probing open circuits, and asking
+        the endpoints which models they have, now and every few seconds."""
+        self._probes.watch(self.lines.values())
+        self.residency.watch()
+
+    def failed(
+        self, request: InferenceRequest, reason: str, retries: int = 0, error_kind: str | None = None
+    ) -> Answer:
         """An error answer for ``request``; it belongs in the dead-letter topic too."""
-        return self._responses.failed(request, reason, retries=retries)
+        return self._responses.failed(request, reason, retries=retries, error_kind=error_kind)
 
     def snapshot(self) -> dict[str, list[dict[str, object]]]:
         """Live state of every endpoint, for ``GET /models``."""
         return {model_id: [e.snapshot() for e in r.endpoints.values()] for model_id, r in self.routers.items()}
 
+    def missing(self) -> dict[str, dict[str, list[str] | None]]:
+        """Models some endpoint lacks: for each, the endpoints and what they have instead."""
+        return self.residency.missing()
+
     async def aclose(self) -> None:
-        """Stop probing (before the HTTP client it uses is closed)."""
+        """Stop probing and asking (before the HTTP client they use is closed)."""
         await self._probes.aclose()
+        await self.residency.aclose()
 
     # -- steps --------------------------------------------------------------------------
 
@@ -164,7 +182,8 @@ class Inference:
         if called.expired:
             return self.failed(request, self._expired_reason(model, called.reasons))
         if called.generation is None or called.url is None:
-            return self.failed(request, "; ".join(called.reasons), retries=called.retries)
+            kind = MODEL_NOT_FOUND if called.model_not_found else None
+            return self.failed(request, "; ".join(called.reasons), retries=called.retries, error_kind=kind)
         return self._responses.ok(request, called.generation, called.url, called.retries)
 
     def _expired_reason(self, model: ModelSettings, reasons: list[str]) -> str:

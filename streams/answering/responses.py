@@ -56,9 +56,14 @@ class Responses:
             cached=True,
         ))
 
-    def failed(self, request: InferenceRequest, reason: str, retries: int = 0) -> Answer:
-        """An error answer for ``request``; it belongs in the dead-letter topic too."""
-        return Answer(self._response(request, status="error", error=reason, retries=retries), reason)
+    def failed(
+        self, request: InferenceRequest, reason: str, retries: int = 0, error_kind: str | None = None
+    ) -> Answer:
+        """An error answer for ``request``; it belongs in the dead-letter topic too. ``error_kind``
+        says what kind of error it is, when clients tell them apart (``MODEL_NOT_FOUND``)."""
+        return Answer(
+            self._response(request, status="error", error=reason, retries=retries, error_kind=error_kind), reason
+        )
 
     @staticmethod
     def entry(response: InferenceResponse, model: ModelSettings) -> cache.CacheEntry:

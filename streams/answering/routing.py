@@ -17,6 +17,12 @@ when none is), so weights alone decide at first. Ties within 5% are broken at
 random so no endpoint takes all traffic. A session's last endpoint is preferred while it
 has a free slot (Ollama keeps that context warm). When nothing is eligible the
 caller waits, holding no slot, and asks again.
+
+Residency: each endpoint's :class:`~streams.backends.base.Inventory` (which models it
+has, which are loaded), refreshed by :mod:`streams.answering.residency`, is given to the
+router. An endpoint known to lack the model (its inventory, or a 404 "model not found"
+for it) is never eligible; an unknown inventory allows it. Among eligible endpoints, those
+where the model is known to be unloaded (a cold load) are chosen only when no other is.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nexus.settings import EndpointSettings, ModelSettings
+from streams.backends.base import Inventory
 
 EWMA_ALPHA = 0.2
 PRIOR_SECONDS_PER_REQUEST = 1.0
@@ -35,6 +42,8 @@ TIE_TOLERANCE = 0.05
 # A waiting request is woken when a slot frees; this bounds a sleep if a wake-up is missed.
 MAX_WAIT_S = 0.5
 MAX_STICKY_SESSIONS = 10_000
+# A 404 "model not found" with no inventory to confirm it keeps the endpoint out this long.
+MISSING_RECHECK_S = 30.0
 
 
 class Circuit(enum.Enum):
@@ -62,6 +71,10 @@ class EndpointState:
     last_error: str | None = None
     # Concurrency learnt from "server busy" answers, below max_concurrency; None: not limited.
     limit: float | None = None
+    inventory: Inventory | None = None  # what the endpoint has, when last asked; None: unknown
+    missing: bool = False  # it lacks this model: its inventory says so, or it answered 404 for it
+    loaded: bool | None = None  # the model is loaded there now; None: unknown
+    missing_at: float = 0.0  # when a call was answered "model not found"
 
     @property
     def url(self) -> str:
@@ -104,6 +117,10 @@ class EndpointState:
             "served": self.served,
             "failed": self.failed,
             "last_error": self.last_error,
+            # Residency of this model there: None when the endpoint's inventory is unknown.
+            "has_model": False if self.missing else True if self.inventory is not None else None,
+            "loaded": self.loaded,
+            "models": sorted(self.inventory.available) if self.inventory is not None else None,
         }
 
 
@@ -132,12 +149,16 @@ class ModelRouter:
 
     def choose(self, now: float, session_id: str | None = None, exclude: frozenset[str] = frozenset()) -> EndpointState | None:
         """The endpoint to send to now, holding a slot on it; ``None`` means wait and ask again."""
+        self._recheck_missing(now)
         eligible = [
             e for e in self.endpoints.values()
-            if e.url not in exclude and e.circuit is Circuit.CLOSED and e.has_slot() and e.rate_ok(now)
+            if e.url not in exclude and not e.missing and e.circuit is Circuit.CLOSED and e.has_slot()
+            and e.rate_ok(now)
         ]
         if not eligible:
             return None
+        warm = [e for e in eligible if e.loaded is not False]
+        eligible = warm or eligible  # a cold load only when no endpoint with room has it loaded
         sticky = self._sessions.get(session_id) if session_id else None
         chosen = next((e for e in eligible if e.url == sticky), None)
         if chosen is None:
@@ -179,8 +200,35 @@ class ModelRouter:
         bisect.insort(starts, now)
 
     def all_down(self) -> bool:
-        """No endpoint's circuit lets traffic through: waiting means waiting for a recovery."""
-        return all(e.circuit is not Circuit.CLOSED for e in self.endpoints.values())
+        """No endpoint that has the model lets traffic through: waiting means waiting for a recovery."""
+        return all(e.circuit is not Circuit.CLOSED for e in self.endpoints.values() if not e.missing)
+
+    def nowhere(self, now: float) -> bool:
+        """Every endpoint lacks the model: no wait will get it answered here."""
+        self._recheck_missing(now)
+        return all(e.missing for e in self.endpoints.values())
+
+    def missing_where(self) -> dict[str, list[str] | None]:
+        """The endpoints that lack the model, each with the models it has (``None``: unknown)."""
+        return {
+            e.url: sorted(e.inventory.available) if e.inventory is not None else None
+            for e in self.endpoints.values() if e.missing
+        }
+
+    # -- residency ----------------------------------------------------------------------
+
+    def set_inventory(self, url: str, inventory: Inventory) -> None:
+        """What the endpoint at ``url`` said it has: it is routed to only if it has the model."""
+        e = self.endpoints[url]
+        e.inventory = inventory
+        e.missing = not inventory.has(self.model.id)
+        e.loaded = False if e.missing else inventory.is_loaded(self.model.id)
+
+    def _recheck_missing(self, now: float) -> None:
+        """A "model not found" that no inventory confirmed is tried again after a while."""
+        for e in self.endpoints.values():
+            if e.missing and e.inventory is None and now >= e.missing_at + MISSING_RECHECK_S:
+                e.missing = False
 
     def probe_candidates(self, now: float) -> list[EndpointState]:
         """Open circuits whose cool-down is over: they need a health probe before traffic."""
@@ -211,6 +259,8 @@ class ModelRouter:
         e.in_flight -= 1
         e.served += 1
         e.consecutive_failures = 0
+        e.missing = False  # it answered: it has the model, and has it loaded now
+        e.loaded = True
         if e.limit is not None:  # additive increase: about one slot back per limit's worth of answers
             e.limit += 1.0 / e.limit
             if e.limit >= e.settings.max_concurrency:
@@ -234,6 +284,18 @@ class ModelRouter:
         if e.consecutive_failures >= self._failure_threshold and e.circuit is Circuit.CLOSED:
             e.circuit = Circuit.OPEN
             e.opened_at = now
+
+    def lacks(self, url: str, now: float, error: str) -> None:
+        """It answered "model not found": release the slot and route the model elsewhere until
+        an inventory says it has it. Not a failure of the endpoint: its circuit stays as it is."""
+        e = self.endpoints[url]
+        e.in_flight -= 1
+        e.last_error = error
+        e.missing = True
+        e.missing_at = now
+        e.loaded = False
+        if e.inventory is not None and e.inventory.has(self.model.id):
+            e.inventory = None  # stale: it no longer has it
 
     def busy(self, url: str, error: str) -> None:
         """It answered "server busy" (Ollama's 503 when its queue is full): it works, but

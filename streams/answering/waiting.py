@@ -78,6 +78,13 @@ class Slot:
         line.publish_circuit(self.url)
         line.wake()
 
+    def lacks(self, error: str) -> None:
+        """It answered "model not found": the model goes elsewhere; not held against the endpoint."""
+        line = self._line
+        line.router.lacks(self.url, line.clock(), error)
+        line.publish_in_flight(self.url)
+        line.wake()
+
     def busy(self, error: str) -> None:
         """It answered "server busy": it holds fewer requests from now on."""
         line = self._line
@@ -112,10 +119,12 @@ class WaitingLine:
         deadline: float,
         exclude: frozenset[str] = frozenset(),
         can_fall_back: bool = False,
+        avoid: frozenset[str] = frozenset(),
     ) -> Slot:
-        """A slot on the best endpoint (one not in ``exclude`` if any has room); waits, holding
-        none, while all are full or down. Raises :class:`Expired` at ``deadline`` and, with
-        somewhere else to go, :class:`Unavailable` when every circuit is open."""
+        """A slot on the best endpoint (one not in ``exclude`` if any has room, never one in
+        ``avoid``); waits, holding none, while all are full or down. Raises :class:`Expired` at
+        ``deadline``, :class:`Unavailable` when no endpoint has the model (every one lacks it or
+        is avoided) and, with somewhere else to go, when every circuit is open."""
         router = self.router
         queued = self.clock()
         waiter: _Waiter | None = None
@@ -125,9 +134,11 @@ class WaitingLine:
                 now = self.clock()
                 if now >= deadline:
                     raise Expired()
-                chosen = router.choose(now, session_id, exclude)
+                if router.nowhere(now) or avoid.issuperset(router.endpoints):
+                    raise Unavailable()
+                chosen = router.choose(now, session_id, exclude | avoid)
                 if chosen is None and exclude:
-                    chosen = router.choose(now, session_id)
+                    chosen = router.choose(now, session_id, avoid)
                 if chosen is not None:
                     self._metrics.queue_wait.labels(model=router.model.id).observe(now - queued)
                     self._metrics.in_flight.labels(model=router.model.id, endpoint=chosen.url).set(chosen.in_flight)

@@ -7,6 +7,11 @@ deadlines) without sockets or real time::
     backend.script("http://a", server_error(500), Reply("hello"))  # fails once, then answers
     backend.script("http://b", Hold(gate))     # answers when the test sets ``gate``
     backend.endpoint("http://c").healthy = False   # its probes fail
+    backend.has("http://d", "llama3.1", loaded=())  # its inventory: has llama3.1, nothing loaded
+
+An endpoint given an inventory (:meth:`MemoryBackend.has`) answers a call for a model it
+lacks as Ollama does, 404 "model 'x' not found" (``missing_model``); without one it has
+every model and its inventory cannot be asked.
 
 Each call takes the endpoint's next step; with the script used up, its ``default``
 (an answer echoing the prompt unless told otherwise). A :class:`Hold` waits on an
@@ -23,7 +28,7 @@ from typing import Union
 
 from schemas import InferenceOptions
 from streams.answering.clock import Clock, SystemClock
-from streams.backends.base import BackendError, Generation, OnChunk, OnSent
+from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Failure:
     busy: bool = False
     reached: bool = True
     chunks: tuple[str, ...] = ()  # streamed before the failure (a stream broken mid-way)
+    missing_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,11 @@ def server_error(status: int = 500, reason: str = "boom") -> Failure:
 def server_busy() -> Failure:
     """Ollama's 503 when its queue is full."""
     return server_error(503, "server busy, please try again.  maximum pending requests exceeded")
+
+
+def model_not_found(model: str) -> Failure:
+    """Ollama's 404 for a model the endpoint does not have."""
+    return Failure(f"answered 404: \"model '{model}' not found\"", retryable=False, missing_model=True)
 
 
 def refused() -> Failure:
@@ -106,6 +117,9 @@ class MemoryEndpoint:
     healthy: bool = True  # what probes answer
     calls: list[Call] = field(default_factory=list)
     probes: int = 0
+    # What it has and has loaded; None: every model, and asking for the inventory fails.
+    inventory: Inventory | None = None
+    inventories: int = 0  # times it was asked
     in_flight: int = 0
     most_in_flight: int = 0
 
@@ -151,7 +165,10 @@ class MemoryBackend:
         e = self.endpoint(endpoint)
         call = Call(endpoint, model, prompt, system, options, timeout_s, on_chunk is not None)
         e.calls.append(call)
-        step = e.steps.popleft() if e.steps else e.default
+        if e.inventory is not None and not e.inventory.has(model):
+            step: Step = model_not_found(model)  # the script waits for a call it can answer
+        else:
+            step = e.steps.popleft() if e.steps else e.default
         if on_sent is not None:
             on_sent()
         e.in_flight += 1
@@ -172,7 +189,8 @@ class MemoryBackend:
                 for piece in step.chunks:
                     await on_chunk(piece)
             raise BackendError(
-                f"{call.endpoint} {step.message}", retryable=step.retryable, busy=step.busy, reached=step.reached
+                f"{call.endpoint} {step.message}", retryable=step.retryable, busy=step.busy, reached=step.reached,
+                missing_model=step.missing_model,
             )
         text = step.text if step.text is not None else f"[memory {call.model}] {call.prompt}"
         ttft: float | None = None
@@ -193,6 +211,20 @@ class MemoryBackend:
         e = self.endpoint(endpoint)
         e.probes += 1
         return e.healthy
+
+    def has(self, url: str, *models: str, loaded: tuple[str, ...] | None = None) -> MemoryEndpoint:
+        """Give ``url`` an inventory: it has ``models``, of which ``loaded`` (all of them unless
+        told) are loaded. A call for another model is answered 404 "model not found"."""
+        e = self.endpoint(url)
+        e.inventory = Inventory(frozenset(models), frozenset(models if loaded is None else loaded))
+        return e
+
+    async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
+        e = self.endpoint(endpoint)
+        e.inventories += 1
+        if e.inventory is None or not e.healthy:
+            raise BackendError(f"{endpoint} cannot say which models it has", retryable=True)
+        return e.inventory
 
 
 def _words(text: str) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""The Ollama backend: ``POST /api/generate``, streaming or not, and ``GET /api/version`` probes.
+"""The Ollama backend: ``POST /api/generate``, streaming or not, ``GET /api/version`` probes, and
+the endpoint's inventory from ``GET /api/tags`` (models it has) and ``GET /api/ps`` (loaded now).
 
 It runs on aiohttp: with many calls in flight, httpx's pool spent about 3 ms of CPU
 per call where aiohttp spends 0.2 ms, and that CPU was the worker's throughput limit
@@ -16,9 +17,11 @@ from typing import Any
 import aiohttp
 
 from schemas import InferenceOptions
-from streams.backends.base import BackendError, Generation, OnChunk, OnSent
+from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent
 
-__all__ = ["BackendError", "Generation", "OllamaBackend", "generate", "new_session", "ollama_options"]
+__all__ = [
+    "BackendError", "Generation", "Inventory", "OllamaBackend", "generate", "model_names", "new_session", "ollama_options",
+]
 
 
 class OllamaBackend:
@@ -47,6 +50,45 @@ class OllamaBackend:
                 return response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
+
+    async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
+        """``/api/tags`` (every model it has) and ``/api/ps`` (loaded in memory now); a server
+        without ``/api/ps`` (404) has an unknown ``loaded``."""
+        available = await self._names(endpoint, "/api/tags", timeout_s)
+        try:
+            loaded: frozenset[str] | None = await self._names(endpoint, "/api/ps", timeout_s)
+        except BackendError:
+            loaded = None
+        return Inventory(available, loaded)
+
+    async def _names(self, endpoint: str, path: str, timeout_s: float) -> frozenset[str]:
+        try:
+            async with self._http.get(f"{endpoint}{path}", timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                if response.status != 200:
+                    raise _status_error(endpoint, response.status, await response.read())
+                data = _object(endpoint, await response.read())
+        except asyncio.TimeoutError:
+            raise BackendError(f"{endpoint}{path} did not answer within {timeout_s:g}s", retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise BackendError(
+                f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
+                reached=not isinstance(exc, aiohttp.ClientConnectorError),
+            ) from None
+        return model_names(data)
+
+
+def model_names(data: dict[str, Any]) -> frozenset[str]:
+    """The model names of an ``/api/tags`` or ``/api/ps`` answer: ``{"models": [{"name": ...}]}``."""
+    models = data.get("models")
+    if not isinstance(models, list):
+        return frozenset()
+    names = set()
+    for entry in models:
+        if isinstance(entry, dict):
+            name = entry.get("name") or entry.get("model")
+            if isinstance(name, str) and name:
+                names.add(name)
+    return frozenset(names)
 
 
 def ollama_options(options: InferenceOptions) -> dict[str, Any]:
@@ -160,6 +202,8 @@ def _status_error(endpoint: str, status: int, raw: bytes) -> BackendError:
         f"{endpoint} answered {status}: {reason or raw[:200].decode(errors='replace')!r}",
         retryable=retryable,
         busy=status == 429 or (status == 503 and "busy" in str(reason).lower()),
+        # Ollama's 404 {"error": "model 'x' not found"} (newer: 'model "x" not found, try pulling it first').
+        missing_model=status == 404 and "not found" in str(reason).lower(),
     )
 
 

@@ -1,4 +1,4 @@
-"""Session fixtures: one real Kafka broker, a simulator, a worker and a gateway.
+"""Session fixtures: one real Kafka broker, a simulator, a worker and a gateway; a real Ollama.
 
 The broker is started once per test session on a free port, unless
 ``NEXUS_TEST_BOOTSTRAP`` names an existing cluster. Every role runs as the
@@ -9,6 +9,7 @@ user would run it: a ``python -m nexus ...`` subprocess configured through
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from localdev.broker import LocalKafka, free_port
+from localdev.ollama import LocalOllama, LocalOllamaError
 from tests.integration.support import Role, stack_env, start_gateway, start_simulator
 
 
@@ -66,3 +68,29 @@ def stack(bootstrap: str, simulator: str, logs_dir: Path) -> Iterator[dict[str, 
 @pytest.fixture()
 def gateway_url(stack: dict[str, str]) -> str:
     return stack["GATEWAY_URL"]
+
+
+@pytest.fixture(scope="session")
+def real_ollama(logs_dir: Path) -> Iterator[str]:
+    """A real Ollama 0.17.4 serving smollm2:135m on a free port; yields its URL.
+
+    Built and fetched into the Nexus home first if needed (`make ollama` does it ahead, as CI
+    does), with progress lines on the terminal. A missing prerequisite fails the tests that use
+    it with the message naming it: never a silent skip.
+    """
+
+    def say(line: str) -> None:
+        print(line, file=sys.__stderr__, flush=True)  # past pytest's capture: a build takes minutes
+
+    ollama = LocalOllama(port=free_port(), log_path=logs_dir / "ollama.log", progress=say)
+    failure = None
+    try:
+        ollama.start(timeout=120)
+    except LocalOllamaError as exc:
+        failure = f"the real Ollama could not be started: {exc}"
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    try:
+        yield ollama.url
+    finally:
+        ollama.stop()

@@ -302,3 +302,95 @@ def test_a_slow_stream_arrives_in_several_chunks_that_make_the_answer(slow_stack
     assert len(chunks) >= 3  # tokens were relayed as they came, not all at the end
     assert "".join(chunks) == said(prompt)
     assert parts[-1].prompt_eval_duration and parts[-1].prompt_eval_duration >= 1_500_000_000  # the time to first token
+
+
+# --------------------------------------------------------------------------- a model missing on the backend
+
+
+@pytest.fixture()
+def missing_model_stack(bootstrap: str, logs_dir: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A simulator serving only ``llama3.1``, and a worker and gateway of their own (own topics)
+    configured with ``llama3.1`` and ``absent`` on it."""
+    from nexus.kafka.topics import ensure_topics
+    from nexus.settings import KafkaSettings
+
+    sim = start_simulator(logs_dir, ["--models", "llama3.1", "--ttft-ms", "0", "--tokens-per-s", "0"])
+    run = uuid.uuid4().hex[:8]
+    config = tmp_path / "nexus.toml"
+    config.write_text(
+        f'[models."llama3.1"]\nendpoints = ["{sim.url}"]\n'
+        f'[models."absent"]\nendpoints = ["{sim.url}"]\nretries = 0\n'
+    )
+    topics = {key: f"t{run}.{key}" for key in ("requests", "responses", "dlq", "tokens", "state")}
+    env = stack_env(
+        bootstrap, sim.url, NEXUS_CONFIG=str(config), NEXUS_KAFKA_PARTITIONS="2", NEXUS_WORKER_APP_ID=f"nexus-404-{run}",
+        **{f"NEXUS_KAFKA_{key.upper()}_TOPIC": name for key, name in topics.items()},
+    )
+    kafka = KafkaSettings(bootstrap=bootstrap, partitions=2, **{f"{k}_topic": v for k, v in topics.items()})
+    asyncio.run(ensure_topics(kafka))
+    worker = Role("worker-404", ["worker"], env, logs_dir).start()
+    gateway = start_gateway(env, logs_dir)
+    try:
+        yield {**env, "GATEWAY_URL": gateway.url, "RESPONSES": topics["responses"]}
+    finally:
+        gateway.stop()
+        worker.stop()
+        sim.stop()
+
+
+async def test_a_model_missing_on_the_backend_is_404_in_all_three_apis(missing_model_stack: dict[str, str]) -> None:
+    url = missing_model_stack["GATEWAY_URL"]
+    # The configured model on the endpoint answers (and proves the worker consumes).
+    reply = await ollama.AsyncClient(host=url, timeout=90).generate(model="llama3.1", prompt="hi")
+    assert reply.response == said("hi")
+
+    client = ollama.AsyncClient(host=url, timeout=30)
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as err:
+            result = await client.generate(model="absent", prompt="x", stream=stream)
+            if stream:
+                [part async for part in result]  # type: ignore[union-attr]
+        assert err.value.status_code == 404 and err.value.error == "model 'absent' not found"
+    with pytest.raises(ollama.ResponseError) as err:
+        await client.chat(model="absent", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404 and err.value.error == "model 'absent' not found"
+
+    oai = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as nf:
+            result = await oai.chat.completions.create(
+                model="absent", messages=[{"role": "user", "content": "x"}], stream=stream)
+            if stream:
+                [chunk async for chunk in result]  # type: ignore[union-attr]
+        assert nf.value.status_code == 404 and nf.value.code == "model_not_found"
+        body = nf.value.body
+        assert isinstance(body, dict) and body["type"] == "invalid_request_error" and body["param"] == "model"
+        assert "is not on any endpoint of 'absent'" in body["message"] and "['llama3.1']" in body["message"]
+
+    # POST /infer: accepted (the gateway knows the model); the answer says model_not_found.
+    async with TopicReader(missing_model_stack["NEXUS_KAFKA_BOOTSTRAP"], missing_model_stack["RESPONSES"]) as responses:
+        async with httpx.AsyncClient() as http:
+            submitted = await http.post(f"{url}/infer", json={"model_id": "absent", "input": "x"}, timeout=10)
+        assert submitted.status_code == 202
+        rid = submitted.json()["id"]
+        records = await responses.read_until(
+            lambda rs: any(decode_response(CODEC, r.value).id == rid for r in rs), timeout=30)
+    answer = next(decode_response(CODEC, r.value) for r in records if decode_response(CODEC, r.value).id == rid)
+    assert answer.status == "error" and answer.error_kind == "model_not_found"
+    assert answer.to_json()["error_kind"] == "model_not_found"
+
+    async with httpx.AsyncClient() as http:
+        async def absent() -> dict:
+            models = (await http.get(f"{url}/models", timeout=5)).json()["models"]
+            return next(m for m in models if m["id"] == "absent")
+
+        from tests.eventually import eventually
+
+        async def shown() -> bool:
+            return (await absent())["missing_on"] != []
+
+        await eventually(shown, "GET /models shows where 'absent' is missing", timeout=20, interval=0.2)
+        model = await absent()
+    assert model["missing_on"] == [missing_model_stack["OLLAMA_HOST"]] and model["available"] is False
+    live = model["endpoints"][0]["live"]
+    assert live["has_model"] is False and live["models"] == ["llama3.1"]

@@ -453,3 +453,36 @@ async def test_streamed_answers_arrive_as_ordered_tokens_live_and_from_the_cache
         assert len(chunks) >= at_least
         assert "".join(t.text for t in chunks) == answer.output
         assert {t.session_id for t in chunks} == {"st"}
+
+
+# ----------------------------------------------------------------------------- residency
+
+
+async def test_a_model_missing_on_an_endpoint_is_not_routed_there_and_one_missing_everywhere_is_model_not_found(
+    bootstrap: str, logs_dir: Path, tmp_path: Path
+) -> None:
+    lacks, has = simulators(
+        logs_dir,
+        ["--models", "other", "--ttft-ms", "0", "--tokens-per-s", "0"],
+        ["--models", "m", "--ttft-ms", "0", "--tokens-per-s", "0"],
+    )
+    config = (endpoint_toml("m", endpoint(lacks, weight=100.0), endpoint(has))
+              + endpoint_toml("gone", endpoint(lacks), retries=0))
+    async with nexus(bootstrap, logs_dir, tmp_path, config, [lacks, has]) as nx:
+        answers = await nx.ask([nx.request(i, input=f"hi {i}") for i in range(10)])
+        assert all_ok(answers), errors(answers)
+        assert by_endpoint(answers) == Counter({has.url: 10})
+        assert sum((await lacks.stats())["served_by_model"].values()) == 0
+
+        [missing] = (await nx.ask([nx.request("gone", model="gone")])).values()
+        assert missing.status == "error" and missing.error_kind == "model_not_found"
+        assert missing.error == f"model 'gone' is not on any endpoint of 'gone': {lacks.url} has ['other']"
+
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(f"{nx.web}/health", timeout=5)).json()
+        assert health["missing_models"] == {"m": {lacks.url: ["other"]}, "gone": {lacks.url: ["other"]}}
+        assert health["status"] == "ok"  # the worker itself is fine
+        models = await nx.models()
+        assert models["m"][lacks.url]["has_model"] is False and models["m"][lacks.url]["failed"] == 0
+        assert models["m"][lacks.url]["circuit"] == "closed"
+        assert (models["m"][has.url]["has_model"], models["m"][has.url]["loaded"]) == (True, True)

@@ -396,7 +396,7 @@ def v2_dir(tmp_path: Path) -> Path:
 def test_schema_dir_is_not_polluted_by_evolution_tests() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.avsc")) == [
         "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc", "InferenceRequest.v3.avsc",
-        "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc", "InferenceResponse.v3.avsc",
+        "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc", "InferenceResponse.v3.avsc", "InferenceResponse.v4.avsc",
         "InferenceToken.v1.avsc", "InferenceToken.v2.avsc", "ModelContext.v1.avsc",
     ]
 

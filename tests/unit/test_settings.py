@@ -324,3 +324,49 @@ def test_unknown_processing_guarantee_is_refused_naming_the_choices(tmp_path: Pa
     message = _error(_toml(tmp_path, ""), {"NEXUS_KAFKA_PROCESSING_GUARANTEE": "exactly-once"})
     assert "NEXUS_KAFKA_PROCESSING_GUARANTEE" in message
     assert "at_least_once, exactly_once" in message and "'exactly-once'" in message
+
+
+def test_endpoint_kind_defaults_to_ollama_and_an_openai_url_is_the_servers_base(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+        [models.a]
+        endpoints = [
+          "gpu1:11434",
+          { url = "http://vllm:8000/v1/", kind = "openai", max_concurrency = 16 },
+          { url = "http://llamacpp:8080", kind = "openai" },
+          { url = "http://gpu2:11434", kind = "ollama" },
+        ]
+        """,
+    )
+    a = load_settings(path, environ={}).model("a")
+    assert a is not None
+    assert a.endpoints == (
+        EndpointSettings("http://gpu1:11434"),
+        EndpointSettings("http://vllm:8000", max_concurrency=16, kind="openai"),
+        EndpointSettings("http://llamacpp:8080", kind="openai"),
+        EndpointSettings("http://gpu2:11434", kind="ollama"),
+    )
+    assert [e.kind for e in a.endpoints] == ["ollama", "openai", "openai", "ollama"]
+
+
+@pytest.mark.parametrize("kind", ['"vllm"', '"OpenAI"', "1", '""'])
+def test_an_unknown_endpoint_kind_names_the_endpoint_and_the_kinds(tmp_path: Path, kind: str) -> None:
+    path = _toml(tmp_path, f'[models.a]\nendpoints = ["gpu1:1", {{ url = "http://vllm:8000", kind = {kind} }}]\n')
+    message = _error(path, {})
+    assert "[models.'a'] endpoints[1] (http://vllm:8000) kind" in message
+    assert "'ollama', 'openai'" in message
+
+
+def test_one_server_url_has_one_kind_across_models(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+        [models.a]
+        endpoints = ["http://h:11434"]
+        [models.b]
+        endpoints = [{ url = "http://h:11434/v1", kind = "openai" }]
+        """,
+    )
+    message = _error(path, {})
+    assert "http://h:11434" in message and "'a'" in message and "'b'" in message and "one kind" in message

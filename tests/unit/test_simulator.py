@@ -394,7 +394,7 @@ async def test_client_errors() -> None:
         )
         no_route = await client.get("/api/nothing")
     assert invalid.status_code == 400 and "error" in invalid.json()
-    assert missing.status_code == 400 and missing.json() == {"error": "model is required"}
+    assert missing.status_code == 404 and missing.json() == {"error": "model '' not found"}  # as Ollama 0.17.4
     assert unknown.status_code == 404 and unknown.json() == {"error": "model 'gpt-9' not found"}
     assert unknown_embed.json() == {"error": "model 'nope:1b' not found"}
     assert bad_stream.status_code == 400

@@ -7,7 +7,8 @@ answers, chunks and errors look; each describes that as a :class:`DropInApi` and
 - an invalid body or header: 400 (404 for an unknown model), before Kafka sees anything;
 - a model the caller's API key may not use: 403 (raised to the access middleware);
 - Kafka did not acknowledge the request, or the reply reader is down: 503;
-- the pipeline answered ``status=error``: 500;
+- the pipeline answered ``status=error``: 500, unless its ``error_kind`` is ``model_not_found``
+  (the model is on none of its endpoints): then 404 in the API's words (:meth:`DropInApi.model_not_found`);
 - no answer before the call's timeout: 504 (the request is still answered, into the audit log);
 - streamed: the status line waits for the first chunk, so an early failure keeps its status;
   a later failure ends the stream with the API's error chunk.
@@ -29,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
-from schemas import InferenceRequest, InferenceResponse
+from schemas import MODEL_NOT_FOUND, InferenceRequest, InferenceResponse
 from schemas.validation import RejectedRequest, parse_json
 
 from producers.client import SubmitError
@@ -99,6 +100,10 @@ class ParsedCall(Protocol):
     """What the flow needs of a parsed call; each API's call class has more."""
 
     @property
+    def model(self) -> str:
+        """The model as the client spelled it."""
+
+    @property
     def model_id(self) -> str:
         """The Nexus model the call names: the access check is on it."""
 
@@ -128,6 +133,17 @@ class DropInApi(ABC, Generic[C]):
     def error(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
               headers: dict[str, str] | None = None) -> web.Response:
         """An error answer in this API's shape."""
+
+    def model_not_found(self, call: C, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        """404: the pipeline found the call's model on none of its endpoints (``message`` says
+        what they have); OpenAI's shape by default."""
+        return self.error(404, message, param="model", code=MODEL_NOT_FOUND, headers=headers)
+
+    def failure(self, call: C, response: InferenceResponse, headers: dict[str, str] | None = None) -> web.Response:
+        """The answer to a call the pipeline answered ``status=error``."""
+        if response.error_kind == MODEL_NOT_FOUND:
+            return self.model_not_found(call, response.error or FAILED, headers)
+        return self.error(500, response.error or FAILED, headers=headers)
 
     @abstractmethod
     def headers(self, call: C) -> dict[str, str]:
@@ -202,14 +218,14 @@ async def _exchange(
             response = await exchange.response(waiter, deadline, timeout_s)
             metrics.answered(api.name, clock() - t0)
             if response.status != "ok":
-                return api.error(500, response.error or FAILED, headers=headers)
+                return api.failure(call, response, headers)
             return web.json_response(api.whole(call, response), headers=headers)
 
         # The status line waits for the first event, so an early failure still gets its status.
         event = await exchange.next_event(waiter, deadline, timeout_s)
         if isinstance(event, InferenceResponse) and event.status != "ok":
             metrics.answered(api.name, clock() - t0)
-            return api.error(500, event.error or FAILED, headers=headers)
+            return api.failure(call, event, headers)
         stream = web.StreamResponse(headers={**api.stream_headers, **headers})
         await stream.prepare(http)
         try:

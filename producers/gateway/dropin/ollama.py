@@ -230,6 +230,12 @@ class OllamaApi(DropInApi[OllamaCall]):
               headers: dict[str, str] | None = None) -> web.Response:
         return web.json_response({"error": message}, status=status, headers=headers)
 
+    def model_not_found(self, call: OllamaCall, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        """Ollama's own 404 for a model it does not have, in its words (clients match them):
+        ``{"error": "model 'x' not found"}``; what the endpoints have is in the worker's
+        response, in the audit log."""
+        return self.error(404, f"model '{call.model}' not found", headers=headers)
+
     def headers(self, call: OllamaCall) -> dict[str, str]:
         headers = {IGNORED_HEADER: ",".join(call.ignored)} if call.ignored else {}
         if call.request is not None:

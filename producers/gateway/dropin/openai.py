@@ -284,6 +284,11 @@ class OpenAIApi(DropInApi[OpenAICall]):
               headers: dict[str, str] | None = None) -> web.Response:
         return error_response(status, message, param=param, code=code, headers=headers)
 
+    def model_not_found(self, call: OpenAICall, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        """OpenAI's 404 ``model_not_found``, saying what the endpoints have instead."""
+        return error_response(404, f"The model `{call.model}` does not exist: {message}", param="model",
+                              code="model_not_found", headers=headers)
+
     def headers(self, call: OpenAICall) -> dict[str, str]:
         headers = {REQUEST_ID_HEADER: call.request.id, "x-request-id": call.request.id}
         if call.ignored:
