@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from nexus.settings import ConfigError, Settings
+from nexus.settings import DEFAULT_MODEL_IDS, ConfigError, Settings
 
 
 def ollama_answers(url: str, timeout_s: float = 1.0) -> bool:
@@ -26,8 +27,42 @@ def _role(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "nexus", name, *args]
 
 
+def served_models(url: str, timeout_s: float = 2.0) -> list[str]:
+    """The models an Ollama at ``url`` has (``/api/tags``), in its order; empty if it cannot say."""
+    try:
+        tags = httpx.get(f"{url}/api/tags", timeout=timeout_s).json()
+        return [m["name"] for m in tags.get("models", []) if isinstance(m.get("name"), str)]
+    except (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+
+
+SIMULATOR_BANNER = (
+    "\n"
+    "nexus: ************************************************************\n"
+    "nexus: {why}: starting the SIMULATOR.\n"
+    "nexus: Answers are SIMULATED, not from a real model.\n"
+    "nexus: ************************************************************\n"
+)
+
+
+def models_for_roles(settings: Settings, backend_models: list[str]) -> str | None:
+    """``NEXUS_MODELS`` for the roles: the backend's own models, unless models are configured.
+
+    Models are configured by a ``[models]`` section or ``NEXUS_MODELS``; otherwise the
+    built-in defaults (``llama3.1``, ``mistral``) would name models the backend may not
+    have, so the roles serve what it has.
+    """
+    if not backend_models or settings.model_ids != DEFAULT_MODEL_IDS:
+        return None
+    return ",".join(backend_models)
+
+
 def run_stack(settings: Settings, args: argparse.Namespace) -> int:
-    """Start Kafka (unless --bootstrap), the simulator (if Ollama is away), worker, gateway, bridge.
+    """Start Kafka (unless --bootstrap), a model backend, the worker, gateway and bridge.
+
+    The backend: the Ollama at ``OLLAMA_HOST`` if one answers; else, for a local host, a
+    real Ollama with SmolLM2-135M built and cached by :mod:`localdev.ollama`; the
+    simulator only when asked (``--simulate``) or when the real one cannot be provisioned.
 
     Returns when interrupted or when any role exits, after stopping the rest.
     """
@@ -38,6 +73,23 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
             f"nexus up runs a PLAINTEXT broker, but kafka.security_protocol is "
             f"{settings.kafka.security_protocol!r}: pass --bootstrap for your secured cluster"
         )
+    ollama = urlparse(settings.ollama_host)
+    local = ollama.hostname in ("localhost", "127.0.0.1")
+    simulate = bool(getattr(args, "simulate", False))
+    why = "asked for (--simulate)"
+    existing = not simulate and ollama_answers(settings.ollama_host)
+    real_local = not simulate and not existing and local
+    if real_local:
+        # Before Ctrl-C is taken over below: a first build takes minutes, and Ctrl-C must stop it.
+        from localdev.ollama import LocalOllamaError, provision
+
+        print(f"nexus: no Ollama at {settings.ollama_host}: starting a real local one "
+              "(built and fetched once into the Nexus home; the first time takes minutes)", file=sys.stderr)
+        try:
+            provision()
+        except LocalOllamaError as exc:
+            real_local, simulate = False, True
+            why = f"a real Ollama could not be provisioned ({exc})"
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -52,27 +104,40 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
     common = ["--bootstrap", bootstrap] + (["--config", args.config] if args.config else [])
 
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    local_ollama = None
+    env = dict(os.environ)
     try:
-        ollama = urlparse(settings.ollama_host)
-        if not ollama_answers(settings.ollama_host):
-            if ollama.hostname not in ("localhost", "127.0.0.1"):
-                print(f"nexus: warning: no Ollama answers at {settings.ollama_host}", file=sys.stderr)
-            else:
-                print(
-                    "\n"
-                    "nexus: ************************************************************\n"
-                    f"nexus: no Ollama at {settings.ollama_host}: starting the SIMULATOR.\n"
-                    "nexus: Answers are SIMULATED, not from a real model.\n"
-                    "nexus: ************************************************************\n",
-                    file=sys.stderr,
-                )
-                models = ",".join(settings.model_ids)
-                children.append(("simulator", subprocess.Popen(_role(
-                    "simulate-ollama", "--host", ollama.hostname, "--port", str(ollama.port or 11434),
-                    "--models", models))))
-        children.append(("worker", subprocess.Popen(_role("worker", *common))))
-        children.append(("gateway", subprocess.Popen(_role("gateway", *common))))
-        children.append(("bridge", subprocess.Popen(_role("bridge", *common))))
+        models: list[str] = []
+        if existing:
+            models = served_models(settings.ollama_host)
+            print(f"nexus: using the Ollama at {settings.ollama_host} (models: {', '.join(models) or 'none'})",
+                  file=sys.stderr)
+        elif real_local:
+            from localdev.ollama import LocalOllama, LocalOllamaError
+
+            local_ollama = LocalOllama(port=ollama.port or 11434, host=ollama.hostname or "127.0.0.1")
+            try:
+                local_ollama.start()
+                models = [local_ollama.model_name]
+                print(f"nexus: real Ollama ready on {local_ollama.url} with {local_ollama.model_name}",
+                      file=sys.stderr)
+            except LocalOllamaError as exc:
+                local_ollama, simulate = None, True
+                why = f"the real Ollama did not start ({exc})"
+        elif not simulate:
+            print(f"nexus: warning: no Ollama answers at {settings.ollama_host}", file=sys.stderr)
+        if simulate:
+            print(SIMULATOR_BANNER.format(why=why), file=sys.stderr)
+            children.append(("simulator", subprocess.Popen(_role(
+                "simulate-ollama", "--host", ollama.hostname or "127.0.0.1", "--port", str(ollama.port or 11434),
+                "--models", ",".join(settings.model_ids)))))
+        roles_models = models_for_roles(settings, models)
+        if roles_models:
+            env["NEXUS_MODELS"] = roles_models
+            print(f"nexus: serving {roles_models} (configure [models] to choose)", file=sys.stderr)
+        children.append(("worker", subprocess.Popen(_role("worker", *common), env=env)))
+        children.append(("gateway", subprocess.Popen(_role("gateway", *common), env=env)))
+        children.append(("bridge", subprocess.Popen(_role("bridge", *common), env=env)))
         print(
             f"nexus: gateway on http://localhost:{settings.gateway.port} "
             f"(POST /infer, GET /health, /metrics, /models; the live page at /); "
@@ -95,5 +160,7 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if local_ollama is not None:
+            local_ollama.stop()
         if kafka is not None:
             kafka.stop()

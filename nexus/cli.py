@@ -121,6 +121,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except LocalKafkaError as exc:  # no java or mvn, a busy port: the message says what to do
         print(f"nexus up: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while the real Ollama is being built: stop, quietly
+        print("nexus up: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", parents=[common], help="run Kafka, the worker and the gateway locally")
+    p.add_argument("--simulate", action="store_true",
+                   help="answer with the Ollama simulator instead of a real model (fast, deterministic)")
     p.add_argument("--kafka-port", type=int, default=9092, help="port of the embedded broker")
     p.add_argument("--kafka-data", help="data directory of the embedded broker "
                    "(default: <nexus home>/kafka-data/<port>; the home is $NEXUS_HOME or ~/.cache/nexus)")

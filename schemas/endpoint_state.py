@@ -15,7 +15,7 @@ from typing import Any
 
 from schemas.codec import SchemaError
 
-__all__ = ["EndpointReport", "WorkerReport"]
+__all__ = ["EndpointReport", "WorkerReport", "model_key"]
 
 #: The fields of one endpoint's report, as the router states them.
 ENDPOINT_FIELDS = (
@@ -26,6 +26,11 @@ ENDPOINT_FIELDS = (
     # the model is loaded there now, and every model it has.
     "has_model", "loaded", "models",
 )
+
+def model_key(name: str) -> str:
+    """A model's name as servers compare them: Ollama's ``llama3.1`` is ``llama3.1:latest``."""
+    return name if ":" in name else f"{name}:latest"
+
 
 EndpointReport = dict[str, Any]
 """One endpoint as a worker sees it: the keys of :data:`ENDPOINT_FIELDS`."""

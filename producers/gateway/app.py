@@ -30,6 +30,7 @@ from producers.gateway.dropin import add_dropin_routes
 from producers.gateway.models import EndpointStateReader
 from producers.gateway.page import add_page_routes
 from producers.gateway.openapi import add_openapi_route
+from schemas.endpoint_state import model_key
 from schemas.validation import RejectedRequest, parse_infer_body
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def reader_checks(states: Iterable[TaskState]) -> dict[str, dict[str, Any]]:
 async def check_health(
     settings: Settings, producer: RequestProducer, http: httpx.AsyncClient
 ) -> dict[str, dict[str, str]]:
-    """Ask Kafka and every model endpoint, concurrently, whether they answer."""
+    """Ask Kafka and every model endpoint, concurrently, whether they answer and have their models."""
 
     async def kafka() -> dict[str, str]:
         try:
@@ -179,25 +180,35 @@ async def check_health(
             return {"status": "down", "reason": str(exc)}
         return {"status": "ok", "bootstrap": settings.kafka.bootstrap}
 
-    async def endpoint(url: str) -> dict[str, str]:
+    async def endpoint(url: str, kind: str) -> dict[str, Any]:
+        """Whether the endpoint answers, and the models it lists (Ollama /api/tags, OpenAI /v1/models)."""
         try:
-            response = await http.get(f"{url}/api/version")
+            response = await http.get(f"{url}/v1/models" if kind == "openai" else f"{url}/api/tags")
             response.raise_for_status()
-            return {"status": "ok", "version": str(response.json().get("version", "?"))}
-        except (httpx.HTTPError, ValueError) as exc:
+            body = response.json()
+            listed = body.get("data", []) if kind == "openai" else body.get("models", [])
+            names = [m.get("id" if kind == "openai" else "name") for m in listed if isinstance(m, dict)]
+            return {"status": "ok", "models": {model_key(n) for n in names if isinstance(n, str)}}
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
             return {"status": "down", "reason": f"{type(exc).__name__}: {exc}"}
 
-    urls = sorted({url for m in settings.models for url in m.urls})
-    results = await asyncio.gather(kafka(), *(endpoint(u) for u in urls))
-    checks = {"kafka": results[0]}
+    kinds = {e.url: e.kind for m in settings.models for e in m.endpoints}
+    urls = sorted(kinds)
+    results = await asyncio.gather(kafka(), *(endpoint(u, kinds[u]) for u in urls))
+    checks: dict[str, dict[str, str]] = {"kafka": results[0]}
     by_url = dict(zip(urls, results[1:]))
     for model in settings.models:
         up = [u for u in model.urls if by_url[u]["status"] == "ok"]
-        checks[f"model:{model.id}"] = (
-            {"status": "ok", "endpoints": ", ".join(up)}
-            if up
-            else {"status": "down", "reason": "; ".join(f"{u}: {by_url[u]['reason']}" for u in model.urls)}
-        )
+        having = [u for u in up if model_key(model.id) in by_url[u]["models"]]
+        if having:
+            checks[f"model:{model.id}"] = {"status": "ok", "endpoints": ", ".join(having)}
+        elif up:
+            checks[f"model:{model.id}"] = {"status": "down", "reason": "; ".join(
+                f"{u} answers but does not have model {model.id!r} (it has {sorted(by_url[u]['models']) or 'none'})"
+                for u in up)}
+        else:
+            checks[f"model:{model.id}"] = {
+                "status": "down", "reason": "; ".join(f"{u}: {by_url[u]['reason']}" for u in model.urls)}
     return checks
 
 

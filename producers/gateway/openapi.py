@@ -216,7 +216,7 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "status": {"enum": ["ok", "unavailable"]},
                 "checks": {
                     "type": "object",
-                    "description": "`kafka`, `model:<id>` for every model and `reader:<name>` for each background reader.",
+                    "description": "`kafka`, `model:<id>` for every model (ok when an endpoint answers and lists the model) and `reader:<name>` for each background reader.",
                     "required": ["kafka"],
                     "additionalProperties": {
                         "type": "object",

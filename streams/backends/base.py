@@ -14,6 +14,7 @@ from typing import Protocol
 
 from nexus.errors import NexusError
 from schemas import InferenceOptions
+from schemas.endpoint_state import model_key
 
 OnChunk = Callable[[str], Awaitable[None]]
 OnSent = Callable[[], None]
@@ -63,16 +64,12 @@ class Inventory:
     loaded: frozenset[str] | None = None
 
     def has(self, model: str) -> bool:
-        return _tagged(model) in {_tagged(m) for m in self.available}
+        return model_key(model) in {model_key(m) for m in self.available}
 
     def is_loaded(self, model: str) -> bool | None:
         if self.loaded is None:
             return None
-        return _tagged(model) in {_tagged(m) for m in self.loaded}
-
-
-def _tagged(model: str) -> str:
-    return model if ":" in model else f"{model}:latest"
+        return model_key(model) in {model_key(m) for m in self.loaded}
 
 
 class Backend(Protocol):

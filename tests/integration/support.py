@@ -91,7 +91,7 @@ class Role:
 
 
 def stack_env(bootstrap: str, ollama_url: str, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_") or k == "NEXUS_HOME"}
     env.update(
         {
             "NEXUS_KAFKA_BOOTSTRAP": bootstrap,

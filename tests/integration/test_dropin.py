@@ -394,3 +394,13 @@ async def test_a_model_missing_on_the_backend_is_404_in_all_three_apis(missing_m
     assert model["missing_on"] == [missing_model_stack["OLLAMA_HOST"]] and model["available"] is False
     live = model["endpoints"][0]["live"]
     assert live["has_model"] is False and live["models"] == ["llama3.1"]
+    # The gateway's /health: the endpoint answers, but not having the model is not ok, and says why.
+    async with httpx.AsyncClient(timeout=30) as http:
+        health = await http.get(f"{url}/health")
+    assert health.status_code == 503
+    checks = health.json()["checks"]
+    assert checks["model:llama3.1"]["status"] == "ok"
+    assert checks["model:absent"]["status"] == "down"
+    assert "does not have model 'absent'" in checks["model:absent"]["reason"]
+    assert "llama3.1:latest" in checks["model:absent"]["reason"]
+
