@@ -8,23 +8,32 @@ cache, and a model the server lacks. Generations are a few tokens.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from localdev.ollama import MODEL_NAME
 from nexus.kafka.topics import ensure_topics
 from nexus.settings import KafkaSettings
 from schemas import decode_token
+from tests.eventually import eventually
 from tests.integration.support import CODEC, Role, TopicReader, stack_env, start_gateway, wait_for_responses
 
 pytestmark = pytest.mark.integration
 
 OPTIONS = {"temperature": 0, "seed": 42, "max_tokens": 4}
+
+
+async def _cache_entries(env: dict[str, str]) -> float:
+    """The worker's ``nexus_worker_cache_entries``: an answer is stored through a topic, later."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{env['NEXUS_WORKER_WEB_PORT']}/metrics", timeout=5)).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "nexus_worker_cache_entries")
 
 
 @pytest.fixture()
@@ -84,7 +93,7 @@ async def test_infer_is_answered_and_streamed_by_an_openai_kind_endpoint(openai_
             await infer("streamed", options={**OPTIONS, "seed": 43}, stream=True)
             # The first answer takes the model's load; the repeat comes after it, from the cache.
             first = await wait_for_responses(responses, {ids["whole"], ids["streamed"]}, timeout=180)
-            await asyncio.sleep(1.0)  # the cache entry is written through a topic: let it land
+            await eventually(lambda: _cache_entries(openai_stack), "the first answer is in the cache")
             await infer("again", options=OPTIONS)
             await infer("missing", model_id="not-pulled", options=OPTIONS)
             later = await wait_for_responses(responses, {ids["again"], ids["missing"]}, timeout=120)

@@ -1,0 +1,143 @@
+"""Nexus answering with a real model: Ollama 0.17.4 serving SmolLM2-135M (see localdev/ollama.py).
+
+A worker and a gateway on topics of their own, configured with the real Ollama as the one
+endpoint of ``smollm2:135m``. What only a real model server shows is checked here: its own
+token counts and stop reasons, determinism under a seed, its "server busy" when its queue is
+full. Generations are a few tokens, so the tier takes about a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from localdev.ollama import MODEL_NAME, LocalOllama, free_port
+from nexus.kafka.topics import ensure_topics
+from nexus.settings import KafkaSettings
+from tests.eventually import eventually
+from tests.integration.support import Role, TopicReader, stack_env, start_gateway, wait_for_responses
+
+FEW = {"temperature": 0, "seed": 42, "max_tokens": 4}
+
+
+async def _stack(bootstrap: str, endpoint: str, logs_dir: Path, config_dir: Path, max_concurrency: int = 2,
+                 ) -> tuple[dict[str, str], list[Role]]:
+    run = uuid.uuid4().hex[:8]
+    config = config_dir / f"nexus-{run}.toml"
+    config.write_text(
+        f'[models."{MODEL_NAME}"]\n'
+        f'endpoints = [{{ url = "{endpoint}", max_concurrency = {max_concurrency} }}]\n'
+        "timeout_s = 120\n"
+    )
+    topics = {key: f"real{run}.{key}" for key in ("requests", "responses", "dlq", "tokens", "state")}
+    env = stack_env(bootstrap, endpoint, NEXUS_CONFIG=str(config), NEXUS_KAFKA_PARTITIONS="2",
+                    NEXUS_WORKER_APP_ID=f"nexus-real-{run}",
+                    **{f"NEXUS_KAFKA_{key.upper()}_TOPIC": name for key, name in topics.items()})
+    await ensure_topics(KafkaSettings(bootstrap=bootstrap, partitions=2,
+                                      **{f"{key}_topic": name for key, name in topics.items()}))
+    worker = Role(f"worker-real-{run}", ["worker"], env, logs_dir).start()
+    gateway = start_gateway(env, logs_dir)
+    return {**env, "GATEWAY_URL": gateway.url, **topics}, [gateway, worker]
+
+
+@pytest.fixture()
+async def real_stack(bootstrap: str, real_ollama: str, logs_dir: Path, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    env, roles = await _stack(bootstrap, real_ollama, logs_dir, tmp_path)
+    try:
+        yield env
+    finally:
+        for role in roles:
+            role.stop()
+
+
+async def _metric(env: dict[str, str], name: str) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{env['NEXUS_WORKER_WEB_PORT']}/metrics", timeout=5)).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+async def test_infer_with_the_real_model_echoes_the_context_and_repeats_from_the_cache(
+    real_stack: dict[str, str],
+) -> None:
+    gateway, run = real_stack["GATEWAY_URL"], uuid.uuid4().hex[:6]
+    context = {"session_id": f"s-{run}", "metadata": {"user": "alice", "lang": "en"}}
+    body = {"model_id": MODEL_NAME, "input": "The capital of France is", "context": context, "options": FEW}
+    async with TopicReader(real_stack["NEXUS_KAFKA_BOOTSTRAP"], real_stack["responses"]) as responses, \
+            httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        assert (await http.post("/infer", json={"id": f"first-{run}", **body})).status_code == 202
+        first = (await wait_for_responses(responses, {f"first-{run}"}, timeout=180)).by_id[f"first-{run}"][0]
+        await eventually(lambda: _metric(real_stack, "nexus_worker_cache_entries"), "the answer is in the cache")
+        assert (await http.post("/infer", json={"id": f"again-{run}", **body})).status_code == 202
+        again = (await wait_for_responses(responses, {f"again-{run}"}, timeout=60)).by_id[f"again-{run}"][0]
+    assert first.status == "ok", first.error
+    assert first.output.strip() and "simulated" not in first.output
+    assert first.context.session_id == f"s-{run}" and first.context.metadata == context["metadata"]
+    assert 0 < first.completion_tokens <= FEW["max_tokens"] and first.prompt_tokens > 0
+    assert first.done_reason == "length" and not first.cached
+    assert (again.status, again.output, again.cached) == ("ok", first.output, True)
+
+
+async def test_the_ollama_and_openai_clients_get_real_answers_whole_and_streamed(real_stack: dict[str, str]) -> None:
+    gateway = real_stack["GATEWAY_URL"]
+    client = ollama.AsyncClient(host=gateway)
+    options = {"temperature": 0, "seed": 7, "num_predict": 4}
+    whole = await client.generate(model=MODEL_NAME, prompt="Name a colour.", options=options)
+    parts = [part async for part in await client.chat(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Name a fruit."}], options=options, stream=True)]
+    assert whole.response.strip() and whole.done and 0 < whole.eval_count <= 4
+    assert parts[-1].done and "".join(p.message.content for p in parts).strip()
+
+    oa = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused")
+    chat = await oa.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Say hi."}],
+                                            max_tokens=4, temperature=0, seed=3)
+    assert chat.choices[0].message.content and chat.usage is not None and 0 < chat.usage.completion_tokens <= 4
+    stream = await oa.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Say bye."}],
+                                              max_tokens=4, temperature=0, seed=3, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.strip()
+
+
+@pytest.fixture()
+def busy_ollama(logs_dir: Path) -> Iterator[str]:
+    """A second real Ollama with one slot and a queue of one: it answers 503 "server busy" early."""
+    server = LocalOllama(port=free_port(), env={"OLLAMA_NUM_PARALLEL": "1", "OLLAMA_MAX_QUEUE": "1"},
+                         log_path=logs_dir / "busy-ollama.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def test_a_busy_ollama_is_backed_off_and_every_request_is_answered(
+    bootstrap: str, busy_ollama: str, logs_dir: Path, tmp_path: Path
+) -> None:
+    env, roles = await _stack(bootstrap, busy_ollama, logs_dir, tmp_path, max_concurrency=6)
+    run, count = uuid.uuid4().hex[:6], 8
+    ids = {f"busy-{run}-{i}" for i in range(count)}
+    try:
+        async with TopicReader(bootstrap, env["responses"]) as responses, \
+                httpx.AsyncClient(base_url=env["GATEWAY_URL"], timeout=30) as http:
+            replies = await asyncio.gather(*(http.post("/infer", json={
+                "id": i, "model_id": MODEL_NAME, "input": f"Count to three ({i}).",
+                "options": {"max_tokens": 4, "temperature": 0, "seed": 1}}) for i in sorted(ids)))
+            assert all(r.status_code == 202 for r in replies)
+            answers = await wait_for_responses(responses, ids, timeout=240)
+            models: dict[str, Any] = (await http.get("/models")).json()
+    finally:
+        for role in roles:
+            role.stop()
+    statuses = {i: answers.by_id[i][0].status for i in ids}
+    assert set(statuses.values()) == {"ok"}, {i: answers.by_id[i][0].error for i in ids}
+    [live] = [e["live"] for m in models["models"] if m["id"] == MODEL_NAME for e in m["endpoints"]]
+    # Ollama said "server busy" (queue of 1 behind 1 slot, 6 sent at once): Nexus lowered its limit.
+    assert live.get("concurrency_limit") is not None and live["concurrency_limit"] < 6, live
