@@ -22,6 +22,8 @@ from localdev.broker import LocalKafka, free_port
 from nexus.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parent.parent
+# Downloads and builds (Kafka's jars, the real Ollama) in the checkout's ignored .cache, as `make` does.
+os.environ.setdefault("NEXUS_HOME", str(REPO / ".cache"))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,7 +70,8 @@ def isolated_env(bootstrap: str, ollama_host: str, config: Path | None = None) -
     Fresh topics per run keep one benchmark's backlog out of the next one's numbers.
     """
     run = uuid.uuid4().hex[:6]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_") or k.startswith("NEXUS_WORKER_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NEXUS_") or k.startswith("NEXUS_WORKER_") or k == "NEXUS_HOME"}
     topics = {"requests": f"bench{run}.requests", "responses": f"bench{run}.responses",
               "tokens": f"bench{run}.tokens", "dlq": f"bench{run}.dlq", "state": f"bench{run}.state"}
     env.update(
