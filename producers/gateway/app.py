@@ -161,7 +161,7 @@ def reader_checks(states: Iterable[TaskState]) -> dict[str, dict[str, Any]]:
         if state.last_error is not None:
             check["last_error"] = state.last_error
         if not state.up:
-            now = "starting again" if state.running else state.status
+            now = "not following its topic yet" if state.running else state.status
             failed = f"; it failed with {state.last_error}" if state.last_error else ""
             check["reason"] = f"the {state.name} reader is {now}{failed}"
         checks[f"reader:{state.name}"] = check

@@ -216,4 +216,4 @@ def test_health_entries_name_the_reader_and_its_error() -> None:
         "status": "down", "restarts": 2, "last_error": "KafkaError: x",
         "reason": "the endpoint-state reader is restarting; it failed with KafkaError: x"}}
     assert reader_checks([connecting])["reader:replies"]["reason"] == (
-        "the replies reader is starting again; it failed with OSError: y")
+        "the replies reader is not following its topic yet; it failed with OSError: y")
