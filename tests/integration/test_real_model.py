@@ -9,6 +9,8 @@ full. Generations are a few tokens, so the tier takes about a minute.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,8 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from localdev.ollama import MODEL_NAME, LocalOllama, free_port
 from nexus.kafka.topics import ensure_topics
 from nexus.settings import KafkaSettings
+from schemas import decode_token
 from tests.eventually import eventually
-from tests.integration.support import Role, TopicReader, stack_env, start_gateway, wait_for_responses
+from tests.integration.support import CODEC, Role, TopicReader, stack_env, start_gateway, wait_for_responses
 
 FEW = {"temperature": 0, "seed": 42, "max_tokens": 4}
 
@@ -141,3 +144,56 @@ async def test_a_busy_ollama_is_backed_off_and_every_request_is_answered(
     [live] = [e["live"] for m in models["models"] if m["id"] == MODEL_NAME for e in m["endpoints"]]
     # Ollama said "server busy" (queue of 1 behind 1 slot, 6 sent at once): Nexus lowered its limit.
     assert live.get("concurrency_limit") is not None and live["concurrency_limit"] < 6, live
+
+
+@pytest.fixture()
+def killable_ollama(logs_dir: Path) -> Iterator[LocalOllama]:
+    """A real Ollama of this test's own, which the test kills and starts again on the same port."""
+    server = LocalOllama(port=free_port(), log_path=logs_dir / "killable-ollama.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_the_endpoint_killed_mid_stream_and_restarted_ends_that_request_clearly_and_loses_nothing(
+    bootstrap: str, killable_ollama: LocalOllama, logs_dir: Path, tmp_path: Path
+) -> None:
+    env, roles = await _stack(bootstrap, killable_ollama.url, logs_dir, tmp_path)
+    run = uuid.uuid4().hex[:6]
+    streamed, later = f"cut-{run}", {f"later-{run}-{i}" for i in range(3)}
+    try:
+        async with TopicReader(bootstrap, env["responses"]) as responses, \
+                TopicReader(bootstrap, env["tokens"]) as tokens, \
+                httpx.AsyncClient(base_url=env["GATEWAY_URL"], timeout=30) as http:
+            reply = await http.post("/infer", json={
+                "id": streamed, "model_id": MODEL_NAME, "stream": True,
+                "input": "Tell a long story about a lighthouse keeper and the sea.",
+                "options": {"max_tokens": 400, "temperature": 0, "seed": 5}})
+            assert reply.status_code == 202, reply.text
+            # Tokens are flowing: the generation is under way when its server dies.
+            await tokens.read_until(lambda records: any(decode_token(CODEC, r.value).id == streamed
+                                                        for r in records), timeout=180)
+            os.killpg(killable_ollama.pid or 0, signal.SIGKILL)
+            killable_ollama.wait(timeout=30)
+            # Accepted while the endpoint is down: they wait for it, not fail.
+            for i in sorted(later):
+                reply = await http.post("/infer", json={
+                    "id": i, "model_id": MODEL_NAME, "input": f"Say a number ({i}).",
+                    "options": {"max_tokens": 3, "temperature": 0, "seed": 1}})
+                assert reply.status_code == 202, reply.text
+            cut = (await wait_for_responses(responses, {streamed}, timeout=60)).by_id[streamed]
+            killable_ollama.start()
+            answers = await wait_for_responses(responses, later | {streamed}, timeout=180)
+    finally:
+        for role in roles:
+            role.stop()
+    # The cut stream cannot be retried (its tokens were out): it ends once, as an error naming why.
+    [first] = cut
+    assert first.status == "error" and killable_ollama.url in (first.error or ""), first.error
+    assert first.output == ""
+    for i in later:
+        [answer] = answers.by_id[i]
+        assert answer.status == "ok" and answer.output.strip(), answer.error
+    assert answers.by_id[streamed] == cut, "the cut request is answered once"
