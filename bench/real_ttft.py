@@ -9,7 +9,10 @@ see localdev/ollama.py; built and cached on first use) with one slot, and two Ne
 session id near the head of the system prompt). Each path gets N streamed ``POST
 /api/generate`` calls with the same N prompts, one after another, in blocks (a block per
 path, then the blocks again in reverse order), because a slot's prompt cache holds the
-previous prompt: interleaving paths would make each evict the other. Requests carry no seed,
+previous prompt: interleaving paths would make each evict the other. A fourth path is
+``POST /infer`` with ``"stream": true`` on the default stack, timed from the POST to the
+request's first token on the tokens topic and to its response on the responses topic (read
+from Kafka, as a bridge or a consumer of the topics reads them). Requests carry no seed,
 so Nexus's response cache never answers them. Prints p50/p90 of time to first token and of
 total time per path, and the ratios to the direct call.
 """
@@ -25,6 +28,11 @@ import httpx
 
 from common import isolated_env, percentile, role, run_on_broker, stop_all, wait_http
 from localdev.ollama import MODEL_NAME, LocalOllama, free_port
+from nexus.kafka.readers import read_from_end, reader
+from nexus.settings import KafkaSettings
+from schemas import Codec, decode_response, decode_token
+
+INFER = "nexus /infer + tokens"
 
 OLD_TEMPLATE = (
     "You are answering a request in session {session_id}. "
@@ -41,10 +49,12 @@ async def measure(bootstrap: str, n: int, tokens: int) -> None:
     ollama = LocalOllama(port=free_port(), env={"OLLAMA_NUM_PARALLEL": "1"})
     ollama.start()
     procs = []
+    topics = None
     try:
         gateways = {}
         for name, template in (("nexus", None), ("nexus, old template", OLD_TEMPLATE)):
-            env, _ = isolated_env(bootstrap, ollama.url)
+            env, kafka = isolated_env(bootstrap, ollama.url)
+            topics = topics or kafka  # the default stack's topics, for the /infer path
             port = free_port()
             env.update(NEXUS_MODELS=MODEL_NAME, NEXUS_GATEWAY_PORT=str(port), NEXUS_GATEWAY_HOST="127.0.0.1")
             if template:
@@ -53,12 +63,15 @@ async def measure(bootstrap: str, n: int, tokens: int) -> None:
             gateways[name] = f"http://127.0.0.1:{port}"
         for url in gateways.values():
             await wait_http(f"{url}/api/version")
-        paths = {"direct": ollama.url, **gateways}
+        paths = {"direct": ollama.url, **gateways, INFER: gateways["nexus"]}
         prompts = (PROMPTS * (n // len(PROMPTS) + 1))[:n]
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
-        async with httpx.AsyncClient(timeout=300) as http:
+        assert topics is not None
+        async with httpx.AsyncClient(timeout=300) as http, Topics(topics) as kafka_topics:
 
             async def call(name: str, prompt: str, session: str) -> tuple[float, float]:
+                if name == INFER:
+                    return await kafka_topics.infer(http, paths[name], prompt, session, tokens)
                 body = {"model": MODEL_NAME, "prompt": prompt, "options": {"num_predict": tokens}}
                 headers = {"X-Nexus-Session": session, "X-Nexus-Meta-User": "alice"} if name != "direct" else {}
                 started = time.perf_counter()
@@ -85,14 +98,53 @@ async def measure(bootstrap: str, n: int, tokens: int) -> None:
     def ms(values: list[float], q: float) -> float:
         return percentile(values, q) * 1000
 
-    print(f"{n} sequential streamed POST /api/generate per path, {tokens} tokens, real Ollama "
-          f"({MODEL_NAME}, 1 slot), a new session per request")
+    print(f"{n} sequential streamed calls per path (POST /api/generate; the last path POST /infer with "
+          f"\"stream\": true), {tokens} tokens, real Ollama ({MODEL_NAME}, 1 slot), a new session per request")
     print(f"{'':24}{'TTFT p50':>10}{'TTFT p90':>10}{'total p50':>11}{'total p90':>11}{'TTFT x':>8}")
     direct_ttft = percentile([t for t, _ in results["direct"]], 0.5)
     for name, values in results.items():
         ttft, total = [t for t, _ in values], [t for _, t in values]
         print(f"{name:24}{ms(ttft, .5):10.0f}{ms(ttft, .9):10.0f}{ms(total, .5):11.0f}{ms(total, .9):11.0f}"
               f"{percentile(ttft, .5) / direct_ttft:8.2f}")
+
+
+class Topics:
+    """Reads the tokens and responses topics from their ends: when did a request's first token and answer come."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._kafka = kafka
+        self._consumer = reader(kafka, client_id="bench-real-ttft", fetch_max_wait_ms=5)
+        self._codec = Codec.from_directory()
+
+    async def __aenter__(self) -> "Topics":
+        await self._consumer.start()
+        await read_from_end(self._consumer, [self._kafka.tokens_topic, self._kafka.responses_topic], timeout_s=30)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def infer(self, http: httpx.AsyncClient, gateway: str, prompt: str, session: str,
+                    tokens: int) -> tuple[float, float]:
+        """POST /infer with tokens streamed; (time to its first token, time to its response) in seconds."""
+        request_id = uuid.uuid4().hex
+        body = {"id": request_id, "model_id": MODEL_NAME, "input": prompt, "stream": True,
+                "options": {"max_tokens": tokens},
+                "context": {"session_id": session, "metadata": {"user": "alice"}}}
+        started = time.perf_counter()
+        (await http.post(f"{gateway}/infer", json=body)).raise_for_status()
+        first = None
+        while True:
+            for records in (await self._consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    now = time.perf_counter() - started
+                    if record.topic == self._kafka.tokens_topic:
+                        if first is None and decode_token(self._codec, record.value).id == request_id:
+                            first = now
+                    elif decode_response(self._codec, record.value).id == request_id:
+                        return (first if first is not None else now), now
+            if time.perf_counter() - started > 300:
+                raise TimeoutError(f"no response to {request_id} in 300 s")
 
 
 def main() -> None:
