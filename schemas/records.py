@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -15,6 +17,9 @@ CachePolicy = Literal["default", "no-cache", "no-store"]
 CACHE_POLICIES: tuple[str, ...] = ("default", "no-cache", "no-store")
 #: ``InferenceResponse.error_kind`` of an answer whose model is on no endpoint (a 404 at the edges).
 MODEL_NOT_FOUND = "model_not_found"
+#: ``InferenceResponse.error_kind`` of an answer the backend refused as a bad request (its 400:
+#: tools for a model without tool support, a malformed schema): a 400 at the edges.
+BAD_REQUEST = "bad_request"
 
 
 @cache
@@ -41,8 +46,20 @@ def _plain(record: Any) -> dict[str, Any]:
     out = {}
     for name in _names(type(record)):
         value = getattr(record, name)
-        out[name] = _plain(value) if hasattr(value, "__dataclass_fields__") else value
+        if hasattr(value, "__dataclass_fields__"):
+            value = _plain(value)
+        elif type(value) is tuple:  # arrays: messages, tools, tool calls, images, stop
+            value = [_plain(v) for v in value] if value and hasattr(value[0], "__dataclass_fields__") else list(value)
+        out[name] = value
     return out
+
+
+def _json_value(text: str) -> Any:
+    """JSON text as its value, for the JSON forms; text that is not JSON stays text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def utcnow() -> datetime:
@@ -67,9 +84,94 @@ class ModelContext:
 
 @dataclass(frozen=True)
 class InferenceOptions:
+    """How the model samples: what Ollama's ``options`` and OpenAI's body fields of the same name say.
+
+    ``extra`` carries any other backend option as a JSON object's text, passed on as given.
+    """
+
     temperature: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: tuple[str, ...] = ()
+    num_ctx: int | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    extra: str | None = None  # a JSON object, as text (v4)
+
+    @classmethod
+    def from_avro(cls, value: dict[str, Any]) -> "InferenceOptions":
+        known = _known(cls, value)
+        known["stop"] = tuple(known.get("stop") or ())
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function the model asks the caller to run; ``arguments`` is a JSON object's text."""
+
+    name: str
+    arguments: str = "{}"
+    id: str | None = None  # the backend's id (OpenAI); None from Ollama
+
+    @classmethod
+    def from_avro(cls, value: dict[str, Any]) -> "ToolCall":
+        return cls(**_known(cls, value))
+
+    def to_json(self) -> dict[str, Any]:
+        """Arguments as an object, as Ollama's API shows them."""
+        return {"id": self.id, "name": self.name, "arguments": _json_value(self.arguments)}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: ``system``, ``user``, ``assistant`` or ``tool``."""
+
+    role: str
+    content: str = ""
+    images: tuple[bytes, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_name: str | None = None  # a tool turn: the function whose result it carries
+    tool_call_id: str | None = None  # a tool turn: the call it answers (OpenAI)
+
+    @classmethod
+    def from_avro(cls, value: dict[str, Any]) -> "Message":
+        known = _known(cls, value)
+        known["images"] = tuple(known.get("images") or ())
+        known["tool_calls"] = tuple(ToolCall.from_avro(c) for c in known.get("tool_calls") or ())
+        return cls(**known)
+
+    def to_json(self) -> dict[str, Any]:
+        """Images as base64 text, as Ollama's API carries them."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.images:
+            out["images"] = [base64.b64encode(i).decode("ascii") for i in self.images]
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_json() for c in self.tool_calls]
+        if self.tool_name is not None:
+            out["tool_name"] = self.tool_name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON schema's text."""
+
+    name: str
+    description: str | None = None
+    parameters: str = "{}"
+
+    @classmethod
+    def from_avro(cls, value: dict[str, Any]) -> "Tool":
+        return cls(**_known(cls, value))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": _json_value(self.parameters)}
 
 
 @dataclass(frozen=True)
@@ -86,6 +188,12 @@ class InferenceRequest:
     original_id: str | None = None
     reply_to: str | None = None
     key_name: str | None = None  # the submitting API key's name, set by the edge (never from the body)
+    # v4: a conversation (to the backend's chat API) and what shapes its answer.
+    messages: tuple[Message, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str | None = None  # auto, none, required, or a function's name
+    format: str | None = None  # "json", or a JSON schema's text
+    keep_alive: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
@@ -94,7 +202,9 @@ class InferenceRequest:
     def from_avro(cls, value: dict[str, Any]) -> "InferenceRequest":
         known = _known(cls, value)
         known["context"] = ModelContext(**_known(ModelContext, known["context"]))
-        known["options"] = InferenceOptions(**_known(InferenceOptions, known["options"]))
+        known["options"] = InferenceOptions.from_avro(known["options"])
+        known["messages"] = tuple(Message.from_avro(m) for m in known.get("messages") or ())
+        known["tools"] = tuple(Tool.from_avro(t) for t in known.get("tools") or ())
         return cls(**known)
 
     @property
@@ -102,10 +212,18 @@ class InferenceRequest:
         """Same input, same answer: temperature 0 or a fixed seed."""
         return self.options.temperature == 0 or self.options.seed is not None
 
+    @property
+    def is_chat(self) -> bool:
+        """A conversation (sent to the chat API), not a prompt."""
+        return bool(self.messages)
+
     def to_json(self) -> dict[str, Any]:
         out = self.to_avro()
         out["created_at"] = self.created_at.isoformat()
         out["deadline"] = self.deadline.isoformat() if self.deadline else None
+        out["messages"] = [m.to_json() for m in self.messages]
+        out["tools"] = [t.to_json() for t in self.tools]
+        out["options"]["stop"] = list(self.options.stop)
         return out
 
 
@@ -130,6 +248,7 @@ class InferenceResponse:
     reply_to: str | None = None
     key_name: str | None = None  # copied from the request
     error_kind: str | None = None  # "model_not_found", or None (v4)
+    tool_calls: tuple[ToolCall, ...] = ()  # v5: the assistant message is output plus these
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
@@ -138,11 +257,20 @@ class InferenceResponse:
     def from_avro(cls, value: dict[str, Any]) -> "InferenceResponse":
         known = _known(cls, value)
         known["context"] = ModelContext(**_known(ModelContext, known["context"]))
+        known["tool_calls"] = tuple(ToolCall.from_avro(c) for c in known.get("tool_calls") or ())
         return cls(**known)
 
+    @property
+    def message(self) -> Message:
+        """The assistant's turn: its text and the tool calls it asks for."""
+        return Message("assistant", self.output, tool_calls=self.tool_calls)
+
     def to_json(self) -> dict[str, Any]:
+        """With ``message``, the assistant turn in Ollama's shape (tool call arguments as objects)."""
         out = self.to_avro()
         out["completed_at"] = self.completed_at.isoformat()
+        out["tool_calls"] = [c.to_json() for c in self.tool_calls]
+        out["message"] = self.message.to_json()
         return out
 
 
@@ -158,17 +286,21 @@ class InferenceToken:
     created_at: datetime = field(default_factory=utcnow)
     reply_to: str | None = None
     key_name: str | None = None  # copied from the request
+    tool_calls: tuple[ToolCall, ...] = ()  # v3: tool calls streamed with this chunk
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
 
     @classmethod
     def from_avro(cls, value: dict[str, Any]) -> "InferenceToken":
-        return cls(**_known(cls, value))
+        known = _known(cls, value)
+        known["tool_calls"] = tuple(ToolCall.from_avro(c) for c in known.get("tool_calls") or ())
+        return cls(**known)
 
     def to_json(self) -> dict[str, Any]:
         out = self.to_avro()
         out["created_at"] = self.created_at.isoformat()
+        out["tool_calls"] = [c.to_json() for c in self.tool_calls]
         return out
 
 

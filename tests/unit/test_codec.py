@@ -242,7 +242,9 @@ def test_plain_fastavro_decodes_a_nexus_request(codec: Codec) -> None:
         "model_id": "llama3.1",
         "input": request.input,
         "context": {"session_id": "session123", "metadata": {"user": "alice", "lang": "en"}},
-        "options": {"temperature": 0.7, "max_tokens": 256, "seed": -(2**63)},
+        "options": {"temperature": 0.7, "max_tokens": 256, "seed": -(2**63), "top_p": None, "top_k": None,
+                    "min_p": None, "stop": [], "num_ctx": None, "repeat_penalty": None, "presence_penalty": None,
+                    "frequency_penalty": None, "extra": None},
         "stream": True,
         "created_at": T0,
         "cache": "default",
@@ -250,6 +252,11 @@ def test_plain_fastavro_decodes_a_nexus_request(codec: Codec) -> None:
         "original_id": None,
         "reply_to": None,
         "key_name": None,
+        "messages": [],
+        "tools": [],
+        "tool_choice": None,
+        "format": None,
+        "keep_alive": None,
     }
 
 
@@ -395,9 +402,10 @@ def v2_dir(tmp_path: Path) -> Path:
 
 def test_schema_dir_is_not_polluted_by_evolution_tests() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.avsc")) == [
-        "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc", "InferenceRequest.v3.avsc",
+        "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc", "InferenceRequest.v3.avsc", "InferenceRequest.v4.avsc",
         "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc", "InferenceResponse.v3.avsc", "InferenceResponse.v4.avsc",
-        "InferenceToken.v1.avsc", "InferenceToken.v2.avsc", "ModelContext.v1.avsc",
+        "InferenceResponse.v5.avsc", "InferenceToken.v1.avsc", "InferenceToken.v2.avsc", "InferenceToken.v3.avsc",
+        "ModelContext.v1.avsc",
     ]
 
 
@@ -432,7 +440,7 @@ def test_v2_codec_reads_v1_with_defaults(codec: Codec, v2_dir: Path) -> None:
     assert value == {**request.to_avro(), "priority": 0}
     assert decode_request(v2, v1_bytes) == request
     # Both versions are known for reading.
-    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3, 4]
+    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize(

@@ -331,7 +331,7 @@ def test_models_page_says_which_model_is_missing_where() -> None:
 
 
 def test_v4_responses_carry_error_kind_and_v3_readers_and_writers_still_work() -> None:
-    v4 = Codec.from_directory()
+    v4 = Codec.from_directory(pin={"InferenceResponse": 4})
     v3 = Codec.from_directory(pin={"InferenceResponse": 3})
     assert v4.current("InferenceResponse").version == 4
     response = _response()
