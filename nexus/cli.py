@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from consumers.replay.cli import add_arguments as add_replay_arguments
     from producers.submit import add_arguments as add_submit_arguments
 
-    p = sub.add_parser("submit", parents=[common], help="submit a prompt (or JSON lines from stdin) and print the answer")
+    p = sub.add_parser("submit", parents=[common],
+                       help="submit a prompt (or JSON lines from stdin: prompts or conversations) and print "
+                            "the answer and its tool calls")
     add_submit_arguments(p)
     p.set_defaults(func=cmd_submit)
 

@@ -20,10 +20,12 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     ├── RejectedRequest (also ValueError)          schemas.validation: a request breaks the contract (400)
     │   └── FrameError                             consumers.bridge.frames: a websocket frame does
     ├── BackendError                               streams.backends: a model endpoint failed a call
+    ├── Unsendable (also ValueError)               streams.backends.wire: a request's JSON text cannot go in a body
     ├── Expired                                    streams.answering: a request's deadline passed
     ├── Unavailable                                streams.answering: no endpoint of the model can answer
     ├── ProducerError (also RuntimeError)          producers.client: the producer API
     │   ├── SubmitError                            Kafka did not accept a request
+    │   │   └── RequestTooLarge                    over schemas.limits.MAX_RECORD_BYTES, not produced (413)
     │   ├── ResponseTimeoutError (also TimeoutError)  no answer in time
     │   ├── ResponsesUnavailableError              the answers cannot be read
     │   └── ProducerClosedError                    the producer was closed
@@ -42,6 +44,7 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     ├── LocalKafkaError                            localdev.broker: the local broker failed to start
     ├── LocalOllamaError                           localdev.ollama: the local Ollama cannot be built or started
     ├── SimulatorConfigError (also ValueError)     localdev.simulator: a bad simulator option
+    ├── SchemaProblem (also ValueError)            localdev.simulator.schema: a format schema Ollama refuses
     └── ApiError                                   localdev.simulator: an Ollama-shaped error answer
 
 The "also" bases are kept where users already catch them (a bad setting has always

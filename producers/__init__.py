@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         ProducerClosedError,
         ProducerError,
         RequestProducer,
+        RequestTooLarge,
         ResponsesUnavailableError,
         ResponseTimeoutError,
         SubmitError,
@@ -37,6 +38,7 @@ __all__ = [
     # errors
     "ProducerError",
     "SubmitError",
+    "RequestTooLarge",
     "ResponseTimeoutError",
     "ResponsesUnavailableError",
     "ProducerClosedError",

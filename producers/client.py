@@ -36,6 +36,7 @@ from nexus.errors import NexusError
 from nexus.kafka.clients import client_options, refusal
 from nexus.settings import KafkaSettings
 from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
+from schemas.limits import MAX_RECORD_BYTES
 
 from producers.replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
 
@@ -44,6 +45,7 @@ __all__ = [
     "ProducerClosedError",
     "ProducerError",
     "RequestProducer",
+    "RequestTooLarge",
     "ResponseTimeoutError",
     "ResponsesUnavailableError",
     "SubmitError",
@@ -62,6 +64,24 @@ class ProducerError(NexusError, RuntimeError):
 
 class SubmitError(ProducerError):
     """Kafka did not acknowledge the request; it may or may not have been written."""
+
+
+class RequestTooLarge(SubmitError):
+    """The encoded request is over :data:`schemas.limits.MAX_RECORD_BYTES`; it was NOT produced.
+
+    A request is one Kafka record, and Kafka refuses records over its message limit (1 MiB by
+    default), so the producer refuses it first. The HTTP edges answer 413, the bridge an
+    error frame. ``size`` and ``limit`` are in bytes.
+    """
+
+    def __init__(self, request_id: str, size: int, limit: int = MAX_RECORD_BYTES) -> None:
+        super().__init__(
+            f"request {request_id} is {size} bytes encoded; the limit is {limit} "
+            "(a request must fit one Kafka record): send fewer or smaller images, or a shorter conversation"
+        )
+        self.request_id = request_id
+        self.size = size
+        self.limit = limit
 
 
 class ResponseTimeoutError(ProducerError, TimeoutError):
@@ -141,10 +161,13 @@ class RequestProducer:
         """Write ``request``; return its id once Kafka acknowledged it.
 
         Raises :class:`SubmitError` if no acknowledgement arrives within the
-        produce timeout, and :class:`schemas.InvalidValueError` for a request
-        that does not fit the schema.
+        produce timeout, :class:`RequestTooLarge` (a ``SubmitError``, nothing written) for
+        a request whose encoding is over :data:`schemas.limits.MAX_RECORD_BYTES`, and
+        :class:`schemas.InvalidValueError` for a request that does not fit the schema.
         """
         value = encode_request(self._codec, request)
+        if len(value) > MAX_RECORD_BYTES:
+            raise RequestTooLarge(request.id, len(value))
         try:
             await asyncio.wait_for(
                 self._producer.send_and_wait(
@@ -169,7 +192,8 @@ class RequestProducer:
         """Submit ``request`` and return its response, read from the responses topic.
 
         A response with ``status="error"`` is returned, not raised: it is the answer.
-        Raises :class:`SubmitError` when Kafka does not acknowledge the request and
+        Raises :class:`SubmitError` when Kafka does not acknowledge the request
+        (:class:`RequestTooLarge` when it is too big to produce) and
         :class:`ResponseTimeoutError` when no answer arrives within ``timeout_s``
         (the request stays submitted). With at-least-once delivery a request may be
         answered twice; the first answer is returned. The request is written with

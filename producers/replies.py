@@ -35,7 +35,9 @@ from nexus.errors import NexusError
 from nexus.kafka.readers import TopicMissingError, read_from_end, reader
 from nexus.settings import KafkaSettings
 from nexus.tasks import Background, TaskState
-from schemas import Codec, InferenceRequest, InferenceResponse, InferenceToken, SchemaError, decode_response, decode_token
+from schemas import (
+    Codec, InferenceRequest, InferenceResponse, InferenceToken, SchemaError, ToolCall, decode_response, decode_token,
+)
 from schemas.headers import REPLY_TO
 
 if TYPE_CHECKING:  # the producer API waits through this module: no import cycle at run time
@@ -45,7 +47,8 @@ log = logging.getLogger(__name__)
 
 REPLY_HEADER = REPLY_TO  # the old name, still used by tests and benches
 
-Event = Union[str, InferenceResponse]
+# A streamed call's events: a chunk's text, the tool calls a chunk brought, the final response.
+Event = Union[str, tuple[ToolCall, ...], InferenceResponse]
 
 
 def instance_name(
@@ -91,22 +94,27 @@ class ChunkSequencer:
 
     def __init__(self) -> None:
         self._next = 0
-        self._held: dict[int, str] = {}
+        self._held: dict[int, tuple[str, tuple[ToolCall, ...]]] = {}
         self._sent: list[str] = []
         self._sent_length = 0
         self.finished = False
 
-    def add(self, seq: int, text: str) -> list[str]:
-        """The texts that can go out now, in order (none while an earlier ``seq`` is missing)."""
+    def add(self, seq: int, text: str, tool_calls: tuple[ToolCall, ...] = ()) -> list[str | tuple[ToolCall, ...]]:
+        """What can go out now, in order (nothing while an earlier ``seq`` is missing): each
+        chunk's text, then the tool calls it brought, if any (a chunk of only tool calls has no text)."""
         if self.finished or seq < self._next or seq in self._held:
             return []
-        self._held[seq] = text
-        out: list[str] = []
+        self._held[seq] = (text, tool_calls)
+        out: list[str | tuple[ToolCall, ...]] = []
         while self._next in self._held:
-            out.append(self._held.pop(self._next))
+            chunk, calls = self._held.pop(self._next)
             self._next += 1
-        self._sent.extend(out)
-        self._sent_length += sum(len(t) for t in out)
+            self._sent.append(chunk)
+            self._sent_length += len(chunk)
+            if chunk or not calls:
+                out.append(chunk)
+            if calls:
+                out.append(calls)
         return out
 
     def finish(self, output: str) -> str:
@@ -124,7 +132,8 @@ class Waiter:
     """One synchronous call waiting for its answer.
 
     ``done`` resolves with the response; a streaming waiter also gets ``events``: its
-    chunk texts in order, then the response itself as the last event.
+    chunk texts (and the tool calls chunks brought, as tuples) in order, then the response
+    itself as the last event.
     """
 
     def __init__(self, request_id: str, stream: bool, loop: asyncio.AbstractEventLoop) -> None:
@@ -136,8 +145,8 @@ class Waiter:
 
     def deliver_token(self, token: InferenceToken) -> None:
         if self.stream:
-            for text in self._sequencer.add(token.seq, token.text):
-                self.events.put_nowait(text)
+            for event in self._sequencer.add(token.seq, token.text, token.tool_calls):
+                self.events.put_nowait(event)
 
     def deliver_response(self, response: InferenceResponse) -> None:
         if self.done.done():
@@ -362,7 +371,7 @@ class Exchange:
             raise ReplyTimeoutError(waiter.request_id, timeout_s) from None
 
     async def next_event(self, waiter: Waiter, deadline: float, timeout_s: float) -> Event:
-        """A streaming call's next chunk text, or its final response."""
+        """A streaming call's next chunk text, tool calls, or its final response."""
         if waiter.events.empty():
             left = deadline - asyncio.get_running_loop().time()
             try:

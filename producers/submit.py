@@ -5,8 +5,11 @@
     nexus submit - < requests.jsonl                      # one POST /infer body per line
 
 Every request is validated exactly as ``POST /infer`` validates its body
-(:func:`schemas.validation.request_from_json`); with ``-``, nothing is submitted
-unless every line is valid.
+(:func:`schemas.validation.request_from_json`): a line may be a prompt (``input``) or a
+conversation (``messages``, ``tools``, ``tool_choice``, ``format``, ``keep_alive``, ``options``).
+With ``-``, nothing is submitted unless every line is valid and fits one Kafka record
+(:data:`schemas.limits.MAX_RECORD_BYTES`). An answer's tool calls are printed after its text,
+one ``[tool call] name({...arguments...})`` line each.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Collection, Iterable
 from typing import Any, TextIO
 
 from nexus.settings import Settings
-from schemas import InferenceRequest
+from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
+from schemas.limits import MAX_RECORD_BYTES
 
 from schemas.validation import RejectedRequest, request_from_json
 from nexus.errors import NexusError
@@ -34,7 +38,8 @@ class InvalidInputError(NexusError, ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help='the prompt, or "-" to read one JSON request per line from stdin')
+    p.add_argument("prompt", help='the prompt, or "-" to read one JSON request per line from stdin (a POST /infer '
+                   'body: a prompt in "input", or a conversation in "messages" with "tools", "format"...)')
     p.add_argument("--model", help="model id (required with a prompt)")
     p.add_argument("--session", help="session id of the model context (default: a new session)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
@@ -71,31 +76,62 @@ def body_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def requests_from_lines(lines: Iterable[str], known_models: Collection[str]) -> list[InferenceRequest]:
-    """One request per non-blank line of JSON; the first bad line stops everything."""
+def requests_from_lines(
+    lines: Iterable[str], known_models: Collection[str], codec: Codec | None = None
+) -> list[InferenceRequest]:
+    """One request per non-blank line of JSON; the first bad line stops everything.
+
+    With ``codec``, a request whose encoding would not fit one Kafka record is a bad line too.
+    """
     requests = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            requests.append(request_from_json(json.loads(line), known_models))
-        except json.JSONDecodeError as exc:
+            request = request_from_json(json.loads(line), known_models)
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidInputError(f"line {number}: not valid JSON: {exc}") from None
         except RejectedRequest as exc:
             raise InvalidInputError(f"line {number}: {exc.message}") from None
+        if codec is not None:
+            check_size(codec, request, f"line {number}: ")
+        requests.append(request)
     if not requests:
         raise InvalidInputError("no requests on stdin (expected one JSON object per line)")
     return requests
+
+
+def check_size(codec: Codec, request: InferenceRequest, where: str = "") -> None:
+    """Refuse, before anything is submitted, a request the producer would refuse as too large."""
+    size = len(encode_request(codec, request))
+    if size > MAX_RECORD_BYTES:
+        raise InvalidInputError(
+            f"{where}request {request.id} is {size} bytes encoded; the limit is {MAX_RECORD_BYTES} "
+            "(a request must fit one Kafka record)"
+        )
+
+
+def answer_lines(response: InferenceResponse) -> list[str]:
+    """What ``nexus submit`` prints for an answer: its text (when there is some), then one
+    ``[tool call] name({...})`` line per tool call, arguments as JSON."""
+    lines = [response.output] if response.output or not response.tool_calls else []
+    for call in response.tool_calls:
+        arguments = call.to_json()["arguments"]
+        shown = json.dumps(arguments, ensure_ascii=False) if isinstance(arguments, dict) else arguments
+        lines.append(f"[tool call] {call.name}({shown})")
+    return lines
 
 
 def run(args: argparse.Namespace, settings: Settings, stdin: TextIO = sys.stdin,
         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     bulk = args.prompt == "-"
     try:
+        codec = Codec.from_directory()
         if bulk:
-            requests = requests_from_lines(stdin, settings.model_ids)
+            requests = requests_from_lines(stdin, settings.model_ids, codec)
         else:
             requests = [request_from_json(body_from_args(args), settings.model_ids)]
+            check_size(codec, requests[0])
     except InvalidInputError as exc:
         print(f"nexus submit: {exc}", file=err)
         return EXIT_INVALID
@@ -127,7 +163,7 @@ async def _submit(settings: Settings, requests: list[InferenceRequest], args: ar
         if as_json:
             out.write(json.dumps(response.to_json(), ensure_ascii=False) + "\n")
         elif response.status == "ok":
-            out.write(response.output + "\n")
+            out.write("".join(line + "\n" for line in answer_lines(response)))
         else:
             print(f"nexus submit: {response.model_id} answered with an error: {response.error}", file=err)
     return EXIT_ERROR if failed else 0

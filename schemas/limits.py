@@ -27,8 +27,26 @@ MAX_SEED = 2**63 - 1
 # Request ids in one subscribe or unsubscribe frame of the bridge.
 MAX_REQUEST_IDS_PER_FRAME = 1000
 
+# A request travels as ONE Kafka record, and Kafka refuses a record over its message limit
+# (``message.max.bytes`` of the broker and ``max.request.size`` of the producer, 1 MiB by
+# default): an edge must refuse a request that would not fit before producing it, with a 413
+# that says so, instead of a producer error after it was accepted.
+#
+# The images of one request, decoded, in total (``messages[*].images``, ``images`` of the drop-in
+# APIs). Base64 makes them a third bigger in a JSON body, and the 1 MiB body limit
+# (``gateway.max_body_bytes``) is checked first, so 768 KiB of images is what a body can carry
+# with room left for the conversation's text; in the record they are raw bytes.
+MAX_IMAGE_BYTES = 768 * 1024
+# The largest encoded request (Avro, single-object encoding) an edge produces: under Kafka's
+# default 1 MiB (1_048_576 bytes) message limit with room for the record's key, headers and the
+# batch's own overhead. :class:`producers.RequestProducer` checks it before producing and raises
+# ``RequestTooLarge`` (413 at the HTTP edges, an error frame at the bridge).
+MAX_RECORD_BYTES = 1_000_000
+
 __all__ = [
     "MAX_ID_LENGTH",
+    "MAX_IMAGE_BYTES",
+    "MAX_RECORD_BYTES",
     "MAX_REQUEST_IDS_PER_FRAME",
     "MAX_SEED",
     "MAX_SESSION_ID_LENGTH",

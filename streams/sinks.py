@@ -13,7 +13,7 @@ from typing import Any
 
 import faust
 
-from schemas import Codec, InferenceRequest, InferenceToken, encode_token, headers
+from schemas import Codec, InferenceRequest, InferenceToken, ToolCall, encode_token, headers
 from streams.answering import cache
 
 TOKEN_FLUSH_S = 0.025
@@ -23,13 +23,15 @@ SendRecord = Callable[[bytes | None, bytes, Any], Awaitable[Any]]
 
 
 class KafkaTokenSink:
-    """Publishes a streamed answer's chunks, batched over ``TOKEN_FLUSH_S``, in order."""
+    """Publishes a streamed answer's chunks, batched over ``TOKEN_FLUSH_S``, in order: a batch is one
+    token, its texts joined and its tool calls in the order they came."""
 
     def __init__(self, send: SendRecord, codec: Codec, request: InferenceRequest) -> None:
         self._send = send
         self._codec = codec
         self._request = request
         self._buffer: list[str] = []
+        self._calls: list[ToolCall] = []
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: list[asyncio.Future[None]] = []
@@ -37,10 +39,12 @@ class KafkaTokenSink:
         self.sent = 0
         self.started = False
 
-    async def chunk(self, text: str, *, flush: bool = False) -> None:
-        """Add a chunk; with ``flush``, publish it now rather than batched with the next ones."""
+    async def chunk(self, text: str, tool_calls: tuple[ToolCall, ...] = (), *, flush: bool = False) -> None:
+        """Add a chunk (its text, and the tool calls that came with it); with ``flush``, publish it
+        now rather than batched with the next ones."""
         self.started = True
         self._buffer.append(text)
+        self._calls.extend(tool_calls)
         if flush:
             if self._timer is not None:
                 self._timer.cancel()
@@ -65,8 +69,10 @@ class KafkaTokenSink:
                 text="".join(self._buffer),
                 reply_to=self._request.reply_to,
                 key_name=self._request.key_name,
+                tool_calls=tuple(self._calls),
             )
             self._buffer.clear()
+            self._calls.clear()
             self.sent += 1
             # The waiting gateway skips everyone else's chunks by this header, without decoding them.
             record_headers = [(headers.REPLY_TO, token.reply_to.encode())] if token.reply_to else None

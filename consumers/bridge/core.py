@@ -301,9 +301,14 @@ class BridgeCore:
         """Kafka acknowledged ``request``."""
         return self._send(peer, accepted_frame(request.id, request.context.session_id))
 
-    def submit_failed(self, peer: Peer, request: InferenceRequest, reason: str, status: int) -> list[Action]:
-        """Kafka refused ``request`` (503) or it did not encode (400); the subscription stays,
-        since a request that timed out may still have been written and be answered."""
+    def submit_failed(
+        self, peer: Peer, request: InferenceRequest, reason: str, status: int, *, written: bool = True
+    ) -> list[Action]:
+        """Kafka refused ``request`` (503), it did not encode (400) or it is too big for one record
+        (413, ``written=False``). The subscription stays when it may have been written (a request
+        that timed out may still be answered); it goes when it certainly was not."""
+        if not written:
+            self._index.remove(peer, Target(request_ids=(request.id,)))
         return self._send(peer, error_frame(reason, status=status, id=request.id))
 
     # -- history ---------------------------------------------------------------------------

@@ -6,10 +6,15 @@ Client frames (JSON text):
   or ``{"type":"subscribe","all":true}``, each with an optional ``"since"`` (ISO-8601 or
   epoch milliseconds) to replay what was produced since then;
 - ``{"type":"unsubscribe", ...the same target...}``;
-- ``{"type":"submit", ...the body of POST /infer...}``.
+- ``{"type":"submit", ...the body of POST /infer...}``: a prompt (``input``) or a conversation
+  (``messages``, ``tools``, ``tool_choice``, ``format``, ``keep_alive``, ``options``), checked by
+  :func:`schemas.validation.request_from_json` exactly as ``POST /infer`` checks it.
 
 Server frames: ``subscribed``, ``unsubscribed``, ``replayed``, ``accepted``, ``token``,
-``result`` and ``error``; see the README's "Websocket bridge" section.
+``result`` and ``error``; see the README's "Websocket bridge" section. A ``result`` carries the
+answer's ``tool_calls`` and ``message`` (the assistant turn); a ``token`` carries ``tool_calls``
+when its chunk streamed some. A request too big for one Kafka record is an ``error`` with
+``status`` 413.
 """
 
 from __future__ import annotations
@@ -171,10 +176,17 @@ def _dump(frame: dict[str, Any]) -> str:
 
 
 def token_frame(token: InferenceToken) -> str:
-    return _dump({"type": "token", "id": token.id, "seq": token.seq, "text": token.text})
+    """A chunk: its text (may be "") and, only when the chunk carries some, ``tool_calls``
+    (``[{"id", "name", "arguments": {...}}]``, each call whole)."""
+    frame: dict[str, Any] = {"type": "token", "id": token.id, "seq": token.seq, "text": token.text}
+    if token.tool_calls:
+        frame["tool_calls"] = [c.to_json() for c in token.tool_calls]
+    return _dump(frame)
 
 
 def result_frame(response: InferenceResponse) -> str:
+    """The response's JSON form: ``output``, ``tool_calls`` and ``message`` (the assistant turn,
+    ``{"role": "assistant", "content", "tool_calls"?}``, ready to append to the conversation)."""
     return _dump({"type": "result", **response.to_json()})
 
 

@@ -39,7 +39,7 @@ from nexus.kafka.readers import TopicMissingError, read_from_end, read_from_time
 from nexus.kafka.topics import KafkaUnavailableError, ensure_topics
 from nexus.settings import ApiKey, KafkaSettings, Settings
 from nexus.tasks import Background
-from producers.client import RequestProducer, SubmitError
+from producers.client import RequestProducer, RequestTooLarge, SubmitError
 from schemas import Codec, InferenceRequest, SchemaError
 
 from consumers.bridge.core import (
@@ -330,11 +330,14 @@ class Bridge:
         peer = client.peer
         try:
             await self._producer.submit(request)
+        except RequestTooLarge as exc:
+            # Refused before producing: nothing was written, nothing will answer.
+            self._perform(self._core.submit_failed(peer, request, str(exc), 413, written=False))
         except SubmitError as exc:
             # It may still have been written: the subscription stays, a result may come.
             self._perform(self._core.submit_failed(peer, request, str(exc), 503))
         except SchemaError as exc:
-            self._perform(self._core.submit_failed(peer, request, str(exc), 400))
+            self._perform(self._core.submit_failed(peer, request, str(exc), 400, written=False))
         else:
             self._perform(self._core.submitted(peer, request))
         finally:

@@ -216,7 +216,7 @@ class Joiner:
                 seen.first = where
                 seen.status = value.status
                 seen.latency_ms = value.latency_ms
-                seen.output_hash = hash(value.output)
+                seen.output_hash = hash((value.output, value.tool_calls))  # the answer: text and tool calls
             if seen.model_id is None:
                 seen.model_id = value.model_id
 

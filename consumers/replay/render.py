@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from schemas import InferenceRequest, InferenceResponse, InferenceToken
+from schemas import InferenceRequest, InferenceResponse, InferenceToken, ToolCall
 
 from consumers.replay.audit import ReplayRecord, iso, key_text
 
@@ -60,11 +61,12 @@ def table_row(record: ReplayRecord, text_width: int = 60) -> str:
     text = record.error or ""
     status = record.status or ""
     if isinstance(value, InferenceRequest):
-        text = value.input if record.kind == "request" else f"{record.error} | {value.input}"
+        shown = _request_text(value)
+        text = shown if record.kind == "request" else f"{record.error} | {shown}"
     elif isinstance(value, InferenceResponse):
-        text = value.output if value.status == "ok" else (value.error or "")
+        text = _with_calls(value.output, value.tool_calls) if value.status == "ok" else (value.error or "")
     elif isinstance(value, InferenceToken):
-        text = f"#{value.seq} {value.text}"
+        text = _with_calls(f"#{value.seq} {value.text}", value.tool_calls)
     elif value is None:
         status = "undecodable"
     return _row(
@@ -79,6 +81,20 @@ def table_row(record: ReplayRecord, text_width: int = 60) -> str:
             _one_line(text, text_width),
         ]
     )
+
+
+def _request_text(request: InferenceRequest) -> str:
+    """A prompt; a conversation as ``[chat, N turns, tools a,b] <last user turn>``."""
+    if not request.is_chat:
+        return request.input
+    tools = f", tools {','.join(t.name for t in request.tools)}" if request.tools else ""
+    return f"[chat, {len(request.messages)} turns{tools}] {request.input}"
+
+
+def _with_calls(text: str, calls: Sequence[ToolCall]) -> str:
+    """``text`` followed by each tool call as ``[tool call] name({...})``."""
+    shown = [f"[tool call] {c.name}({c.arguments})" for c in calls]
+    return " ".join([text, *shown] if text else shown)
 
 
 def _one_line(text: str, width: int) -> str:

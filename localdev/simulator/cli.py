@@ -58,6 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of generate/chat requests answered with HTTP 500",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the fail-rate RNG")
+    parser.add_argument(
+        "--no-tools",
+        type=_models,
+        default=_DEFAULTS.no_tools,
+        metavar="MODEL[,MODEL]",
+        help="served models without tool support: a chat offering them tools gets Ollama's 400 "
+        "'<registry name> does not support tools' (as smollm2:135m does)",
+    )
+    parser.add_argument(
+        "--record-bodies",
+        type=int,
+        default=_DEFAULTS.record_bodies,
+        metavar="N",
+        help="request bodies kept per endpoint path, shown at GET /simulator/stats "
+        "as received_bodies (default: %(default)s; 0 keeps none)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
@@ -71,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         max_queue=args.max_queue,
         fail_rate=args.fail_rate,
         seed=args.seed,
+        no_tools=tuple(args.no_tools),
+        record_bodies=args.record_bodies,
     )
 
 

@@ -31,12 +31,28 @@ VERSION = "0.0.0-simulated"
 EMBEDDING_DIMS = 8
 KEEP_ALIVE = timedelta(minutes=5)
 MAX_ARRIVALS = 10_000
+RECORDED_BODIES = 32
+"""Request bodies kept per endpoint path by default (GET /simulator/stats "received_bodies")."""
+DEFAULT_REGISTRY = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
 _VOCAB_SIZE = 128_256  # llama3 vocabulary size; only used to make context ids plausible
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")
 
 
 class SimulatorConfigError(NexusError, ValueError):
     """A simulator knob is out of range; still a ValueError, which the command lines catch."""
+
+
+class ApiError(NexusError):
+    """An Ollama-shaped error answer: the server turns it into ``{"error": message}`` with ``status``.
+
+    Lives with the pure logic so request checks can raise it without knowing about HTTP.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,10 @@ class SimulatorConfig:
     max_queue: int = 512
     fail_rate: float = 0.0
     seed: int | None = None
+    # Models that refuse tools like a real model without the capability (smollm2:135m does).
+    no_tools: tuple[str, ...] = ()
+    # Request bodies kept per endpoint path, so a test can assert what reached the backend.
+    record_bodies: int = RECORDED_BODIES
 
     def __post_init__(self) -> None:
         if not self.models or any(not m.strip() for m in self.models):
@@ -64,6 +84,17 @@ class SimulatorConfig:
             raise SimulatorConfigError("max_queue must be >= 0")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise SimulatorConfigError("fail_rate must be within [0, 1]")
+        unknown = [m for m in self.no_tools if resolve_model(m, self.models) is None]
+        if unknown:
+            raise SimulatorConfigError(
+                f"no_tools names models not served: {', '.join(unknown)} (served: {', '.join(self.models)})"
+            )
+        if self.record_bodies < 0:
+            raise SimulatorConfigError("record_bodies must be >= 0")
+
+    def supports_tools(self, model: str) -> bool:
+        """False for the models configured with ``no_tools`` (matched like Ollama matches names)."""
+        return resolve_model(model, self.no_tools) is None
 
     @property
     def token_interval_s(self) -> float:
@@ -98,6 +129,27 @@ def resolve_model(requested: str, models: tuple[str, ...]) -> str | None:
 
 def not_found_error(model: str) -> str:
     return f"model '{model}' not found"
+
+
+def qualified_model_name(model: str) -> str:
+    """The full name Ollama writes in capability errors: host/namespace/model:tag.
+
+    "smollm2:135m" is "registry.ollama.ai/library/smollm2:135m", "me/m" is
+    "registry.ollama.ai/me/m:latest", like Ollama's model.ParseName fills the defaults.
+    """
+    *prefix, last = model.split("/")
+    if ":" not in last:
+        last = f"{last}:latest"
+    if not prefix:
+        prefix = [DEFAULT_REGISTRY, DEFAULT_NAMESPACE]
+    elif len(prefix) == 1:
+        prefix = [DEFAULT_REGISTRY, *prefix]
+    return "/".join([*prefix, last])
+
+
+def tools_unsupported_error(model: str) -> str:
+    """Ollama 0.17.4's 400 text for tools sent to a model without the tools capability."""
+    return f"{qualified_model_name(model)} does not support tools"
 
 
 # --------------------------------------------------------------------------- replies
@@ -257,23 +309,42 @@ def generate_load(model: str, created_at: str, done_reason: str = "load") -> dic
     }
 
 
-def chat_chunk(model: str, created_at: str, content: str) -> dict[str, Any]:
+def assistant_message(content: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """api.Message as Ollama writes it: content always there, tool_calls only when there are some."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def chat_chunk(
+    model: str, created_at: str, content: str, tool_calls: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A streamed chat chunk: a piece of text, or (content "") a whole tool call."""
     return {
         "model": model,
         "created_at": created_at,
-        "message": {"role": "assistant", "content": content},
+        "message": assistant_message(content, tool_calls),
         "done": False,
     }
 
 
 def chat_final(
-    model: str, created_at: str, content: str, done_reason: str, stats: GenerationStats
+    model: str,
+    created_at: str,
+    content: str,
+    done_reason: str,
+    stats: GenerationStats,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Last chat object: empty message content when streamed, the full text otherwise."""
+    """Last chat object: empty message content when streamed, the full text otherwise.
+
+    Not streamed, the message also holds the tool calls (streamed, they came in earlier chunks).
+    """
     return {
         "model": model,
         "created_at": created_at,
-        "message": {"role": "assistant", "content": content},
+        "message": assistant_message(content, tool_calls),
         "done": True,
         "done_reason": done_reason,
         **stats.as_dict(),
@@ -454,12 +525,27 @@ class SimulatorStats:
     tokens_generated: int = 0
     active: int = 0
     max_concurrent: int = 0
+    body_limit: int = RECORDED_BODIES  # bodies kept per endpoint path; 0 keeps none
+    # The newest request bodies (parsed JSON, as sent) by endpoint path, oldest first.
+    received_bodies: dict[str, deque[Any]] = field(default_factory=dict)
     # Monotonic arrival times of generate/chat requests, newest last, so a benchmark or
     # test can check rate limits at the endpoint side; bounded to keep memory flat.
     arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_ARRIVALS))
 
     def record_arrival(self, now: float) -> None:
         self.arrivals.append(now)
+
+    def record_body(self, path: str, body: Any) -> None:
+        """Keep ``body`` (bounded per path) so a test can check what reached the "model server"."""
+        if self.body_limit <= 0:
+            return
+        if path not in self.received_bodies:
+            self.received_bodies[path] = deque(maxlen=self.body_limit)
+        self.received_bodies[path].append(body)
+
+    def bodies(self, path: str) -> list[Any]:
+        """The kept bodies of ``path``, oldest first."""
+        return list(self.received_bodies.get(path, ()))
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-friendly copy (served at GET /simulator/stats)."""
@@ -475,4 +561,5 @@ class SimulatorStats:
             "active": self.active,
             "max_concurrent": self.max_concurrent,
             "arrivals": list(self.arrivals),
+            "received_bodies": {path: list(bodies) for path, bodies in self.received_bodies.items()},
         }

@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from localdev.simulator import conversation
+from localdev.simulator.conversation import Answer
 from localdev.simulator.model import (
     BUSY_ERROR,
     FAILURE_ERROR,
@@ -28,6 +30,7 @@ from localdev.simulator.model import (
     SIMULATOR_HEADER_VALUE,
     VERSION,
     Admission,
+    ApiError,
     GenerationStats,
     SimulatorConfig,
     SimulatorStats,
@@ -42,18 +45,18 @@ from localdev.simulator.model import (
     generate_chunk,
     generate_final,
     generate_load,
-    last_user_content,
     not_found_error,
     prompt_token_count,
     ps_response,
-    reply_tokens,
     resolve_model,
     rfc3339,
     should_fail,
     tags_response,
     tokenize,
+    tools_unsupported_error,
 )
-from nexus.errors import NexusError
+
+__all__ = ["ApiError", "RunningSimulator", "SimulatorState", "create_app", "serve", "start_server"]
 
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))  # like Go
 
@@ -72,21 +75,13 @@ class SimulatorState:
         return cls(
             config=config,
             slots=SlotQueue(config.parallel, config.max_queue),
+            stats=SimulatorStats(body_limit=config.record_bodies),
             rng=random.Random(config.seed),
         )
 
 
 STATE_KEY = web.AppKey("simulator_state", SimulatorState)
 STATS_KEY = web.AppKey("simulator_stats", SimulatorStats)
-
-
-class ApiError(NexusError):
-    """Raised by handlers; the middleware turns it into Ollama's ``{"error": ...}`` body."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _now() -> str:
@@ -131,6 +126,7 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"invalid JSON body: {exc}") from None
+    request.app[STATS_KEY].record_body(request.path, body)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -148,34 +144,31 @@ def _requested_model(body: dict[str, Any], state: SimulatorState) -> str:
     return model
 
 
-def _optional_str(body: dict[str, Any], key: str) -> str | None:
+def _optional_str(body: dict[str, Any], key: str, struct: str = "GenerateRequest") -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
-        raise ApiError(400, f"'{key}' must be a string")
+        raise conversation.unmarshal_error(value, f"{struct}.{key}", "string")
     return value
 
 
-def _stream_flag(body: dict[str, Any]) -> bool:
+def _stream_flag(body: dict[str, Any], struct: str = "GenerateRequest") -> bool:
     value = body.get("stream")
     if value is None:
         return True
     if not isinstance(value, bool):
-        raise ApiError(400, "'stream' must be a boolean")
+        raise conversation.unmarshal_error(value, f"{struct}.stream", "bool")
     return value
 
 
-def _num_predict(body: dict[str, Any]) -> int | None:
-    options = body.get("options")
-    if options is None:
-        return None
-    if not isinstance(options, dict):
-        raise ApiError(400, "'options' must be an object")
-    value = options.get("num_predict")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, "'options.num_predict' must be an integer")
-    return int(value)
+def _refuse_thinking(model: str, body: dict[str, Any]) -> None:
+    refusal = conversation.thinking_refused(model, body.get("think"))
+    if refusal is not None:
+        raise refusal
+
+
+def _unloading(keep_alive: float | None) -> bool:
+    """keep_alive 0 with nothing to answer is Ollama's "unload the model now"."""
+    return keep_alive == 0
 
 
 def _release(state: SimulatorState) -> None:
@@ -213,8 +206,14 @@ async def _slot(state: SimulatorState) -> AsyncIterator[None]:
         _release(state)
 
 
-ChunkFn = Callable[[str, str], dict[str, Any]]
-FinalFn = Callable[[str, str, GenerationStats], dict[str, Any]]
+ToolCalls = list[dict[str, Any]]
+ChunkFn = Callable[[str, str, ToolCalls], dict[str, Any]]
+FinalFn = Callable[[str, str, GenerationStats, ToolCalls], dict[str, Any]]
+
+
+def _pieces(answer: Answer) -> list[tuple[str, ToolCalls]]:
+    """What each streamed chunk carries: a token of text, or one whole tool call (content "")."""
+    return [(token, []) for token in answer.tokens] + [("", [call]) for call in answer.tool_calls]
 
 
 async def _generate(
@@ -222,42 +221,43 @@ async def _generate(
     state: SimulatorState,
     *,
     stream: bool,
-    tokens: list[str],
+    answer: Answer,
     prompt_eval_count: int,
     started: int,
     chunk: ChunkFn,
     final: FinalFn,
 ) -> web.StreamResponse:
-    """Pace tokens by ttft/tokens_per_s inside a slot; NDJSON if streaming, else one object."""
+    """Pace the answer by ttft/tokens_per_s inside a slot; NDJSON if streaming, else one object."""
     config = state.config
     loop = asyncio.get_running_loop()
+    pieces = _pieces(answer)
     async with _slot(state):
         t0 = loop.time()
         if not stream:
-            delay = config.generation_seconds(len(tokens))
+            delay = config.generation_seconds(len(pieces))
             if delay > 0:
                 try:
                     await asyncio.sleep(delay)
                 except asyncio.CancelledError:
                     state.stats.disconnects += 1
                     raise
-            stats = compute_stats(config, prompt_eval_count, len(tokens), _elapsed_ns(started))
-            state.stats.tokens_generated += len(tokens)
-            return _json(final(_now(), "".join(tokens), stats))
+            stats = compute_stats(config, prompt_eval_count, answer.eval_count, _elapsed_ns(started))
+            state.stats.tokens_generated += answer.eval_count
+            return _json(final(_now(), answer.text, stats, list(answer.tool_calls)))
 
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            for i, token in enumerate(tokens):
+            for i, (text, calls) in enumerate(pieces):
                 due = t0 + config.ttft_ms / 1000.0 + i * config.token_interval_s
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await response.write(_line(chunk(_now(), token)))
+                await response.write(_line(chunk(_now(), text, calls)))
                 state.stats.tokens_generated += 1
-            stats = compute_stats(config, prompt_eval_count, len(tokens), _elapsed_ns(started))
-            await response.write(_line(final(_now(), "", stats)))
+            stats = compute_stats(config, prompt_eval_count, answer.eval_count, _elapsed_ns(started))
+            await response.write(_line(final(_now(), "", stats, [])))
             await response.write_eof()
         except ConnectionResetError:
             state.stats.disconnects += 1  # client went away; the slot is freed by _slot
@@ -285,86 +285,85 @@ def _maybe_fail(state: SimulatorState) -> None:
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
+    """POST /api/generate, checked in Ollama's order: the body's types (400), the model (404),
+    unload/load calls, options (500), then ``format`` (500) when the runner would start."""
     started = time.perf_counter_ns()
     state = request.app[STATE_KEY]
     state.stats.record_arrival(time.monotonic())
     body = await _read_body(request)
-    model = _requested_model(body, state)
+    stream = _stream_flag(body)
     prompt = _optional_str(body, "prompt") or ""
     system = _optional_str(body, "system")
-    stream = _stream_flag(body)
-    num_predict = _num_predict(body)
-    if not prompt and not body.get("images"):
-        keep_alive = body.get("keep_alive")
-        reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
-        return _json(generate_load(model, _now(), reason))
+    conversation.images(body.get("images"), "GenerateRequest.images")
+    keep_alive = conversation.keep_alive_seconds(body.get("keep_alive"))
+    options = conversation.options_object(body, "GenerateRequest")
+    model = _requested_model(body, state)
+    if not prompt and _unloading(keep_alive):
+        return _json(generate_load(model, _now(), "unload"))
+    _refuse_thinking(model, body)
+    parsed_options = conversation.parse_options(options)
+    if not prompt:  # Ollama loads the model and answers nothing, even when images came along
+        return _json(generate_load(model, _now(), "load"))
     _maybe_fail(state)
+    answer_format = conversation.parse_format(body.get("format"))
 
-    tokens, done_reason = reply_tokens(model, prompt, system, num_predict)
+    answer = conversation.generate_answer(model, prompt, answer_format, parsed_options)
     prompt_tokens = tokenize(prompt)
 
-    def final(created_at: str, text: str, stats: GenerationStats) -> dict[str, Any]:
-        ctx = context_ids(prompt_tokens + tokens)
-        return generate_final(model, created_at, text, done_reason, ctx, stats)
+    def final(created_at: str, text: str, stats: GenerationStats, _calls: ToolCalls) -> dict[str, Any]:
+        ctx = context_ids(prompt_tokens + list(answer.tokens))
+        return generate_final(model, created_at, text, answer.done_reason, ctx, stats)
 
     response = await _generate(
         request,
         state,
         stream=stream,
-        tokens=tokens,
+        answer=answer,
         prompt_eval_count=prompt_token_count(prompt, system),
         started=started,
-        chunk=lambda created_at, text: generate_chunk(model, created_at, text),
+        chunk=lambda created_at, text, _calls: generate_chunk(model, created_at, text),
         final=final,
     )
     state.stats.served_by_model[model] += 1
     return response
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    messages = body.get("messages")
-    if messages is None:
-        return []
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "'messages' must be a list of objects")
-    for message in messages:
-        if not isinstance(message.get("role"), str):
-            raise ApiError(400, "every message needs a string 'role'")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise ApiError(400, "message 'content' must be a string")
-    return messages
-
-
 async def handle_chat(request: web.Request) -> web.StreamResponse:
+    """POST /api/chat, checked in Ollama's order (see handle_generate); tools offered to a model
+    configured with ``no_tools`` are Ollama's 400, even with no messages."""
     started = time.perf_counter_ns()
     state = request.app[STATE_KEY]
     state.stats.record_arrival(time.monotonic())
     body = await _read_body(request)
+    stream = _stream_flag(body, "ChatRequest")
+    turns = conversation.messages(body)
+    offered = conversation.tools(body)
+    keep_alive = conversation.keep_alive_seconds(body.get("keep_alive"))
+    options = conversation.options_object(body, "ChatRequest")
     model = _requested_model(body, state)
-    messages = _messages(body)
-    stream = _stream_flag(body)
-    num_predict = _num_predict(body)
-    if not messages:
-        keep_alive = body.get("keep_alive")
-        reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
-        return _json(chat_load(model, _now(), reason))
+    if not turns and _unloading(keep_alive):
+        return _json(chat_load(model, _now(), "unload"))
+    _refuse_thinking(model, body)
+    if offered and not state.config.supports_tools(model):
+        served = resolve_model(model, state.config.models) or model
+        raise ApiError(400, tools_unsupported_error(served))
+    parsed_options = conversation.parse_options(options)
+    if not turns:
+        return _json(chat_load(model, _now(), "load"))
     _maybe_fail(state)
+    answer_format = conversation.parse_format(body.get("format"))
 
-    system = "\n".join(str(m.get("content") or "") for m in messages if m["role"] == "system")
-    tokens, done_reason = reply_tokens(model, last_user_content(messages), system, num_predict)
-    history = [str(m.get("content") or "") for m in messages]
-
+    answer = conversation.chat_answer(model, turns, offered, answer_format, parsed_options)
     response = await _generate(
         request,
         state,
         stream=stream,
-        tokens=tokens,
-        prompt_eval_count=prompt_token_count(*history),
+        answer=answer,
+        prompt_eval_count=prompt_token_count(*conversation.history_texts(turns)),
         started=started,
-        chunk=lambda created_at, text: chat_chunk(model, created_at, text),
-        final=lambda created_at, text, stats: chat_final(
-            model, created_at, text, done_reason, stats
+        chunk=lambda created_at, text, calls: chat_chunk(model, created_at, text, calls),
+        final=lambda created_at, text, stats, calls: chat_final(
+            model, created_at, text, answer.done_reason, stats, calls
         ),
     )
     state.stats.served_by_model[model] += 1
@@ -400,7 +399,7 @@ async def handle_embeddings_legacy(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body = await _read_body(request)
     model = _requested_model(body, state)
-    prompt = _optional_str(body, "prompt") or ""
+    prompt = _optional_str(body, "prompt", "EmbeddingRequest") or ""
     async with _slot(state):
         vector = embedding(model, prompt) if prompt else []
     state.stats.served_by_model[model] += 1
@@ -511,7 +510,8 @@ def banner(config: SimulatorConfig, url: str) -> str:
         f"*** Nexus Ollama SIMULATOR on {url} — answers are SIMULATED, not from a real "
         f"model (models: {', '.join(config.models)}; ttft {config.ttft_ms:g} ms, "
         f"{config.tokens_per_s:g} tok/s, parallel {config.parallel}, "
-        f"max queue {config.max_queue}, fail rate {config.fail_rate:g}) ***"
+        f"max queue {config.max_queue}, fail rate {config.fail_rate:g}"
+        f"{'; no tools: ' + ', '.join(config.no_tools) if config.no_tools else ''}) ***"
     )
 
 

@@ -25,7 +25,7 @@ from nexus.settings import Settings
 from nexus.tasks import Background, TaskState
 
 from producers.gateway import access as access_http
-from producers.client import RequestProducer, SubmitError
+from producers.client import RequestProducer, RequestTooLarge, SubmitError
 from producers.gateway.dropin import add_dropin_routes
 from producers.gateway.models import EndpointStateReader
 from producers.gateway.page import add_page_routes
@@ -116,6 +116,9 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         started = time.perf_counter()
         try:
             await app[PRODUCER].submit(infer_request)
+        except RequestTooLarge as exc:  # refused before producing: nothing was written
+            metrics.requests.labels(model=infer_request.model_id, code="413").inc()
+            return _error(413, str(exc))
         except SubmitError as exc:
             metrics.requests.labels(model=infer_request.model_id, code="503").inc()
             return _error(503, str(exc))

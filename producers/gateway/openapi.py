@@ -14,7 +14,17 @@ from aiohttp import web
 
 from nexus.settings import Settings
 from schemas import CACHE_POLICIES
-from schemas.limits import MAX_ID_LENGTH, MAX_SEED, MAX_SESSION_ID_LENGTH, MAX_TIMEOUT_MS, MAX_TOKENS, MIN_SEED
+from schemas.limits import (
+    MAX_ID_LENGTH,
+    MAX_IMAGE_BYTES,
+    MAX_RECORD_BYTES,
+    MAX_SEED,
+    MAX_SESSION_ID_LENGTH,
+    MAX_TIMEOUT_MS,
+    MAX_TOKENS,
+    MIN_SEED,
+)
+from schemas.validation import OPTION_FIELDS, ROLES, TOOL_CHOICES
 
 from producers.gateway.access import is_open
 from producers.gateway.dropin import dropin_parameters, dropin_paths, dropin_schemas
@@ -66,7 +76,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                         "202": _json("Submitted", "Kafka acknowledged the request; it will be answered."),
                         "400": _error("The body is not JSON, or a field is missing, unknown or invalid."),
                         "404": _error(f"Unknown `model_id`; this gateway routes {', '.join(models) or 'none'}."),
-                        "413": _error(f"The body is larger than {max_body} bytes."),
+                        "413": _error(f"The body is larger than {max_body} bytes, the images of the request "
+                                      f"total more than {MAX_IMAGE_BYTES} bytes (decoded), or the encoded request "
+                                      f"is over {MAX_RECORD_BYTES} bytes: a request must fit one Kafka record. "
+                                      "Nothing was written."),
                         "503": _error("Kafka did not acknowledge the request in time; it may not be written."),
                         "default": _error("Any other error, e.g. 405 for another method."),
                     },
@@ -119,7 +132,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             **dropin_paths(),  # Ollama's /api/* and OpenAI's /v1/* (docs/drop-in.md)
         },
         "components": {
-            "schemas": {**_schemas(models), **dropin_schemas()},
+            "schemas": _merged(_schemas(models), dropin_schemas()),
             "parameters": dropin_parameters(),
             "securitySchemes": {BEARER_SCHEME: {
                 "type": "http", "scheme": "bearer",
@@ -159,13 +172,53 @@ def _schemas(models: list[str]) -> dict[str, Any]:
         "InferRequest": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["model_id", "input"],
+            "required": ["model_id"],
+            "anyOf": [  # a prompt, or a conversation
+                {"required": ["input"], "properties": {"input": {"type": "string"}, "messages": {"maxItems": 0}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1},
+                                                          "input": {"type": ["null", "string"], "maxLength": 0}}},
+            ],
+            "description": "A prompt (`input`) or a conversation (`messages`), not both.",
             "properties": {
                 "id": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ID_LENGTH,
                        "description": "Request id; generated when absent. The response carries it."},
                 "model_id": {"type": "string", "minLength": 1, "examples": models,
                              "description": "One of the models of `GET /models`; others are answered 404."},
-                "input": {"type": "string", "description": "The prompt, sent to the model untouched."},
+                "input": {"type": ["string", "null"],
+                          "description": "The prompt, sent to the model untouched (the backend's generate API). "
+                          "Required unless `messages` is given; with `messages`, absent, null or \"\"."},
+                "messages": {"type": ["array", "null"], "items": _ref("InferMessage"),
+                             "description": "A conversation, oldest turn first, sent to the backend's chat API so "
+                             "the model's chat template sees the roles. The request's `input` (audit trail) is "
+                             f"then the last user turn's text. All its images together: at most {MAX_IMAGE_BYTES} "
+                             "bytes decoded (413). `[]` is the same as absent."},
+                "tools": {"type": ["array", "null"], "items": _ref("InferTool"),
+                          "description": "Functions the model may call (with `messages` only); names are unique."},
+                "tool_choice": {
+                    "anyOf": [
+                        {"type": "string", "minLength": 1,
+                         "description": f"One of {list(TOOL_CHOICES)} or one tool's name."},
+                        {"type": "object", "additionalProperties": False, "required": ["function"],
+                         "properties": {"type": {"const": "function"},
+                                        "function": {"type": "object", "additionalProperties": False,
+                                                     "required": ["name"],
+                                                     "properties": {"name": {"type": "string", "minLength": 1}}}},
+                         "description": "OpenAI's form of one tool's name."},
+                        {"type": "null"},
+                    ],
+                    "description": "Which tools the model may call; only with `tools`. Absent: the backend's default.",
+                },
+                "format": {
+                    "anyOf": [{"const": "json"}, {"const": ""}, {"type": "object"}, {"type": "null"}],
+                    "description": "The answer's form: `\"json\"` (any JSON value) or a JSON schema object the answer "
+                    "must match (Ollama enforces it by constrained decoding); absent: free text.",
+                },
+                "keep_alive": {
+                    "anyOf": [{"type": "string", "maxLength": 64}, {"type": "number"}, {"type": "null"}],
+                    "description": "How long the backend keeps the model loaded after this request, as Ollama "
+                    "takes it: a duration (`\"5m\"`, `\"1h30m\"`, `\"0\"` unloads at once, negative keeps it "
+                    "loaded) or a number of seconds.",
+                },
                 "context": {
                     "type": ["object", "null"],
                     "additionalProperties": False,
@@ -177,15 +230,7 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                     },
                 },
-                "options": {
-                    "type": ["object", "null"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "temperature": {"type": ["number", "null"], "minimum": 0},
-                        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS},
-                        "seed": {"type": ["integer", "null"], "minimum": MIN_SEED, "maximum": MAX_SEED},
-                    },
-                },
+                "options": _ref("InferOptions"),
                 "stream": {"type": "boolean", "default": False,
                            "description": "Also publish the answer's chunks on inference.tokens."},
                 "cache": {"enum": list(CACHE_POLICIES), "default": "default",
@@ -195,6 +240,141 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "timeout_ms": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TIMEOUT_MS,
                                "description": "The request's deadline, from now; unanswered by then, it is "
                                "answered as expired."},
+            },
+        },
+        "InferOptions": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "description": "How the model samples, as Ollama's `options` and OpenAI's body fields of the same "
+            "names say; absent keys are the backend's defaults. Any other key is refused (400): give other "
+            "backend options in `extra`.",
+            "properties": {
+                "temperature": {"type": ["number", "null"], "minimum": 0},
+                "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS,
+                               "description": "Ollama's num_predict; OpenAI's max_tokens."},
+                "seed": {"type": ["integer", "null"], "minimum": MIN_SEED, "maximum": MAX_SEED},
+                "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "top_k": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOKENS},
+                "min_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "stop": {"anyOf": [{"type": "string", "minLength": 1},
+                                   {"type": "array", "items": {"type": "string", "minLength": 1}},
+                                   {"type": "null"}],
+                         "description": "Stop sequences: one string or a list."},
+                "num_ctx": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS,
+                            "description": "The context window (Ollama)."},
+                "repeat_penalty": {"type": ["number", "null"], "minimum": 0},
+                "presence_penalty": {"type": ["number", "null"]},
+                "frequency_penalty": {"type": ["number", "null"]},
+                "extra": {"type": ["object", "null"],
+                          "description": "Any other backend option (Ollama's `mirostat`, `num_gpu`...; an "
+                          "OpenAI-compatible server's extra body fields), passed on as given. Its keys may not "
+                          f"be the options above ({', '.join(OPTION_FIELDS[:-1])})."},
+            },
+        },
+        "InferMessage": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["role"],
+            "description": "One turn of a conversation (Ollama's message shape). The `message` of an answer "
+            "can be appended as it is.",
+            "properties": {
+                "role": {"enum": list(ROLES)},
+                "content": {"type": ["string", "null"], "description": "The turn's text; null or absent is \"\"."},
+                "images": {"type": ["array", "null"], "items": {"type": "string", "contentEncoding": "base64"},
+                           "description": "Image files, base64 (a `data:...;base64,` URL too)."},
+                "tool_calls": {"type": ["array", "null"], "items": _ref("InferToolCall"),
+                               "description": "An assistant turn's calls."},
+                "tool_name": {"type": ["string", "null"],
+                              "description": "A tool turn: the function whose result `content` is."},
+                "tool_call_id": {"type": ["string", "null"],
+                                 "description": "A tool turn: the id of the call it answers (OpenAI backends)."},
+            },
+        },
+        "InferToolCall": {
+            "description": "A call an assistant turn made: `{id?, name, arguments}` (the shape answers have) or "
+            "Ollama's and OpenAI's `{id?, type?, function: {name, arguments}}`. `arguments` is an object, or "
+            "a JSON object's text as OpenAI sends it; absent, `{}`.",
+            "anyOf": [
+                {"type": "object", "additionalProperties": False, "required": ["name"],
+                 "properties": {"id": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                                "type": {"const": "function"},
+                                "name": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                                "arguments": {"type": ["object", "string", "null"]}}},
+                {"type": "object", "additionalProperties": False, "required": ["function"],
+                 "properties": {"id": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                                "type": {"const": "function"},
+                                "function": {"type": "object", "additionalProperties": False, "required": ["name"],
+                                             "properties": {
+                                                 "name": {"type": "string", "minLength": 1,
+                                                          "maxLength": MAX_ID_LENGTH},
+                                                 "arguments": {"type": ["object", "string", "null"]},
+                                                 "index": {"type": ["integer", "null"]}}}}},
+            ],
+        },
+        "InferTool": {
+            "description": "A function the model may call: `{name, description?, parameters?}` or OpenAI's and "
+            "Ollama's `{type: \"function\", function: {name, description?, parameters?}}`; `parameters` is a JSON "
+            "schema object (absent: `{}`).",
+            "anyOf": [
+                {"type": "object", "additionalProperties": False, "required": ["name"],
+                 "properties": {"type": {"const": "function"}, **_function_properties()}},
+                {"type": "object", "additionalProperties": False, "required": ["function"],
+                 "properties": {"type": {"const": "function"},
+                                "function": {"type": "object", "additionalProperties": False, "required": ["name"],
+                                             "properties": _function_properties()}}},
+            ],
+        },
+        "AnswerToolCall": {
+            "type": "object",
+            "required": ["id", "name", "arguments"],
+            "description": "A function the model asks the caller to run.",
+            "properties": {
+                "id": {"type": ["string", "null"], "description": "The backend's id (OpenAI); null from Ollama."},
+                "name": {"type": "string"},
+                "arguments": {"description": "An object (a JSON object's text if the model wrote something else)."},
+            },
+        },
+        "AnswerMessage": {
+            "type": "object",
+            "required": ["role", "content"],
+            "description": "The answer as a conversation turn: append it to `messages` for the next turn.",
+            "properties": {
+                "role": {"const": "assistant"},
+                "content": {"type": "string"},
+                "tool_calls": {"type": "array", "items": _ref("AnswerToolCall"), "description": "Absent when none."},
+            },
+        },
+        "InferenceResponse": {
+            "type": "object",
+            "required": ["id", "model_id", "status", "context", "output", "tool_calls", "message"],
+            "description": "An answer as JSON, as the bridge's `result` frames, `nexus submit --json` and "
+            "`nexus replay` show it (the Avro record on inference.responses has the same fields, less "
+            "`message`). Further fields may be added.",
+            "properties": {
+                "id": {"type": "string"},
+                "model_id": {"type": "string"},
+                "status": {"enum": ["ok", "error"]},
+                "context": {"type": "object"},
+                "output": {"type": "string", "description": "The answer's text (may be \"\" with tool calls)."},
+                "tool_calls": {"type": "array", "items": _ref("AnswerToolCall")},
+                "message": _ref("AnswerMessage"),
+                "error": {"type": ["string", "null"]},
+                "error_kind": {"type": ["string", "null"],
+                               "description": "`model_not_found`, `bad_request` (the backend refused the request, "
+                               "e.g. tools for a model without tool support; `error` is its message)..."},
+                "done_reason": {"type": ["string", "null"]},
+            },
+        },
+        "InferenceToken": {
+            "type": "object",
+            "required": ["id", "seq", "text"],
+            "description": "A streamed chunk, as the bridge's `token` frames show it: `tool_calls` (each call "
+            "whole) only when the chunk carries some; `text` may then be \"\".",
+            "properties": {
+                "id": {"type": "string"},
+                "seq": {"type": "integer"},
+                "text": {"type": "string"},
+                "tool_calls": {"type": "array", "items": _ref("AnswerToolCall")},
             },
         },
         "Submitted": {
@@ -256,6 +436,22 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "max_rps": {"type": ["number", "null"]},
             },
         },
+    }
+
+
+def _merged(own: dict[str, Any], dropin: dict[str, Any]) -> dict[str, Any]:
+    """The components of both; a name defined twice would silently lose one, so it is an error."""
+    both = sorted(set(own) & set(dropin))
+    if both:
+        raise ValueError(f"OpenAPI component schemas defined twice: {both}")
+    return {**own, **dropin}
+
+
+def _function_properties() -> dict[str, Any]:
+    return {
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+        "description": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"], "description": "A JSON schema of the arguments."},
     }
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from nexus.settings import ModelSettings
-from schemas import InferenceRequest
+from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
+
+# The options a key always had; any other option joins the key only when set (see cache_key).
+_FIRST_OPTIONS = ("temperature", "max_tokens", "seed")
 
 
 @dataclass(frozen=True)
@@ -22,31 +26,86 @@ class CacheEntry:
     done_reason: str | None
     endpoint: str | None
     expires_at: float  # epoch seconds
+    tool_calls: tuple[ToolCall, ...] = ()  # the assistant message is output plus these
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        value = asdict(self)
+        if not self.tool_calls:
+            del value["tool_calls"]  # as entries were before tool calls: a worker not upgraded yet reads it
+        return json.dumps(value, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CacheEntry":
-        return cls(**json.loads(data))
+        """An entry as any worker wrote it: without ``tool_calls`` (older ones), or with fields a
+        newer one added (left out)."""
+        value = json.loads(data)
+        calls = tuple(ToolCall.from_avro(c) for c in value.pop("tool_calls", None) or ())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known}, tool_calls=calls)
 
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
 
 
 def cache_key(request: InferenceRequest) -> bytes:
-    """Model, prompt, context and options: everything that shapes the answer."""
-    material = json.dumps(
-        [
-            request.model_id,
-            request.input,
-            request.context.session_id,
-            sorted(request.context.metadata.items()),
-            [request.options.temperature, request.options.max_tokens, request.options.seed],
-        ],
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(material.encode()).hexdigest().encode()
+    """Model, prompt, context and options: everything that shapes the answer.
+
+    A conversation's turns, its tools, tool choice and format, and options beyond temperature,
+    max tokens and seed join the key only when the request has them, so a plain prompt's key
+    is the one it always was and the entries already cached stay valid. ``keep_alive`` (how long
+    the model stays loaded) shapes no answer and is left out.
+    """
+    material: list[Any] = [
+        request.model_id,
+        request.input,
+        request.context.session_id,
+        sorted(request.context.metadata.items()),
+        [request.options.temperature, request.options.max_tokens, request.options.seed],
+    ]
+    shape = answer_shape(request)
+    if shape:
+        material.append(shape)
+    return hashlib.sha256(json.dumps(material, ensure_ascii=False).encode()).hexdigest().encode()
+
+
+def answer_shape(request: InferenceRequest) -> dict[str, Any]:
+    """What beyond a plain prompt shapes the answer, as JSON values; empty for a plain prompt."""
+    shape: dict[str, Any] = {}
+    if request.messages:
+        shape["messages"] = [_message_material(m) for m in request.messages]
+    if request.tools:
+        shape["tools"] = [[t.name, t.description, t.parameters] for t in request.tools]
+    if request.tool_choice is not None:
+        shape["tool_choice"] = request.tool_choice
+    if request.format is not None:
+        shape["format"] = request.format
+    options = _options_material(request.options)
+    if options:
+        shape["options"] = options
+    return shape
+
+
+def _message_material(message: Message) -> list[Any]:
+    """A turn as key material; an image by its digest (the same bytes, the same key, less to hash twice)."""
+    return [
+        message.role,
+        message.content,
+        [hashlib.sha256(image).hexdigest() for image in message.images],
+        [[c.name, c.arguments, c.id] for c in message.tool_calls],
+        message.tool_name,
+        message.tool_call_id,
+    ]
+
+
+def _options_material(options: InferenceOptions) -> dict[str, Any]:
+    """The options set beyond the first three, by name: any option added later joins the key too."""
+    defaults = InferenceOptions()
+    out: dict[str, Any] = {}
+    for f in fields(InferenceOptions):
+        value = getattr(options, f.name)
+        if f.name not in _FIRST_OPTIONS and value != getattr(defaults, f.name):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def should_look_up(request: InferenceRequest, model: ModelSettings) -> bool:

@@ -7,6 +7,11 @@ not count. Against endpoints that are all down, a request then waits for a recov
 (their circuits open) until its deadline instead of failing at once; with a fallback
 model it goes there as soon as every circuit of its own model is open.
 
+A backend that refuses the request (its 400: tools for a model without tool support, a
+schema it cannot follow) says the request is wrong, not the endpoint: the calls end at once,
+no retry, no fallback, its circuit untouched, and the request is answered as a bad request
+with the backend's own words.
+
 An endpoint that answers "model not found" did no model work either: the model goes to
 its other endpoints (that endpoint's inventory is asked again at once, see
 :mod:`~streams.answering.residency`), then to the fallback. When no endpoint of any model
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from nexus.settings import ModelSettings
-from schemas import InferenceRequest
+from schemas import InferenceRequest, ToolCall
 
 from streams.answering.clock import Clock
 from streams.answering.prompt import PromptTemplate
@@ -39,7 +44,9 @@ class TokenSink(Protocol):
 
     started: bool  # a chunk was given: the answer can no longer be retried elsewhere
 
-    async def chunk(self, text: str, *, flush: bool = False) -> None: ...
+    async def chunk(self, text: str, tool_calls: tuple[ToolCall, ...] = (), *, flush: bool = False) -> None:
+        """Add a chunk: its text (may be "") and the tool calls that came with it."""
+        ...
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Called:
     expired: bool = False  # the deadline passed first
     nowhere: list[str] = field(default_factory=list)  # models tried that no endpoint has
     models_tried: int = 0
+    bad_request: str | None = None  # the backend refused the request: its own words
 
     @property
     def model_not_found(self) -> bool:
@@ -115,6 +123,8 @@ class Caller:
                     called.generation, called.url = answered
                     called.model = model
                     return called
+                if called.bad_request is not None:
+                    break  # the request's fault: the fallback would be asked the same
                 if sink is not None and sink.started:
                     break  # chunks are out: a second answer would not concatenate to one output
         except Expired:
@@ -162,6 +172,12 @@ class Caller:
                 generation = await self._attempt(slot, request, model, deadline, sink)
             except BackendError as exc:
                 reasons.append(str(exc))
+                if exc.bad_request:
+                    # What the request asks, the backend refuses: no endpoint is to blame, none would do it.
+                    slot.failed(str(exc), counts_against_endpoint=False)
+                    self._record_failure(model, slot)
+                    called.bad_request = exc.client_message
+                    return None, attempts - 1
                 if self._clock() >= deadline - DEADLINE_SLACK_S:
                     # The sender's deadline cut the call short: not the endpoint's fault.
                     slot.failed(str(exc), counts_against_endpoint=False)
@@ -206,9 +222,8 @@ class Caller:
         return await self._backend.generate(
             slot.url,
             model.id,
-            request.input,
+            request,
             self._template.system_prompt(request.context),
-            request.options,
             min(model.timeout_s, max(0.001, deadline - self._clock())),
             sink.chunk if sink is not None else None,
             # Only a rate limit needs to know when the request went on the wire.

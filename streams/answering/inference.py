@@ -27,7 +27,7 @@ from typing import Protocol
 import aiohttp
 
 from nexus.settings import ModelSettings, Settings
-from schemas import MODEL_NOT_FOUND, InferenceRequest, utcnow
+from schemas import BAD_REQUEST, MODEL_NOT_FOUND, InferenceRequest, utcnow
 
 from streams.answering import cache
 from streams.answering.calling import DEADLINE_SLACK_S, Called, Caller, TokenSink
@@ -173,14 +173,22 @@ class Inference:
 
     async def _from_cache(self, request: InferenceRequest, entry: cache.CacheEntry, sink: TokenSink | None) -> Answer:
         if sink is not None:
-            for piece in cache.chunks_of(entry.output):
-                # A cached answer is all there at once: one record per chunk, not one in all.
-                await sink.chunk(piece, flush=True)
+            pieces = cache.chunks_of(entry.output)
+            for i, piece in enumerate(pieces):
+                # A cached answer is all there at once: one record per chunk, not one in all;
+                # its tool calls come with the last, as a backend sends them after the text.
+                await sink.chunk(piece, entry.tool_calls if i == len(pieces) - 1 else (), flush=True)
         return self._responses.cached(request, entry)
 
     def _answer_of(self, request: InferenceRequest, model: ModelSettings, called: Called) -> Answer:
         if called.expired:
             return self.failed(request, self._expired_reason(model, called.reasons))
+        if called.bad_request is not None:
+            # The client gets the backend's own words; the dead letter says which endpoint said them.
+            return self._responses.failed(
+                request, called.bad_request, retries=called.retries, error_kind=BAD_REQUEST,
+                dead_letter_reason="; ".join(called.reasons),
+            )
         if called.generation is None or called.url is None:
             kind = MODEL_NOT_FOUND if called.model_not_found else None
             return self.failed(request, "; ".join(called.reasons), retries=called.retries, error_kind=kind)

@@ -42,6 +42,7 @@ class Responses:
             done_reason=generation.done_reason,
             time_to_first_token_ms=None if generation.ttft_s is None else round(generation.ttft_s * 1000),
             retries=retries,
+            tool_calls=generation.tool_calls,
         ))
 
     def cached(self, request: InferenceRequest, entry: cache.CacheEntry) -> Answer:
@@ -54,15 +55,23 @@ class Responses:
             completion_tokens=entry.completion_tokens,
             done_reason=entry.done_reason,
             cached=True,
+            tool_calls=entry.tool_calls,
         ))
 
     def failed(
-        self, request: InferenceRequest, reason: str, retries: int = 0, error_kind: str | None = None
+        self,
+        request: InferenceRequest,
+        reason: str,
+        retries: int = 0,
+        error_kind: str | None = None,
+        dead_letter_reason: str | None = None,
     ) -> Answer:
-        """An error answer for ``request``; it belongs in the dead-letter topic too. ``error_kind``
-        says what kind of error it is, when clients tell them apart (``MODEL_NOT_FOUND``)."""
+        """An error answer for ``request``; it belongs in the dead-letter topic too, as
+        ``dead_letter_reason`` (``reason`` unless told). ``error_kind`` says what kind of error it
+        is, when clients tell them apart (``MODEL_NOT_FOUND``, ``BAD_REQUEST``)."""
         return Answer(
-            self._response(request, status="error", error=reason, retries=retries, error_kind=error_kind), reason
+            self._response(request, status="error", error=reason, retries=retries, error_kind=error_kind),
+            dead_letter_reason or reason,
         )
 
     @staticmethod
@@ -75,6 +84,7 @@ class Responses:
             done_reason=response.done_reason,
             endpoint=response.endpoint,
             expires_at=time.time() + model.cache_ttl_s,
+            tool_calls=response.tool_calls,
         )
 
     def _response(self, request: InferenceRequest, **fields: Any) -> InferenceResponse:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 
 from nexus.settings import ENDPOINT_KINDS, Settings
-from schemas import InferenceOptions
+from schemas import InferenceRequest
 from streams.backends.base import Backend, Generation, Inventory, OnChunk, OnSent
 from streams.backends.ollama import OllamaBackend
 from streams.backends.openai import OpenAIBackend
@@ -57,15 +57,14 @@ class EndpointsBackend:
         self,
         endpoint: str,
         model: str,
-        prompt: str,
+        request: InferenceRequest,
         system: str,
-        options: InferenceOptions,
         timeout_s: float,
         on_chunk: OnChunk | None = None,
         on_sent: OnSent | None = None,
     ) -> Generation:
         return await self.backend(endpoint).generate(
-            endpoint, model, prompt, system, options, timeout_s, on_chunk, on_sent
+            endpoint, model, request, system, timeout_s, on_chunk, on_sent
         )
 
     async def probe(self, endpoint: str, timeout_s: float) -> bool:

@@ -26,18 +26,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Union
 
-from schemas import InferenceOptions
+from schemas import InferenceOptions, InferenceRequest, ToolCall
 from streams.answering.clock import Clock, SystemClock
-from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent
+from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
 
 
 @dataclass(frozen=True)
 class Reply:
-    """An answer; ``text`` is streamed as ``chunks`` (its words by default) when asked to stream.
-    ``None`` text echoes the call: ``[memory <model>] <prompt>``."""
+    """An answer; ``text`` is streamed as ``chunks`` (its words by default) when asked to stream,
+    then ``tool_calls`` in a chunk of their own (as Ollama streams them). ``None`` text echoes the
+    call: ``[memory <model>] <prompt>`` (a conversation's prompt is its last user turn)."""
 
     text: str | None = None
     chunks: tuple[str, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
     prompt_tokens: int = 1
     completion_tokens: int = 1
     done_reason: str | None = "stop"
@@ -54,6 +56,8 @@ class Failure:
     reached: bool = True
     chunks: tuple[str, ...] = ()  # streamed before the failure (a stream broken mid-way)
     missing_model: bool = False
+    bad_request: bool = False
+    reason: str | None = None  # the backend's own message
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ def server_error(status: int = 500, reason: str = "boom") -> Failure:
         f"answered {status}: {reason!r}",
         retryable=status in (408, 429) or status >= 500,
         busy=status == 429 or (status == 503 and "busy" in reason.lower()),
+        bad_request=is_bad_request(status),
+        reason=reason,
     )
 
 
@@ -92,7 +98,7 @@ def refused() -> Failure:
 
 
 def bad_request(reason: str = "invalid options") -> Failure:
-    """A 4xx: it would fail on any endpoint."""
+    """A 400: the request asks what the backend refuses; it would fail on any endpoint."""
     return server_error(400, reason)
 
 
@@ -102,11 +108,18 @@ class Call:
 
     endpoint: str
     model: str
-    prompt: str
+    request: InferenceRequest
     system: str
-    options: InferenceOptions
     timeout_s: float
     streamed: bool
+
+    @property
+    def prompt(self) -> str:
+        return self.request.input
+
+    @property
+    def options(self) -> InferenceOptions:
+        return self.request.options
 
 
 @dataclass
@@ -155,15 +168,14 @@ class MemoryBackend:
         self,
         endpoint: str,
         model: str,
-        prompt: str,
+        request: InferenceRequest,
         system: str,
-        options: InferenceOptions,
         timeout_s: float,
         on_chunk: OnChunk | None = None,
         on_sent: OnSent | None = None,
     ) -> Generation:
         e = self.endpoint(endpoint)
-        call = Call(endpoint, model, prompt, system, options, timeout_s, on_chunk is not None)
+        call = Call(endpoint, model, request, system, timeout_s, on_chunk is not None)
         e.calls.append(call)
         if e.inventory is not None and not e.inventory.has(model):
             step: Step = model_not_found(model)  # the script waits for a call it can answer
@@ -187,17 +199,19 @@ class MemoryBackend:
         if isinstance(step, Failure):
             if on_chunk is not None:
                 for piece in step.chunks:
-                    await on_chunk(piece)
+                    await on_chunk(piece, ())
             raise BackendError(
                 f"{call.endpoint} {step.message}", retryable=step.retryable, busy=step.busy, reached=step.reached,
-                missing_model=step.missing_model,
+                missing_model=step.missing_model, bad_request=step.bad_request, reason=step.reason,
             )
         text = step.text if step.text is not None else f"[memory {call.model}] {call.prompt}"
         ttft: float | None = None
         if on_chunk is not None:
             ttft = 0.0  # no time passes in here
             for piece in step.chunks if step.chunks is not None else _words(text):
-                await on_chunk(piece)
+                await on_chunk(piece, ())
+            if step.tool_calls:
+                await on_chunk("", step.tool_calls)
         return Generation(
             text=text,
             prompt_tokens=step.prompt_tokens,
@@ -205,6 +219,7 @@ class MemoryBackend:
             done_reason=step.done_reason,
             seconds=step.seconds,
             ttft_s=ttft,
+            tool_calls=step.tool_calls,
         )
 
     async def probe(self, endpoint: str, timeout_s: float) -> bool:

@@ -2,31 +2,41 @@
 
 For any server that speaks OpenAI's chat completions: vLLM, llama.cpp's server, TGI, LM
 Studio, Ollama's own ``/v1``. The endpoint is the server's base URL (``http://gpu1:8000``,
-without ``/v1``: the settings strip it). The model context is the system message, the
-user's input the user message, untouched. A streamed answer is read as server-sent events
-(``data: {...}`` lines, ending with ``data: [DONE]``) and asks for the usage in its last
-chunk (``stream_options.include_usage``), so token counts are known as they are for Ollama.
+without ``/v1``: the settings strip it). The model context is the system message; then a
+prompt is one user message, untouched, and a conversation its turns (images as ``data:``
+URLs, tool calls and results tied by id), with its tools, ``tool_choice`` and format
+(``response_format``). A streamed answer is read as server-sent events (``data: {...}``
+lines, ending with ``data: [DONE]``) and asks for the usage in its last chunk
+(``stream_options.include_usage``), so token counts are known as they are for Ollama; tool
+calls streamed in fragments are joined and passed on whole. ``finish_reason`` (``stop``,
+``length``, ``tool_calls``) is the response's ``done_reason`` as the server said it.
 
 Failures are classified as for Ollama: 429 and 503 mean busy (back off, don't open the
-circuit), 408 and 5xx may pass on another endpoint, other 4xx would fail anywhere, except a
-404 about the model (``model_not_found``, vLLM's "does not exist", Ollama's "not found"),
-which is ``missing_model``: another endpoint may have it.
+circuit), 408 and 5xx may pass on another endpoint, other 4xx would fail anywhere (400: a
+bad request, answered with the server's own message), except a 404 about the model
+(``model_not_found``, vLLM's "does not exist", Ollama's "not found"), which is
+``missing_model``: another endpoint may have it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from schemas import InferenceOptions
-from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent
+from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
+from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
+from streams.backends.wire import (
+    Unsendable, arguments_text, extra_options, function_tool, schema_of, tool_call, unsendable,
+)
 
-__all__ = ["OpenAIBackend", "openai_options"]
+__all__ = ["OpenAIBackend", "ToolCallJoiner", "chat_messages", "openai_options", "request_body", "status_error"]
 
 
 class OpenAIBackend:
@@ -39,19 +49,16 @@ class OpenAIBackend:
         self,
         endpoint: str,
         model: str,
-        prompt: str,
+        request: InferenceRequest,
         system: str,
-        options: InferenceOptions,
         timeout_s: float,
         on_chunk: OnChunk | None = None,
         on_sent: OnSent | None = None,
     ) -> Generation:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        body: dict[str, Any] = {"model": model, "messages": messages, "stream": on_chunk is not None,
-                                **openai_options(options)}
-        if on_chunk is not None:
-            body["stream_options"] = {"include_usage": True}
+        try:
+            body = request_body(model, request, system, stream=on_chunk is not None)
+        except Unsendable as exc:
+            raise unsendable(endpoint, exc) from None
         started = time.perf_counter()
         try:
             async with self._http.post(
@@ -102,15 +109,126 @@ class OpenAIBackend:
 
 
 def openai_options(options: InferenceOptions) -> dict[str, Any]:
-    """The request's options as chat-completions fields (Ollama's counterpart: ``ollama_options``)."""
-    out: dict[str, Any] = {}
-    if options.temperature is not None:
-        out["temperature"] = options.temperature
-    if options.max_tokens is not None:
-        out["max_tokens"] = options.max_tokens
-    if options.seed is not None:
-        out["seed"] = options.seed
+    """The request's options as chat-completions fields (Ollama's counterpart: ``ollama_options``):
+    ``extra`` first, the named fields over it.
+
+    Ollama's own ``top_k``, ``min_p``, ``repeat_penalty`` and ``num_ctx`` are not chat-completions
+    fields (OpenAI refuses unknown ones): a server that takes them (vLLM) gets them through ``extra``.
+    """
+    out = extra_options(options)
+    named: dict[str, Any] = {
+        "temperature": options.temperature,
+        "max_tokens": options.max_tokens,
+        "seed": options.seed,
+        "top_p": options.top_p,
+        "stop": list(options.stop) or None,
+        "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty,
+    }
+    out.update({k: v for k, v in named.items() if v is not None})
     return out
+
+
+def request_body(model: str, request: InferenceRequest, system: str, stream: bool) -> dict[str, Any]:
+    """The chat-completions body: Nexus's system prompt (when there is one), then the conversation,
+    or the prompt as one user message. Raises :class:`Unsendable` for a request whose JSON texts
+    are not what they should be. ``keep_alive`` has no chat-completions field: it is left out."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    if request.is_chat:
+        messages.extend(chat_messages(request.messages))
+    else:
+        messages.append({"role": "user", "content": request.input})
+    body = openai_options(request.options)
+    body.update({"model": model, "messages": messages, "stream": stream})
+    if request.tools:
+        body["tools"] = [function_tool(t) for t in request.tools]
+        if request.tool_choice is not None:
+            body["tool_choice"] = tool_choice(request.tool_choice)
+    if request.format is not None:
+        body["response_format"] = response_format(request.format)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def tool_choice(choice: str) -> str | dict[str, Any]:
+    """``auto``, ``none`` and ``required`` as they are; any other is the one function to call."""
+    if choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def response_format(format_: str) -> dict[str, Any]:
+    """``"json"`` is JSON mode; any other format is a JSON schema the answer must follow."""
+    if format_ == "json":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema_of(format_)}}
+
+
+def chat_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """The conversation as chat-completions messages.
+
+    OpenAI ties each tool result to its call by id; a conversation from Ollama's API has no ids
+    (a result names its function), so calls without one get ``call_<turn>_<n>`` and each result
+    without one answers the first call of its function not answered yet.
+    """
+    out: list[dict[str, Any]] = []
+    unanswered: list[tuple[str, str]] = []  # (id, function) of the last assistant turn's calls
+    for turn, message in enumerate(messages):
+        if message.role == "assistant" and message.tool_calls:
+            ids = [c.id or f"call_{turn}_{n}" for n, c in enumerate(message.tool_calls)]
+            unanswered = [(i, c.name) for i, c in zip(ids, message.tool_calls)]
+            out.append({
+                "role": "assistant",
+                "content": message.content or None,
+                "tool_calls": [
+                    {"id": i, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for i, c in zip(ids, message.tool_calls)
+                ],
+            })
+        elif message.role == "tool":
+            call_id = answered_call(unanswered, message.tool_call_id, message.tool_name)
+            turn_out: dict[str, Any] = {"role": "tool", "content": message.content}
+            if call_id is not None:
+                turn_out["tool_call_id"] = call_id
+            out.append(turn_out)
+        else:
+            out.append({"role": message.role, "content": _content(message)})
+    return out
+
+
+def answered_call(unanswered: list[tuple[str, str]], call_id: str | None, function: str | None) -> str | None:
+    """The id of the call a tool result answers (taken off ``unanswered``): its own, or the first
+    unanswered call of ``function`` (of any function when it names none)."""
+    for n, (id_, name) in enumerate(unanswered):
+        if id_ == call_id or (call_id is None and function in (None, name)):
+            del unanswered[n]
+            return id_
+    return call_id
+
+
+def _content(message: Message) -> str | list[dict[str, Any]]:
+    """Text alone, or with images as ``data:`` URLs after it (OpenAI's content parts)."""
+    if not message.images:
+        return message.content
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+    parts.extend(
+        {"type": "image_url",
+         "image_url": {"url": f"data:{image_type(i)};base64,{base64.b64encode(i).decode('ascii')}"}}
+        for i in message.images
+    )
+    return parts
+
+
+def image_type(data: bytes) -> str:
+    """An image's media type from its first bytes (a ``data:`` URL must say one); JPEG when unknown."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/jpeg"
 
 
 def status_error(endpoint: str, status: int, raw: bytes) -> BackendError:
@@ -126,6 +244,9 @@ def status_error(endpoint: str, status: int, raw: bytes) -> BackendError:
         f"{endpoint} answered {status}: {shown!r}",
         retryable=status in (408, 429) or status >= 500,
         busy=status in (429, 503),
+        # A 400: a field the server refuses (tools it cannot call, a schema it cannot follow).
+        bad_request=is_bad_request(status),
+        reason=message or shown,
     )
 
 
@@ -174,8 +295,9 @@ def _whole(endpoint: str, data: dict[str, Any], started: float) -> Generation:
     choice = _first_choice(endpoint, data)
     message = choice.get("message") if choice is not None else None
     text = message.get("content") if isinstance(message, dict) else None
-    if text is None and isinstance(message, dict) and "content" in message:
-        text = ""  # content: null, e.g. an answer cut at max_tokens 0
+    calls = tool_calls_of(message)
+    if text is None and isinstance(message, dict) and ("content" in message or calls):
+        text = ""  # content: null, e.g. an answer cut at max_tokens 0, or tool calls only
     if not isinstance(text, str):
         raise BackendError(f"{endpoint} answered without a choices[0].message.content text", retryable=True)
     prompt_tokens, completion_tokens = _usage(data)
@@ -186,13 +308,84 @@ def _whole(endpoint: str, data: dict[str, Any], started: float) -> Generation:
         done_reason=_finish_reason(choice),
         seconds=time.perf_counter() - started,
         ttft_s=None,
+        tool_calls=calls,
     )
+
+
+def tool_calls_of(message: Any) -> tuple[ToolCall, ...]:
+    """The tool calls of a whole answer's message: ``[{"id", "type", "function": {"name", "arguments"}}]``."""
+    if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+        return ()
+    calls = (tool_call(c.get("function"), c.get("id")) for c in message["tool_calls"] if isinstance(c, dict))
+    return tuple(c for c in calls if c is not None)
+
+
+@dataclass
+class _Fragments:
+    id: str | None = None
+    name: str | None = None
+    arguments: list[str] = field(default_factory=list)
+
+
+class ToolCallJoiner:
+    """Tool calls streamed in fragments, joined into whole calls.
+
+    OpenAI streams a call as deltas by ``index``: the first with its id and name, the next
+    with pieces of its arguments' text. A call is whole once a later index starts, or the
+    choice finishes; :meth:`add` and :meth:`finish` give each whole call once, in order.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[int, _Fragments] = {}
+
+    def add(self, deltas: Any) -> tuple[ToolCall, ...]:
+        """Take a chunk's ``delta.tool_calls``; return the calls it showed to be whole."""
+        if not isinstance(deltas, list):
+            return ()
+        whole: list[ToolCall] = []
+        for delta in deltas:
+            if not isinstance(delta, dict):
+                continue
+            index = self._index_of(delta)
+            whole.extend(self._close(lambda i: i < index))
+            parts = self._open.setdefault(index, _Fragments())
+            if isinstance(delta.get("id"), str) and delta["id"] and parts.id is None:
+                parts.id = delta["id"]
+            function = delta.get("function")
+            if isinstance(function, dict):
+                if isinstance(function.get("name"), str) and function["name"] and parts.name is None:
+                    parts.name = function["name"]
+                if isinstance(function.get("arguments"), str):
+                    parts.arguments.append(function["arguments"])
+        return tuple(whole)
+
+    def finish(self) -> tuple[ToolCall, ...]:
+        """Every call still open: the choice finished."""
+        return self._close(lambda i: True)
+
+    def _index_of(self, delta: dict[str, Any]) -> int:
+        """Its ``index``; a server that sends none starts a call with each id."""
+        index = delta.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            return index
+        last = max(self._open, default=-1)
+        return last + 1 if delta.get("id") or last < 0 else last
+
+    def _close(self, which: Callable[[int], bool]) -> tuple[ToolCall, ...]:
+        closed = []
+        for index in sorted(i for i in self._open if which(i)):
+            parts = self._open.pop(index)
+            if parts.name:  # a call that never said its function cannot be run: left out
+                closed.append(ToolCall(parts.name, arguments_text("".join(parts.arguments)), parts.id))
+        return tuple(closed)
 
 
 async def _read_stream(
     endpoint: str, response: aiohttp.ClientResponse, on_chunk: OnChunk, started: float
 ) -> Generation:
     parts: list[str] = []
+    calls: list[ToolCall] = []
+    joiner = ToolCallJoiner()
     ttft: float | None = None
     done_reason: str | None = None
     usage: tuple[int, int] | None = None
@@ -212,14 +405,26 @@ async def _read_stream(
             continue
         delta = choice.get("delta")
         piece = delta.get("content") if isinstance(delta, dict) else None
-        if isinstance(piece, str) and piece:
+        piece = piece if isinstance(piece, str) else ""
+        whole = joiner.add(delta.get("tool_calls") if isinstance(delta, dict) else None)
+        reason = _finish_reason(choice)
+        if reason is not None:
+            whole += joiner.finish()
+        if piece or whole:
             if ttft is None:
                 ttft = time.perf_counter() - started
             parts.append(piece)
-            await on_chunk(piece)
-        done_reason = _finish_reason(choice) or done_reason
+            calls.extend(whole)
+            await on_chunk(piece, whole)
+        done_reason = reason or done_reason
     if not finished and done_reason is None:
         raise BackendError(f"{endpoint} ended the stream without a final chunk", retryable=True)
+    rest = joiner.finish()  # calls of a server that said [DONE] without a finish reason
+    if rest:
+        if ttft is None:
+            ttft = time.perf_counter() - started
+        calls.extend(rest)
+        await on_chunk("", rest)
     prompt_tokens, completion_tokens = usage if usage is not None else (0, 0)
     return Generation(
         text="".join(parts),
@@ -228,6 +433,7 @@ async def _read_stream(
         done_reason=done_reason,
         seconds=time.perf_counter() - started,
         ttft_s=ttft,
+        tool_calls=tuple(calls),
     )
 
 

@@ -60,6 +60,13 @@ async def test_real_answers_fit_the_spec(spec: dict[str, Any], gateway_url: str)
             ("post", "/infer", {"json": {"model_id": "llama3.1"}}, 400),
             ("post", "/infer", {"json": {"model_id": "gpt-17", "input": "x"}}, 404),
             ("post", "/infer", {"json": {"model_id": "llama3.1", "input": "x" * (1024 * 1024)}}, 413),
+            # Within the body limit, over one Kafka record once encoded: refused before producing.
+            ("post", "/infer", {"json": {"model_id": "llama3.1", "input": "x" * 1_040_000}}, 413),
+            ("post", "/infer", {"json": {"model_id": "llama3.1", "tools": [{"name": "f", "parameters": {}}],
+                                         "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}],
+                                         "format": {"type": "object"}, "keep_alive": "1m",
+                                         "options": {"stop": ["x"], "top_p": 0.5}}}, 202),
+            ("post", "/infer", {"json": {"model_id": "llama3.1", "messages": [{"role": "robot"}]}}, 400),
             ("get", "/infer", {}, 405),
             ("get", "/health", {}, 200),
             ("get", "/models", {}, 200),
@@ -109,6 +116,11 @@ async def test_request_schema_matches_what_the_gateway_accepts(spec: dict[str, A
         ({"model_id": "llama3.1", "input": "x", "cache": "no-store", "timeout_ms": 60_000}, 202),
         ({"model_id": "llama3.1", "input": "x", "cache": "sometimes"}, 400),
         ({"model_id": "llama3.1", "input": "x", "timeout_ms": 0}, 400),
+        ({"model_id": "llama3.1", "messages": [{"role": "user", "content": "x"}], "tool_choice": None}, 202),
+        ({"model_id": "llama3.1", "input": "x", "messages": [{"role": "user", "content": "x"}]}, 400),
+        ({"model_id": "llama3.1", "input": "x", "options": {"mirostat": 1}}, 400),
+        ({"model_id": "llama3.1", "input": "x", "options": {"extra": {"mirostat": 1}, "stop": "y"}}, 202),
+        ({"model_id": "llama3.1", "input": "x", "format": "yaml"}, 400),
     ]
     async with httpx.AsyncClient(base_url=gateway_url) as http:
         for body, status in cases:

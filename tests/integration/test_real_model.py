@@ -9,16 +9,18 @@ full. Generations are a few tokens, so the tier takes about a minute.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import ollama
 import openai
+import pydantic
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -197,3 +199,52 @@ async def test_the_endpoint_killed_mid_stream_and_restarted_ends_that_request_cl
         [answer] = answers.by_id[i]
         assert answer.status == "ok" and answer.output.strip(), answer.error
     assert answers.by_id[streamed] == cut, "the cut request is answered once"
+
+
+class Colour(pydantic.BaseModel):
+    colour: Literal["red", "green", "blue"]
+
+
+async def test_structured_output_and_json_mode_are_enforced_by_the_real_model(real_stack: dict[str, str]) -> None:
+    """Ollama enforces a JSON schema ``format`` with constrained decoding for any model, the 135M one too."""
+    gateway = real_stack["GATEWAY_URL"]
+    client = ollama.AsyncClient(host=gateway)
+    options = {"temperature": 0, "seed": 11, "num_predict": 24}
+    reply = await client.chat(model=MODEL_NAME, messages=[{"role": "user", "content": "Name a colour of the sky."}],
+                              format=Colour.model_json_schema(), options=options)
+    assert Colour.model_validate_json(reply.message.content).colour in ("red", "green", "blue")
+
+    oa = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    parsed = await oa.chat.completions.parse(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Name a colour of grass."}], response_format=Colour,
+        max_tokens=24, temperature=0, seed=11)
+    assert parsed.choices[0].message.parsed is not None and parsed.choices[0].message.parsed.colour in (
+        "red", "green", "blue")
+
+    # JSON mode lets the model write any JSON; this one rambles past a few tokens, so the answer is
+    # checked as JSON cut short: it opens an object where the same question unconstrained gets prose.
+    question = [{"role": "user", "content": "What colour is the sky?"}]
+    json_mode = await oa.chat.completions.create(
+        model=MODEL_NAME, messages=question, response_format={"type": "json_object"}, max_tokens=8, temperature=0, seed=11)
+    prose = await oa.chat.completions.create(model=MODEL_NAME, messages=question, max_tokens=8, temperature=0, seed=11)
+    constrained = json_mode.choices[0]
+    assert (constrained.message.content or "").lstrip().startswith("{"), constrained.message.content
+    assert not (prose.choices[0].message.content or "").lstrip().startswith("{"), prose.choices[0].message.content
+    if constrained.finish_reason == "stop":
+        assert isinstance(json.loads(constrained.message.content or ""), dict)
+
+
+async def test_a_model_without_tools_refuses_them_with_its_own_error_in_each_clients_shape(
+    real_stack: dict[str, str],
+) -> None:
+    gateway = real_stack["GATEWAY_URL"]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    with pytest.raises(ollama.ResponseError) as ollama_refused:
+        await ollama.AsyncClient(host=gateway).chat(model=MODEL_NAME, messages=messages, tools=[tool])
+    assert ollama_refused.value.status_code == 400
+    assert "does not support tools" in ollama_refused.value.error
+    oa = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as openai_refused:
+        await oa.chat.completions.create(model=MODEL_NAME, messages=messages, tools=[tool])  # type: ignore[arg-type,list-item]
+    assert "does not support tools" in openai_refused.value.message

@@ -8,17 +8,23 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 
-from schemas import InferenceOptions
+from schemas import InferenceOptions, InferenceRequest, Message, ModelContext, Tool, ToolCall
 from streams.answering.clock import ManualClock, SystemClock, as_clock
 from streams.backends import Backend, BackendError
 from streams.backends.memory import Failure, Hold, MemoryBackend, Reply, bad_request, refused, server_busy, server_error
 from streams.backends.ollama import OllamaBackend, _status_error, new_session
 
 OPTIONS = InferenceOptions(temperature=0.0, max_tokens=5)
+
+
+def prompt(text: str, options: InferenceOptions = OPTIONS, **changes: Any) -> InferenceRequest:
+    """A prompt request, as a backend is given it."""
+    return InferenceRequest("r", "m", text, ModelContext("s"), options, **changes)
 
 
 # ----------------------------------------------------------------------------- ollama
@@ -64,15 +70,15 @@ def closed_port() -> str:
 async def test_ollama_backend_answers_whole_and_streamed_and_says_when_it_sent(server: str) -> None:
     async with new_session() as http:
         backend: Backend = OllamaBackend(http)
-        whole = await backend.generate(server, "m", "hi", "sys", OPTIONS, 5.0)
+        whole = await backend.generate(server, "m", prompt("hi"), "sys", 5.0)
         assert (whole.text, whole.prompt_tokens, whole.completion_tokens, whole.ttft_s) == ("echo hi", 3, 2, None)
         chunks: list[str] = []
         sent: list[bool] = []
 
-        async def on_chunk(text: str) -> None:
+        async def on_chunk(text: str, calls: tuple[ToolCall, ...]) -> None:
             chunks.append(text)
 
-        streamed = await backend.generate(server, "m", "hi", "sys", OPTIONS, 5.0, on_chunk, lambda: sent.append(True))
+        streamed = await backend.generate(server, "m", prompt("hi"), "sys", 5.0, on_chunk, lambda: sent.append(True))
         assert chunks == ["echo", " ", "hi"] and streamed.text == "echo hi" and streamed.ttft_s is not None
         assert sent == [True]
 
@@ -82,10 +88,10 @@ async def test_ollama_backend_failures_and_probes(server: str) -> None:
     async with new_session() as http:
         backend = OllamaBackend(http)
         with pytest.raises(BackendError) as busy:
-            await backend.generate(server, "m", "busy", "", OPTIONS, 5.0)
+            await backend.generate(server, "m", prompt("busy"), "", 5.0)
         assert busy.value.busy and busy.value.retryable and busy.value.reached
         with pytest.raises(BackendError, match="unreachable") as unreachable:
-            await backend.generate(down, "m", "x", "", OPTIONS, 5.0)
+            await backend.generate(down, "m", prompt("x"), "", 5.0)
         assert unreachable.value.retryable and not unreachable.value.reached
         assert await backend.probe(server, 2.0) is True
         assert await backend.probe(down, 2.0) is False
@@ -96,8 +102,9 @@ def test_the_memory_backend_classifies_statuses_as_ollamas_does(status: int) -> 
     reason = "server busy" if status == 503 else "boom"
     real = _status_error("http://a", status, json.dumps({"error": reason}).encode())
     scripted = server_error(status, reason)
-    assert (scripted.retryable, scripted.busy) == (real.retryable, real.busy)
-    assert f"http://a {scripted.message}" == str(real)
+    assert (scripted.retryable, scripted.busy, scripted.bad_request) == (real.retryable, real.busy, real.bad_request)
+    assert f"http://a {scripted.message}" == str(real) and scripted.reason == real.reason == reason
+    assert real.bad_request == (status == 400)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -109,12 +116,12 @@ async def test_memory_backend_follows_its_script_then_its_default() -> None:
     errors = []
     for _ in range(3):
         with pytest.raises(BackendError) as caught:
-            await backend.generate("http://a", "m", "p", "", OPTIONS, 1.0)
+            await backend.generate("http://a", "m", prompt("p"), "", 1.0)
         errors.append((caught.value.retryable, caught.value.busy, caught.value.reached))
     assert errors == [(True, True, True), (False, False, True), (True, False, False)]
-    scripted = await backend.generate("http://a", "m", "p", "", OPTIONS, 1.0)
+    scripted = await backend.generate("http://a", "m", prompt("p"), "", 1.0)
     assert (scripted.text, scripted.seconds) == ("scripted", 0.5)
-    echoed = await backend.generate("http://a", "m", "hello", "", OPTIONS, 1.0)
+    echoed = await backend.generate("http://a", "m", prompt("hello"), "", 1.0)
     assert echoed.text == "[memory m] hello" and backend.calls("http://a") == 5
     assert backend.calls("http://other") == 0
 
@@ -124,14 +131,34 @@ async def test_memory_backend_streams_and_breaks_streams() -> None:
     backend.script("http://a", Reply("one two three"), Failure("failed mid-stream", retryable=False, chunks=("x",)))
     chunks: list[str] = []
 
-    async def on_chunk(text: str) -> None:
+    async def on_chunk(text: str, calls: tuple[ToolCall, ...]) -> None:
         chunks.append(text)
 
-    generation = await backend.generate("http://a", "m", "p", "", OPTIONS, 1.0, on_chunk)
+    generation = await backend.generate("http://a", "m", prompt("p"), "", 1.0, on_chunk)
     assert chunks == ["one", " two", " three"] and generation.ttft_s == 0.0
     with pytest.raises(BackendError, match="mid-stream"):
-        await backend.generate("http://a", "m", "p", "", OPTIONS, 1.0, on_chunk)
+        await backend.generate("http://a", "m", prompt("p"), "", 1.0, on_chunk)
     assert chunks[-1] == "x" and backend.endpoint("http://a").calls[1].streamed
+
+
+async def test_memory_backend_answers_tool_calls_after_the_text_and_keeps_the_request() -> None:
+    backend = MemoryBackend()
+    call = ToolCall("get_weather", '{"city": "Lyon"}')
+    backend.script("http://a", Reply("Checking.", tool_calls=(call,), done_reason="stop"), then=Reply("x"))
+    told: list[tuple[str, tuple[ToolCall, ...]]] = []
+
+    async def on_chunk(text: str, calls: tuple[ToolCall, ...]) -> None:
+        told.append((text, calls))
+
+    chat = prompt("And in Lyon?", messages=(Message("user", "And in Lyon?"),), tools=(Tool("get_weather"),))
+    generation = await backend.generate("http://a", "m", chat, "sys", 1.0, on_chunk)
+    assert told == [("Checking.", ()), ("", (call,))] and generation.tool_calls == (call,)
+    recorded = backend.endpoint("http://a").calls[0]
+    assert recorded.request is chat and (recorded.prompt, recorded.system) == ("And in Lyon?", "sys")
+    backend.script("http://a", bad_request("m does not support tools"))
+    with pytest.raises(BackendError) as refused_tools:
+        await backend.generate("http://a", "m", chat, "", 1.0)
+    assert refused_tools.value.bad_request and refused_tools.value.client_message == "m does not support tools"
 
 
 async def test_a_held_call_answers_when_released_or_times_out_on_the_clock() -> None:
@@ -139,8 +166,8 @@ async def test_a_held_call_answers_when_released_or_times_out_on_the_clock() -> 
     backend = MemoryBackend(clock)
     gate = asyncio.Event()
     backend.script("http://a", Hold(gate, Reply("late")), Hold())
-    released = asyncio.ensure_future(backend.generate("http://a", "m", "p", "", OPTIONS, 10.0))
-    timed_out = asyncio.ensure_future(backend.generate("http://a", "m", "p", "", OPTIONS, 10.0))
+    released = asyncio.ensure_future(backend.generate("http://a", "m", prompt("p"), "", 10.0))
+    timed_out = asyncio.ensure_future(backend.generate("http://a", "m", prompt("p"), "", 10.0))
     await asyncio.sleep(0)
     assert backend.endpoint("http://a").in_flight == 2
     gate.set()

@@ -62,7 +62,8 @@ def test_any_json_body_is_a_request_or_a_4xx(value: object) -> None:
 
 @FAST
 @given(st.dictionaries(st.sampled_from(["id", "model_id", "input", "context", "options", "stream", "cache",
-                                        "timeout_ms"]), json_values, max_size=8))
+                                        "timeout_ms", "messages", "tools", "tool_choice", "format",
+                                        "keep_alive"]), json_values, max_size=8))
 def test_bodies_with_the_right_keys_and_wrong_values_are_4xx_or_valid(body: dict) -> None:
     try:
         request = parse_infer_body(json.dumps(body).encode(), MODELS)
@@ -71,6 +72,31 @@ def test_bodies_with_the_right_keys_and_wrong_values_are_4xx_or_valid(body: dict
         return
     # What was accepted must also fit the wire schema.
     assert decode_request(CODEC, encode_request(CODEC, request)).id == request.id
+
+
+_turns = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool", "robot"])},
+        optional={"content": json_values, "images": st.lists(st.sampled_from(["aGk=", "", "!!", 5]), max_size=2),
+                  "tool_calls": st.lists(st.fixed_dictionaries({}, optional={
+                      "name": st.sampled_from(["f", "", 3]), "arguments": json_values, "id": json_values,
+                      "function": json_values}), max_size=2),
+                  "tool_name": json_values, "tool_call_id": json_values},
+    ),
+    max_size=4,
+)
+
+
+@FAST
+@given(_turns)
+def test_conversations_with_wrong_values_are_4xx_or_valid(turns: list) -> None:
+    body = {"model_id": "llama3.1", "messages": turns, "tools": [{"name": "f", "parameters": {}}]}
+    try:
+        request = parse_infer_body(json.dumps(body).encode(), MODELS)
+    except RejectedRequest as exc:
+        assert exc.status in (400, 413) and exc.message
+        return
+    assert decode_request(CODEC, encode_request(CODEC, request)) == request
 
 
 @FAST

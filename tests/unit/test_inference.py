@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import pytest
 
 from nexus.settings import EndpointSettings, ModelSettings, Settings
-from schemas import InferenceOptions, InferenceRequest, ModelContext, utcnow
+from schemas import BAD_REQUEST, InferenceOptions, InferenceRequest, Message, ModelContext, Tool, ToolCall, utcnow
 from streams.answering.cache import CacheEntry
 from streams.answering.clock import ManualClock
 from streams.answering.inference import Answer, Inference
@@ -43,10 +43,12 @@ class Sink:
     def __init__(self) -> None:
         self.started = False
         self.chunks: list[str] = []
+        self.tool_calls: list[ToolCall] = []
 
-    async def chunk(self, text: str, *, flush: bool = False) -> None:
+    async def chunk(self, text: str, tool_calls: tuple[ToolCall, ...] = (), *, flush: bool = False) -> None:
         self.started = True
         self.chunks.append(text)
+        self.tool_calls.extend(tool_calls)
 
 
 @dataclass
@@ -148,15 +150,37 @@ async def test_calls_that_never_connected_do_not_use_up_the_retries(make: Callab
 
 async def test_a_non_retryable_error_is_answered_at_once(make: Callable[..., World]) -> None:
     w = make(ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B))))
-    w.backend.script(A, bad_request("unknown option"))
+    w.backend.script(A, server_error(403, "forbidden"))
     answer = await finish(w, w.answer(request()))
     assert answer.response.status == "error" and answer.response.retries == 0
-    assert answer.response.error == "http://a answered 400: 'unknown option'"
+    assert answer.response.error == "http://a answered 403: 'forbidden'" and answer.response.error_kind is None
     assert answer.dead_letter_reason == answer.response.error
     assert (w.backend.calls(A), w.backend.calls(B)) == (1, 0)
     state = w.state("m", A)
     assert state.failed == 0 and state.circuit is Circuit.CLOSED, "the request's fault, not the endpoint's"
     assert w.sample("nexus_worker_requests_total", model="m", status="error") == 1
+
+
+async def test_a_request_the_backend_refuses_is_a_bad_request_in_its_own_words(make: Callable[..., World]) -> None:
+    w = make(
+        ModelSettings("m", (endpoint(A, weight=2.0), endpoint(B)), retries=3, fallback="f"),
+        ModelSettings("f", (endpoint(F),)),
+    )
+    refusal = "registry.ollama.ai/library/smollm2:135m does not support tools"
+    w.backend.script(A, bad_request(refusal), bad_request(refusal), bad_request(refusal))
+    answers = [await finish(w, w.answer(request(n))) for n in range(3)]  # more than the circuit's threshold
+    for answer in answers:
+        response = answer.response
+        assert (response.status, response.error_kind, response.error) == ("error", BAD_REQUEST, refusal)
+        assert response.retries == 0
+        assert answer.dead_letter_reason == f"http://a answered 400: {refusal!r}", "the operator sees the endpoint"
+    assert (w.backend.calls(A), w.backend.calls(B), w.backend.calls(F)) == (3, 0, 0), "no retry, no fallback"
+    state = w.state("m", A)
+    assert state.failed == 0 and state.consecutive_failures == 0 and state.circuit is Circuit.CLOSED
+    assert w.sample("nexus_worker_retries_total", model="m") == 0
+    assert w.sample("nexus_worker_backend_requests_total", model="m", endpoint=A, outcome="error") == 3
+    answer = await finish(w, w.answer(request(9)))
+    assert answer.response.status == "ok" and answer.response.endpoint == A, "the endpoint serves on"
 
 
 async def test_a_stream_broken_after_its_first_chunk_is_not_retried(make: Callable[..., World]) -> None:
@@ -312,6 +336,40 @@ async def test_a_deterministic_answer_is_served_from_the_cache_the_second_time(m
     second = (await finish(w, w.answer(request(options=deterministic, stream=True), sink))).response
     assert first.cached is False and second.cached is True and second.output == first.output
     assert "".join(sink.chunks) == first.output and w.backend.calls(A) == 1
+
+
+async def test_a_conversation_reaches_the_backend_whole_and_its_tool_calls_come_back(
+    make: Callable[..., World],
+) -> None:
+    w = make(ModelSettings("m", (endpoint(A),)))
+    call = ToolCall("get_weather", '{"city": "Lyon"}', "call_1")
+    w.backend.script(A, Reply("", tool_calls=(call,), done_reason="stop"), Reply("Let me see.", tool_calls=(call,)))
+    chat = request(messages=(Message("user", "Weather in Lyon?"),), tools=(Tool("get_weather"),), format="json")
+    whole = (await finish(w, w.answer(chat))).response
+    assert (whole.status, whole.output, whole.tool_calls) == ("ok", "", (call,))
+    assert whole.message == Message("assistant", "", tool_calls=(call,))
+    assert w.backend.endpoint(A).calls[0].request is chat, "the backend gets the whole request"
+    sink = Sink()
+    streamed = (await finish(w, w.answer(replace(chat, stream=True), sink))).response
+    assert (streamed.output, streamed.tool_calls) == ("Let me see.", (call,))
+    assert sink.chunks == ["Let", " me", " see.", ""] and sink.tool_calls == [call]
+
+
+async def test_a_cached_answer_keeps_its_tool_calls_and_streams_them_again(make: Callable[..., World]) -> None:
+    w = make(ModelSettings("m", (endpoint(A),)))
+    call = ToolCall("get_weather", '{"city": "Lyon"}')
+    w.backend.script(A, Reply("One two three four five", tool_calls=(call,)))
+    chat = request(
+        options=InferenceOptions(temperature=0.0), messages=(Message("user", "Lyon?"),), tools=(Tool("get_weather"),)
+    )
+    first = (await finish(w, w.answer(chat))).response
+    sink = Sink()
+    again = (await finish(w, w.answer(replace(chat, id="r9", stream=True), sink))).response
+    assert (again.cached, again.output, again.tool_calls) == (True, first.output, (call,))
+    assert sink.chunks == ["One two three four", " five"] and sink.tool_calls == [call], "with the last chunk"
+    assert w.backend.calls(A) == 1
+    other_tools = replace(chat, id="r10", tools=(Tool("get_time"),))
+    assert (await finish(w, w.answer(other_tools))).response.cached is False, "other tools, another answer"
 
 
 async def test_an_unknown_model_is_answered_with_the_models_served(make: Callable[..., World]) -> None:

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from nexus.settings import ENDPOINT_KINDS, EndpointSettings, ModelSettings, Settings, load_settings
-from schemas import InferenceOptions, InferenceRequest, ModelContext
+from schemas import BAD_REQUEST, InferenceOptions, InferenceRequest, ModelContext, ToolCall
 from streams.answering.cache import CacheEntry
 from streams.answering.inference import Inference
 from streams.backends import BACKENDS, Backend, BackendError, EndpointsBackend, Inventory, OpenAIBackend
@@ -26,6 +26,11 @@ from streams.backends.openai import openai_options, status_error
 from streams.metrics import WorkerMetrics
 
 OPTIONS = InferenceOptions(temperature=0.0, max_tokens=5, seed=7)
+
+
+def ask(text: str, options: InferenceOptions = OPTIONS, **changes: Any) -> InferenceRequest:
+    """A prompt request, as the backend is given it."""
+    return InferenceRequest("r", "m", text, ModelContext("s"), options, **changes)
 
 
 @dataclass
@@ -157,7 +162,7 @@ def closed_port() -> str:
 async def test_a_whole_answer_with_system_and_user_messages_options_and_usage(server: FakeServer) -> None:
     async with new_session() as http:
         backend: Backend = OpenAIBackend(http)
-        whole = await backend.generate(server.url, "m", "hi", "be brief", OPTIONS, 5.0)
+        whole = await backend.generate(server.url, "m", ask("hi"), "be brief", 5.0)
     assert (whole.text, whole.prompt_tokens, whole.completion_tokens) == ("echo hi", 11, 3)
     assert (whole.done_reason, whole.ttft_s) == ("stop", None) and whole.seconds > 0
     body = server.bodies[0]
@@ -171,7 +176,7 @@ async def test_no_system_message_when_the_system_prompt_is_empty_and_unset_optio
     server: FakeServer,
 ) -> None:
     async with new_session() as http:
-        cut = await OpenAIBackend(http).generate(server.url, "m", "hi", "", InferenceOptions(max_tokens=1), 5.0)
+        cut = await OpenAIBackend(http).generate(server.url, "m", ask("hi", InferenceOptions(max_tokens=1)), "", 5.0)
     assert cut.done_reason == "length"
     body = server.bodies[0]
     assert body["messages"] == [{"role": "user", "content": "hi"}]
@@ -185,12 +190,12 @@ async def test_a_streamed_answer_arrives_chunk_by_chunk_with_usage_and_says_when
     chunks: list[str] = []
     sent: list[bool] = []
 
-    async def on_chunk(text: str) -> None:
+    async def on_chunk(text: str, calls: tuple[ToolCall, ...]) -> None:
         chunks.append(text)
 
     async with new_session() as http:
         streamed = await OpenAIBackend(http).generate(
-            server.url, "m", "hi", "sys", OPTIONS, 5.0, on_chunk, lambda: sent.append(True)
+            server.url, "m", ask("hi"), "sys", 5.0, on_chunk, lambda: sent.append(True)
         )
     assert chunks == ["echo", " ", "hi"] and streamed.text == "echo hi"
     assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.done_reason) == (11, 3, "stop")
@@ -213,7 +218,7 @@ async def test_error_statuses_are_classified_as_for_ollama(
 ) -> None:
     async with new_session() as http:
         with pytest.raises(BackendError, match=f"answered {status}") as caught:
-            await OpenAIBackend(http).generate(server.url, "m", prompt, "", OPTIONS, 5.0)
+            await OpenAIBackend(http).generate(server.url, "m", ask(prompt), "", 5.0)
     error = caught.value
     assert (error.retryable, error.busy, error.reached, error.missing_model) == (retryable, busy, True, False)
     assert str(error).startswith(server.url)
@@ -222,7 +227,7 @@ async def test_error_statuses_are_classified_as_for_ollama(
 async def test_a_model_the_server_lacks_is_missing_model_not_a_server_failure(server: FakeServer) -> None:
     async with new_session() as http:
         with pytest.raises(BackendError, match="does not exist") as caught:
-            await OpenAIBackend(http).generate(server.url, "ghost", "hi", "", OPTIONS, 5.0)
+            await OpenAIBackend(http).generate(server.url, "ghost", ask("hi"), "", 5.0)
     assert caught.value.missing_model and not caught.value.busy and caught.value.reached
 
 
@@ -248,7 +253,7 @@ def test_a_missing_model_is_recognised_in_each_servers_words(body: dict[str, Any
 async def test_a_server_without_the_openai_api_is_named_as_such(bare: str) -> None:
     async with new_session() as http:
         with pytest.raises(BackendError, match="OpenAI-compatible") as caught:
-            await OpenAIBackend(http).generate(bare, "m", "hi", "", OPTIONS, 5.0)
+            await OpenAIBackend(http).generate(bare, "m", ask("hi"), "", 5.0)
         assert not caught.value.missing_model and not caught.value.retryable
         assert await OpenAIBackend(http).probe(bare, 2.0) is False
 
@@ -258,29 +263,29 @@ async def test_timeouts_and_unreachable_servers_are_retryable(server: FakeServer
     async with new_session() as http:
         backend = OpenAIBackend(http)
         with pytest.raises(BackendError, match="did not answer within 0.2s") as slow:
-            await backend.generate(server.url, "m", "slow", "", OPTIONS, 0.2)
+            await backend.generate(server.url, "m", ask("slow"), "", 0.2)
         assert slow.value.retryable and not slow.value.busy
         with pytest.raises(BackendError, match="unreachable") as unreachable:
-            await backend.generate(down, "m", "x", "", OPTIONS, 5.0)
+            await backend.generate(down, "m", ask("x"), "", 5.0)
         assert unreachable.value.retryable and not unreachable.value.reached
 
 
 async def test_a_stream_broken_or_failing_mid_way_fails_the_call(server: FakeServer) -> None:
     chunks: list[str] = []
 
-    async def on_chunk(text: str) -> None:
+    async def on_chunk(text: str, calls: tuple[ToolCall, ...]) -> None:
         chunks.append(text)
 
     async with new_session() as http:
         backend = OpenAIBackend(http)
         with pytest.raises(BackendError, match="without a final chunk") as cut:
-            await backend.generate(server.url, "m", "cut", "", OPTIONS, 5.0, on_chunk)
+            await backend.generate(server.url, "m", ask("cut"), "", 5.0, on_chunk)
         assert cut.value.retryable
         with pytest.raises(BackendError, match="failed mid-stream: out of memory") as failed:
-            await backend.generate(server.url, "m", "midstream", "", OPTIONS, 5.0, on_chunk)
+            await backend.generate(server.url, "m", ask("midstream"), "", 5.0, on_chunk)
         assert not failed.value.retryable
         with pytest.raises(BackendError, match="failed mid-stream: runner died"):
-            await backend.generate(server.url, "m", "bare", "", OPTIONS, 5.0, on_chunk)
+            await backend.generate(server.url, "m", ask("bare"), "", 5.0, on_chunk)
     assert chunks == ["echo", "echo", "echo"]
 
 
@@ -318,14 +323,14 @@ async def test_the_dispatcher_calls_each_endpoint_through_its_kind(server: FakeS
         assert backend.kind(server.url) == "openai" and isinstance(backend.backend(server.url), OpenAIBackend)
         assert backend.kind("http://localhost:1") == "ollama"
         assert isinstance(backend.backend("http://elsewhere"), OllamaBackend)  # not configured: Ollama
-        answer = await backend.generate(server.url, "m", "hi", "", OPTIONS, 5.0)
+        answer = await backend.generate(server.url, "m", ask("hi"), "", 5.0)
         assert answer.text == "echo hi" and len(server.bodies) == 1 and not server.ollama_bodies
         assert await backend.probe(server.url, 2.0) is True
         assert (await backend.inventory(server.url, 2.0)).has("qwen")
     # The same server called as an Ollama endpoint goes to its native API.
     ollama = Settings(models=(ModelSettings("m", (EndpointSettings(server.url),)),))
     async with new_session() as http:
-        answer = await EndpointsBackend.from_settings(ollama, http).generate(server.url, "m", "hi", "", OPTIONS, 5.0)
+        answer = await EndpointsBackend.from_settings(ollama, http).generate(server.url, "m", ask("hi"), "", 5.0)
     assert answer.text == "ollama hi" and len(server.ollama_bodies) == 1
 
 
@@ -343,9 +348,11 @@ class DictCache:
 class Sink:
     def __init__(self) -> None:
         self.chunks: list[str] = []
+        self.tool_calls: list[ToolCall] = []
 
-    async def chunk(self, text: str, *, flush: bool = False) -> None:
+    async def chunk(self, text: str, tool_calls: tuple[ToolCall, ...] = (), *, flush: bool = False) -> None:
         self.chunks.append(text)
+        self.tool_calls.extend(tool_calls)
 
 
 async def test_the_worker_answers_streams_and_caches_through_an_openai_endpoint(server: FakeServer) -> None:
@@ -369,5 +376,6 @@ async def test_the_worker_answers_streams_and_caches_through_an_openai_endpoint(
     assert (first.prompt_tokens, first.completion_tokens, first.done_reason) == (11, 3, "stop")
     assert sink.chunks == ["echo", " ", "hi"]
     assert (again.status, again.output, again.cached) == ("ok", "echo hi", True)
-    assert missing.status == "error" and "answered 400" in (missing.error or "")
+    assert (missing.status, missing.error_kind) == ("error", BAD_REQUEST)
+    assert missing.error == "temperature must be at most 2", "the server's own words"
     assert len(server.bodies) == 2  # the cached answer made no call

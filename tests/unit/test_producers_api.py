@@ -33,7 +33,8 @@ def loaded_after(statement: str) -> list[str]:
 def test_every_public_name_is_the_producer_apis_own() -> None:
     assert producers.__all__ == [
         "RequestProducer", "SyncRequestProducer",
-        "ProducerError", "SubmitError", "ResponseTimeoutError", "ResponsesUnavailableError", "ProducerClosedError",
+        "ProducerError", "SubmitError", "RequestTooLarge", "ResponseTimeoutError", "ResponsesUnavailableError",
+        "ProducerClosedError",
     ]
     for name in producers.__all__:
         assert getattr(producers, name) is getattr(producers.client, name)
@@ -48,6 +49,7 @@ def test_the_errors_keep_their_bases_and_share_the_nexus_root() -> None:
                   producers.ProducerClosedError):
         assert issubclass(error, producers.ProducerError)
     assert issubclass(producers.ResponseTimeoutError, TimeoutError)
+    assert issubclass(producers.RequestTooLarge, producers.SubmitError)  # callers catching SubmitError still do
 
 
 def test_the_gateway_names_are_the_apps() -> None:
@@ -70,3 +72,44 @@ def test_the_producer_api_does_not_load_the_gateway() -> None:
     gateway = [m for m in modules if m == "producers.gateway" or m.startswith("producers.gateway.")]
     assert not gateway, gateway
     assert not [m for m in modules if m.split(".")[0] in ("aiohttp", "websockets", "httpx", "consumers", "streams")]
+
+
+class _Recorder:
+    """Stands in for aiokafka's producer: records what would have been produced."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> None:
+        self.sent.append(value)
+
+
+def _request(**fields: object) -> "InferenceRequest":
+    from schemas import InferenceRequest, ModelContext
+
+    return InferenceRequest("r-big", "llama3.1", "hi", ModelContext("s"), **fields)  # type: ignore[arg-type]
+
+
+async def test_a_request_over_the_record_limit_is_refused_before_it_is_produced() -> None:
+    from nexus.settings import KafkaSettings
+    from schemas import Message, encode_request
+    from schemas.limits import MAX_RECORD_BYTES
+
+    producer = producers.RequestProducer(KafkaSettings())
+    await producer._producer.stop()  # never started: nothing to close but the object itself
+    recorder = producer._producer = _Recorder()  # type: ignore[assignment]
+    big = _request(messages=(Message("user", "look", images=(b"\x89PNG" * (MAX_RECORD_BYTES // 4),)),))
+    size = len(encode_request(producer._codec, big))
+    with pytest.raises(producers.RequestTooLarge) as info:
+        await producer.submit(big)
+    assert recorder.sent == []
+    assert (info.value.request_id, info.value.size, info.value.limit) == ("r-big", size, MAX_RECORD_BYTES)
+    assert str(info.value).startswith(f"request r-big is {size} bytes encoded; the limit is {MAX_RECORD_BYTES} ")
+    assert "one Kafka record" in str(info.value)
+
+    # Just under the limit is produced, with everything the conversation carries.
+    small = _request(messages=(Message("user", "look", images=(b"x" * 1000,)),), format="json", keep_alive="5m")
+    assert await producer.submit(small) == "r-big"
+    from schemas import Codec, decode_request
+
+    assert decode_request(Codec.from_directory(), recorder.sent[0]) == small

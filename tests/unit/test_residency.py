@@ -231,14 +231,14 @@ async def test_the_memory_backend_answers_a_model_it_lacks_with_ollamas_404_and_
     backend = MemoryBackend()
     backend.has(A, "m")
     backend.script(A, Reply("scripted"))
-    from schemas import InferenceOptions
     from streams.backends import BackendError
+    from tests.unit.test_backends import prompt
 
     with pytest.raises(BackendError) as info:
-        await backend.generate(A, "other", "p", "", InferenceOptions(), 1.0)
+        await backend.generate(A, "other", prompt("p"), "", 1.0)
     assert info.value.missing_model and not info.value.retryable
     assert "model 'other' not found" in str(info.value)
-    assert (await backend.generate(A, "m", "p", "", InferenceOptions(), 1.0)).text == "scripted"
+    assert (await backend.generate(A, "m", prompt("p"), "", 1.0)).text == "scripted"
     assert await backend.inventory(A, 1.0) == Inventory(frozenset({"m"}), frozenset({"m"}))
     with pytest.raises(BackendError):
         await backend.inventory(B, 1.0)  # no inventory scripted: it cannot say
@@ -250,6 +250,7 @@ async def test_the_memory_backend_answers_a_model_it_lacks_with_ollamas_404_and_
 async def test_the_ollama_backend_reads_the_simulators_tags_and_ps_and_its_404() -> None:
     from schemas import InferenceOptions
     from streams.backends import BackendError
+    from tests.unit.test_backends import prompt
 
     async with await start_server(SimulatorConfig(models=("smollm2:135m", "qwen"), ttft_ms=0)) as sim:
         async with new_session() as http:
@@ -258,7 +259,7 @@ async def test_the_ollama_backend_reads_the_simulators_tags_and_ps_and_its_404()
             assert inv.has("smollm2:135m") and inv.has("qwen") and not inv.has("llama3.1")
             assert inv.is_loaded("qwen") is True
             with pytest.raises(BackendError) as info:
-                await backend.generate(sim.url, "llama3.1", "hi", "", InferenceOptions(max_tokens=1), 5.0)
+                await backend.generate(sim.url, "llama3.1", prompt("hi", InferenceOptions(max_tokens=1)), "", 5.0)
             assert info.value.missing_model and not info.value.retryable and not info.value.busy
             assert "model 'llama3.1' not found" in str(info.value)
 

@@ -315,13 +315,14 @@ def test_a_start_counts_from_when_it_went_on_the_wire() -> None:
     assert r.choose(0.0) is not None and r.choose(0.1) is not None
     r.sent(A, 0.0, 0.3)  # the first one waited 300 ms for its connection
     assert list(r.endpoints[A].starts) == [0.1, 0.3]
-    assert r.choose(1.05) is None
-    assert r.choose(1.1) is not None, "the second left the window"
-    assert r.choose(1.25) is None, "the delayed first still fills the window until 1.3"
-    assert r.choose(1.3) is not None
-    r.sent(A, 1.3, 1.3)
+    # The window is a second and a 50 ms guard (RATE_WINDOW_S).
+    assert r.choose(1.1) is None
+    assert r.choose(1.16) is not None, "the second left the window"
+    assert r.choose(1.3) is None, "the delayed first still fills the window until 1.35"
+    assert r.choose(1.36) is not None
+    r.sent(A, 1.36, 1.36)
     r.sent(A, 0.5, 2.2)  # chosen long ago and already pruned: still counted from the send
-    assert list(r.endpoints[A].starts) == [1.1, 1.3, 2.2]
+    assert list(r.endpoints[A].starts) == [1.16, 1.36, 2.2]
 
 
 def test_all_down_only_when_no_circuit_is_closed() -> None:

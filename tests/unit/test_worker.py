@@ -11,7 +11,7 @@ from aiokafka import TopicPartition
 
 from nexus.kafka.topics import TopicSpec, nexus_topics, topic_names
 from nexus.settings import KafkaSettings, Settings
-from schemas import Codec, InferenceOptions, InferenceRequest, ModelContext, decode_token, headers
+from schemas import Codec, InferenceOptions, InferenceRequest, ModelContext, ToolCall, decode_token, headers
 from streams.answering.cache import CacheEntry
 from streams.app import cache_changelog_topic, cache_updates_topic, internal_topics
 from streams.lag import lag_per_partition
@@ -100,3 +100,23 @@ async def test_token_chunks_go_out_in_order_with_the_reply_header_and_close_wait
     assert all(key == b"s" for key, _, _ in sent)
     assert all(h == [(headers.REPLY_TO, b"gw-1")] for _, _, h in sent)
     assert sink.sent == 2 and sink.started
+
+
+async def test_tool_calls_go_out_in_the_token_of_their_chunk() -> None:
+    sent: list[bytes] = []
+
+    async def send(key: bytes | None, value: bytes, record_headers: Any) -> asyncio.Future[None]:
+        sent.append(value)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    lyon, nice = ToolCall("get_weather", '{"city": "Lyon"}'), ToolCall("get_weather", '{"city": "Nice"}', "c2")
+    sink = KafkaTokenSink(send, CODEC, _request("r", stream=True))
+    await sink.chunk("Checking", flush=True)
+    await sink.chunk("", (lyon,))
+    await sink.chunk("", (nice,), flush=True)  # batched with the one before
+    await sink.chunk(".")
+    await sink.close()
+    tokens = [decode_token(CODEC, value) for value in sent]
+    assert [(t.seq, t.text, t.tool_calls) for t in tokens] == [(0, "Checking", ()), (1, "", (lyon, nice)), (2, ".", ())]

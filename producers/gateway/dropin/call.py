@@ -7,11 +7,15 @@ answers, chunks and errors look; each describes that as a :class:`DropInApi` and
 - an invalid body or header: 400 (404 for an unknown model), before Kafka sees anything;
 - a model the caller's API key may not use: 403 (raised to the access middleware);
 - Kafka did not acknowledge the request, or the reply reader is down: 503;
+- a request too big for one Kafka record (``RequestTooLarge`` from the producer): 413;
 - the pipeline answered ``status=error``: 500, unless its ``error_kind`` is ``model_not_found``
-  (the model is on none of its endpoints): then 404 in the API's words (:meth:`DropInApi.model_not_found`);
+  (the model is on none of its endpoints): then 404 in the API's words (:meth:`DropInApi.model_not_found`),
+  or ``bad_request`` (the backend refused the request: tools for a model without tool support, a
+  bad schema...): then 400 with the backend's own message;
 - no answer before the call's timeout: 504 (the request is still answered, into the audit log);
 - streamed: the status line waits for the first chunk, so an early failure keeps its status;
-  a later failure ends the stream with the API's error chunk.
+  a later failure ends the stream with the API's error chunk. Tool calls are streamed as they
+  come (each whole); those the chunks did not bring are sent before the stream's end.
 
 Every call is counted in ``nexus_gateway_dropin_requests`` by API, route, model and status.
 See ``docs/drop-in.md``.
@@ -30,10 +34,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
-from schemas import MODEL_NOT_FOUND, InferenceRequest, InferenceResponse
+from schemas import BAD_REQUEST, MODEL_NOT_FOUND, InferenceRequest, InferenceResponse, ToolCall
 from schemas.validation import RejectedRequest, parse_json
 
-from producers.client import SubmitError
+from producers.client import RequestTooLarge, SubmitError
 from producers.gateway import access as access_http
 from producers.gateway.dropin.conversation import CallContext, call_context
 from producers.replies import Exchange, ReplyError, ReplyIndex, ReplyReader, ReplyTimeoutError
@@ -143,7 +147,7 @@ class DropInApi(ABC, Generic[C]):
         """The answer to a call the pipeline answered ``status=error``."""
         if response.error_kind == MODEL_NOT_FOUND:
             return self.model_not_found(call, response.error or FAILED, headers)
-        return self.error(500, response.error or FAILED, headers=headers)
+        return self.error(failure_status(response), response.error or FAILED, headers=headers)
 
     @abstractmethod
     def headers(self, call: C) -> dict[str, str]:
@@ -162,12 +166,26 @@ class DropInApi(ABC, Generic[C]):
         """One chunk of the answer's text."""
 
     @abstractmethod
+    def stream_tool_calls(self, call: C, calls: tuple[ToolCall, ...], start: int) -> bytes:
+        """Tool calls of the answer, each whole; ``start`` is the first one's index in the answer."""
+
+    @abstractmethod
     def stream_end(self, call: C, response: InferenceResponse) -> bytes:
         """What ends a stream that was answered ``ok``."""
 
     @abstractmethod
     def stream_error(self, status: int, message: str, code: str | None = None) -> bytes:
         """What ends a stream that failed after its status line was sent."""
+
+
+def failure_status(response: InferenceResponse) -> int:
+    """The HTTP status of an answer ``status=error``: 400 when the backend refused the request as
+    bad (its own message is the error), 404 for a model on no endpoint, else 500."""
+    if response.error_kind == BAD_REQUEST:
+        return 400
+    if response.error_kind == MODEL_NOT_FOUND:
+        return 404
+    return 500
 
 
 def call_handler(
@@ -209,6 +227,8 @@ async def _exchange(
     exchange, metrics, clock = dropin.exchange, dropin.metrics, dropin.clock
     try:
         waiter = await exchange.submit(request)
+    except RequestTooLarge as exc:  # not produced: a request is one Kafka record
+        return api.error(413, str(exc), headers=headers)
     except (SubmitError, ReplyError) as exc:
         return api.error(503, str(exc), headers=headers)
     t0 = clock()
@@ -233,14 +253,21 @@ async def _exchange(
                 start = api.stream_start(call)
                 if start:
                     await stream.write(start)
+                calls_sent = 0
                 while True:
                     if isinstance(event, str):
                         await stream.write(api.stream_chunk(call, event))
+                    elif isinstance(event, tuple):  # tool calls streamed with a chunk
+                        await stream.write(api.stream_tool_calls(call, event, calls_sent))
+                        calls_sent += len(event)
                     else:
                         metrics.answered(api.name, clock() - t0)
                         if event.status != "ok":  # mid-stream: the API's error chunk
-                            await stream.write(api.stream_error(500, event.error or FAILED))
+                            await stream.write(api.stream_error(failure_status(event), event.error or FAILED))
                         else:
+                            rest = event.tool_calls[calls_sent:]  # the calls the chunks did not bring
+                            if rest:
+                                await stream.write(api.stream_tool_calls(call, rest, calls_sent))
                             await stream.write(api.stream_end(call, event))
                         break
                     event = await exchange.next_event(waiter, deadline, timeout_s)

@@ -1,10 +1,11 @@
 """Shared, pure rules of the drop-in APIs (Ollama's and OpenAI's): no I/O, no aiohttp.
 
-How a call's HTTP headers become a model context, how a conversation becomes one
-``input``, how a client's model name maps to a Nexus model. Both API modules use
-these, so the same call means the same request whichever API it came through.
-Values are checked by :mod:`schemas.validation` against :mod:`schemas.limits`, as
-``POST /infer`` and the bridge check theirs. See ``docs/drop-in.md``.
+How a call's HTTP headers become a model context, how a client's model name maps to a Nexus
+model, and the pieces of a conversation both APIs share: images (base64 or ``data:`` URLs, with
+their size limit), tools, tool call arguments, stop sequences, ``keep_alive``. Both API modules
+use these, so the same call means the same request whichever API it came through. Values are
+checked by :mod:`schemas.validation` against :mod:`schemas.limits`, as ``POST /infer`` and the
+bridge check theirs. See ``docs/drop-in.md``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import ModelContext, new_id
+from schemas import Message, ModelContext, Tool, new_id
+from schemas import validation
 from schemas.limits import MAX_SEED, MAX_TIMEOUT_MS, MIN_SEED
 from schemas.validation import RejectedRequest, cache_policy, flag, number, session_id, timeout_ms
 from schemas.validation import integer as _integer
 
 __all__ = [
     "CACHE_HEADER", "IGNORED_HEADER", "META_PREFIX", "MAX_TIMEOUT_MS", "REQUEST_ID_HEADER", "SESSION_HEADER",
-    "TIMEOUT_HEADER", "CallContext", "DropInError", "call_context", "canonical_model_name", "flag", "integer",
-    "number", "render_conversation", "require_model", "resolve_model", "unsupported",
+    "TIMEOUT_HEADER", "CallContext", "DropInError", "arguments_text", "base64_image", "call_context",
+    "canonical_model_name", "check_images", "data_url_image", "flag", "integer", "json_object", "json_text",
+    "keep_alive", "last_user_text", "number", "require_model", "resolve_model", "stop_sequences", "tools",
+    "unsupported",
 ]
 
 SESSION_HEADER = "X-Nexus-Session"
@@ -32,7 +36,7 @@ CACHE_HEADER = "X-Nexus-Cache"
 REQUEST_ID_HEADER = "X-Nexus-Request-Id"
 IGNORED_HEADER = "X-Nexus-Ignored"
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 # A call the drop-in APIs refuse: the one error type of every edge (status, message, and
 # ``param``/``code`` that OpenAI's error shape reports). Each API renders it its own way.
@@ -108,27 +112,6 @@ def resolve_model(requested: str, known: Collection[str]) -> str | None:
     return next((m for m in known if canonical_model_name(m) == wanted), None)
 
 
-def render_conversation(turns: list[tuple[str, str]]) -> str:
-    """The one ``input`` a conversation becomes; deterministic, documented in docs/drop-in.md.
-
-    A single user turn is sent verbatim. Anything else becomes a transcript, one turn
-    per line as ``role: "<content as a JSON string>"``, so a turn's content cannot
-    forge another turn (its line breaks and quotes are escaped).
-    """
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1]
-    return "\n".join(f"{role}: {_json_string(content)}" for role, content in turns)
-
-
-# json.dumps(ensure_ascii=False) leaves these Unicode line breaks raw; escaped, the string is
-# the same value and every turn stays on one line.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _json_string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False).translate(_LINE_BREAKS)
-
-
 def require_model(
     body: Mapping[str, Any], known: Collection[str], key: str, missing: str,
     not_found: str = "model '{model}' not found",
@@ -154,3 +137,110 @@ def integer(value: Any, name: str, low: int = MIN_SEED, high: int = MAX_SEED) ->
 def unsupported(name: str, why: str = "") -> DropInError:
     """The 400 for a feature Nexus cannot honour; better refused than silently dropped."""
     return DropInError(400, f"'{name}' is not supported by Nexus{': ' + why if why else ''}", param=name)
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+def json_text(value: Any, name: str) -> str:
+    """``value`` as compact JSON text, keys in the client's order (a schema's property order
+    is the order a constrained model writes them); 400 for NaN or infinities, which JSON lacks."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise DropInError(400, f"'{name}' holds a number JSON cannot carry (NaN or infinity)", param=name) from None
+
+
+def json_object(value: Any, name: str) -> str:
+    """A JSON object (a schema, a tool's parameters) as text; 400 for anything else."""
+    if not isinstance(value, dict):
+        raise DropInError(400, f"'{name}' must be a JSON object", param=name)
+    return json_text(value, name)
+
+
+def arguments_text(value: Any, name: str) -> str:
+    """A tool call's arguments as a JSON object's text, from an object (Ollama) or its text (OpenAI).
+
+    Text is kept as the client sent it when it is a JSON object; absent or empty means ``{}``.
+    """
+    if value is None or value == "":
+        return "{}"
+    if isinstance(value, dict):
+        return json_text(value, name)
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, dict):
+            return value
+    raise DropInError(400, f"'{name}' must be a JSON object (or its text)", param=name)
+
+
+def base64_image(value: Any, name: str) -> bytes:
+    """An image as Ollama carries it, base64 text, decoded to the file's bytes; 400 if it is not
+    base64 or empty (:func:`schemas.validation.image`, as ``POST /infer`` checks its images)."""
+    return validation.image(value, name)
+
+
+def data_url_image(value: Any, name: str) -> bytes:
+    """An image as OpenAI carries it, a ``data:<type>;base64,<data>`` URL, decoded to the file's bytes.
+
+    Nexus does not fetch images: an http(s) URL is a 400 that says to send a data: URL.
+    """
+    if not isinstance(value, str) or not value:
+        raise DropInError(400, f"'{name}' must be a URL string", param=name)
+    if not value[:5].lower() == "data:":
+        raise DropInError(
+            400, f"'{name}': only data: URLs are supported (data:<type>;base64,<data>); Nexus does not fetch "
+            "images from the web", param=name)
+    header, comma, data = value[5:].partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise DropInError(400, f"'{name}' must be a base64 data: URL (data:<type>;base64,<data>)", param=name)
+    return base64_image(data, name)
+
+
+def check_images(messages: Iterable[Message]) -> None:
+    """413 when the images of one request, decoded, are over :data:`schemas.limits.MAX_IMAGE_BYTES`
+    in total: a request must fit one Kafka record (:func:`schemas.validation.check_images`)."""
+    validation.check_images(sum(len(image) for message in messages for image in message.images))
+
+
+def last_user_text(messages: Iterable[Message]) -> str:
+    """A conversation's ``input``: the last user turn's text ('' without one), for the audit trail."""
+    return next((m.content for m in reversed(list(messages)) if m.role == "user"), "")
+
+
+def tools(value: Any, name: str = "tools") -> tuple[Tool, ...]:
+    """``[{"type": "function", "function": {"name", "description", "parameters"}}]``, Ollama's and
+    OpenAI's common shape; ``parameters`` (a JSON schema object) becomes its text."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise DropInError(400, f"'{name}' must be an array of tools", param=name)
+    out = []
+    for i, tool in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise DropInError(400, f"'{where}' must be a function tool: {{\"type\": \"function\", \"function\": "
+                              "{...}}", param=where)
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise DropInError(400, f"'{where}.function' must be an object", param=f"{where}.function")
+        tool_name = function.get("name")
+        if not isinstance(tool_name, str) or not tool_name:
+            raise DropInError(400, f"'{where}.function.name' must be a non-empty string",
+                              param=f"{where}.function.name")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise DropInError(400, f"'{where}.function.description' must be a string",
+                              param=f"{where}.function.description")
+        parameters = function.get("parameters")
+        out.append(Tool(tool_name, description or None,
+                        "{}" if parameters is None else json_object(parameters, f"{where}.function.parameters")))
+    return tuple(out)
+
+
+# The same rules as POST /infer's: a value one edge accepts, every edge accepts.
+stop_sequences = validation.stop  # a string or an array of non-empty strings
+keep_alive = validation.keep_alive  # a Go duration ("5m", "0") or seconds (300 -> "300s"; negative -> "-1s")

@@ -3,7 +3,10 @@
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true`` as server-sent
 events ending with ``data: [DONE]``; ``usage`` in the answer, and in the stream with
 ``stream_options.include_usage``), ``GET /v1/models`` and ``GET /v1/models/{id}``. Errors
-have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. The messages (text and
+``data:`` URL images, tool calls and tool results), ``tools``, ``tool_choice``, ``response_format``
+and the sampling fields pass through; answers carry ``tool_calls`` (``finish_reason: tool_calls``),
+streamed in ``delta.tool_calls`` by index.
 
 Like the Ollama API (:mod:`producers.gateway.dropin.ollama`), every call is an ordinary request on
 ``inference.requests`` answered through :mod:`producers.replies`. Body rules and answer
@@ -13,6 +16,7 @@ shapes are plain functions; :class:`OpenAIApi` hands them to the flow every drop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Collection
@@ -21,7 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from schemas import InferenceOptions, InferenceRequest, InferenceResponse, new_id
+from schemas import InferenceOptions, InferenceRequest, InferenceResponse, Message, ToolCall, new_id
+from schemas.limits import MAX_TOKENS
 
 from producers.gateway import access as access_http
 from producers.gateway.dropin.call import DropIn, DropInApi, call_handler
@@ -30,11 +35,17 @@ from producers.gateway.dropin.conversation import (
     REQUEST_ID_HEADER,
     CallContext,
     DropInError,
+    arguments_text,
+    check_images,
+    data_url_image,
     flag,
     integer,
+    json_object,
+    last_user_text,
     number,
-    render_conversation,
     require_model,
+    stop_sequences,
+    tools,
     unsupported,
 )
 
@@ -43,10 +54,11 @@ MODEL_MISSING = "you must provide a model parameter"
 MODEL_NOT_FOUND = "The model `{model}` does not exist or you do not have access to it."  # OpenAI's words
 # Accepted, but not carried to the model by Nexus's pipeline: named in X-Nexus-Ignored.
 _IGNORED = (
-    "top_p", "frequency_penalty", "presence_penalty", "stop", "logit_bias", "store", "metadata",
-    "service_tier", "parallel_tool_calls", "reasoning_effort", "prediction", "top_logprobs",
+    "logit_bias", "store", "metadata", "service_tier", "parallel_tool_calls", "reasoning_effort", "prediction",
+    "top_logprobs",
 )
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_TOOL_CHOICES = ("auto", "none", "required")
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                 500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 
@@ -66,29 +78,32 @@ class OpenAICall:
 
 
 def parse_chat_completion(body: Any, known: Collection[str], call: CallContext) -> OpenAICall:
-    """``POST /v1/chat/completions``: messages -> one input (:func:`render_conversation`)."""
+    """``POST /v1/chat/completions``: the messages, tools, tool_choice and response_format pass
+    through to the backend's chat API."""
     body = _object(body)
     model, model_id = require_model(body, known, "model", MODEL_MISSING, MODEL_NOT_FOUND)
-    for key in ("tools", "functions", "audio"):
+    for key in ("functions", "function_call"):
         if body.get(key):
-            raise unsupported(key, "Nexus answers with text only")
-    for key in ("tool_choice", "function_call"):
-        if body.get(key) not in (None, "none"):
-            raise unsupported(key, "Nexus answers with text only")
+            raise unsupported(key, "use tools and tool_choice")
+    if body.get("audio"):
+        raise unsupported("audio", "Nexus answers with text")
     if body.get("logprobs"):
         raise unsupported("logprobs")
     if body.get("modalities") not in (None, ["text"]):
-        raise unsupported("modalities", "Nexus answers with text only")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise unsupported("response_format", "only {\"type\": \"text\"}")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+        raise unsupported("modalities", "Nexus answers with text")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
         raise DropInError(400, "'messages' must be a non-empty array", param="messages")
-    turns = [_turn(i, m) for i, m in enumerate(messages)]
+    messages: list[Message] = []
+    for i, m in enumerate(raw):
+        messages.append(_message(i, m, messages))
+    check_images(messages)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _call(body, model, model_id, True, render_conversation(turns), max_tokens, name, call)
+    return _call(body, model, model_id, True, last_user_text(messages), max_tokens, name, call,
+                 messages=tuple(messages), tools=tools(body.get("tools")),
+                 tool_choice=_tool_choice(body.get("tool_choice")),
+                 format=_response_format(body.get("response_format")))
 
 
 def parse_completion(body: Any, known: Collection[str], call: CallContext) -> OpenAICall:
@@ -117,36 +132,108 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _turn(i: int, message: Any) -> tuple[str, str]:
+def _message(i: int, message: Any, earlier: list[Message]) -> Message:
+    """One of OpenAI's chat messages. ``developer`` is ``system``; content is a string or parts
+    (text, and images as ``data:`` URLs); an assistant's ``tool_calls`` keep their ids and their
+    arguments' text; a tool message answers ``tool_call_id``, whose function's name is looked up
+    in the ``earlier`` turns."""
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise DropInError(400, f"{where} must be an object", param=where)
     role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
     if role is None:
-        raise DropInError(
-            400, f"{where}.role must be system, developer, user or assistant (tools are not supported)",
-            param=f"{where}.role",
-        )
-    if message.get("tool_calls") or message.get("function_call"):
-        raise unsupported(f"{where}.tool_calls")
-    content = message.get("content")
+        raise DropInError(400, f"{where}.role must be system, developer, user, assistant or tool",
+                          param=f"{where}.role")
+    if message.get("function_call"):
+        raise unsupported(f"{where}.function_call", "use tool_calls")
+    text, images = _content(where, message.get("content"))
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise DropInError(400, f"'{where}.tool_calls' must be an array", param=f"{where}.tool_calls")
+    tool_calls = tuple(_tool_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(calls))
+    tool_call_id = message.get("tool_call_id")
+    if role == "tool" and (not isinstance(tool_call_id, str) or not tool_call_id):
+        raise DropInError(400, f"'{where}.tool_call_id' must be the id of the call it answers",
+                          param=f"{where}.tool_call_id")
+    tool_name = None
+    if role == "tool":
+        tool_name = next((c.name for m in reversed(earlier) for c in m.tool_calls if c.id == tool_call_id), None)
+    return Message(role, text, images, tool_calls, tool_name, tool_call_id if role == "tool" else None)
+
+
+def _content(where: str, content: Any) -> tuple[str, tuple[bytes, ...]]:
+    """A string, or parts: text parts joined by line breaks, ``image_url`` parts as the images' bytes."""
     if content is None:
-        return role, ""
+        return "", ()
     if isinstance(content, str):
-        return role, content
-    if isinstance(content, list):  # content parts: text only; several are joined by line breaks
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise unsupported(f"{where}.content", "only text parts")
+        return content, ()
+    if not isinstance(content, list):
+        raise DropInError(400, f"{where}.content must be a string or an array of content parts",
+                          param=f"{where}.content")
+    texts: list[str] = []
+    images: list[bytes] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        return role, "\n".join(texts)
-    raise DropInError(400, f"{where}.content must be a string or an array of text parts", param=f"{where}.content")
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # an assistant turn replayed
+            texts.append(part["refusal"])
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            images.append(data_url_image(url, f"{at}.image_url.url"))
+        else:
+            raise DropInError(400, f"{at} must be a text or image_url part", param=f"{where}.content")
+    return "\n".join(texts), tuple(images)
+
+
+def _tool_call(where: str, value: Any) -> ToolCall:
+    """``{"id", "type": "function", "function": {"name", "arguments": <JSON text>}}``."""
+    function = value.get("function") if isinstance(value, dict) else None
+    if (not isinstance(function, dict) or value.get("type", "function") != "function"
+            or not isinstance(function.get("name"), str) or not function["name"]):
+        raise DropInError(400, f"'{where}' must be a function call: {{\"id\", \"type\": \"function\", "
+                          "\"function\": {\"name\", \"arguments\"}}", param=where)
+    call_id = value.get("id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise DropInError(400, f"'{where}.id' must be a string", param=f"{where}.id")
+    return ToolCall(function["name"], arguments_text(function.get("arguments"), f"{where}.function.arguments"),
+                    call_id or None)
+
+
+def _tool_choice(value: Any) -> str | None:
+    """``auto``, ``none``, ``required``, or ``{"type": "function", "function": {"name"}}`` -> the name."""
+    if value is None or value in _TOOL_CHOICES:
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            return name
+    raise DropInError(400, "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+
+
+def _response_format(value: Any) -> str | None:
+    """``{"type": "text"}``: none; ``json_object``: ``"json"``; ``json_schema``: the schema's text."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if schema is None:
+            raise DropInError(400, "'response_format.json_schema.schema' is required", param="response_format")
+        return json_object(schema, "response_format.json_schema.schema")
+    raise DropInError(400, "'response_format.type' must be text, json_object or json_schema", param="response_format")
 
 
 def _call(
     body: dict[str, Any], model: str, model_id: str, chat: bool, text: str,
-    max_tokens: Any, max_tokens_name: str, call: CallContext,
+    max_tokens: Any, max_tokens_name: str, call: CallContext, **conversation: Any,
 ) -> OpenAICall:
     if body.get("n") not in (None, 1):
         raise unsupported("n", "one choice per request")
@@ -157,8 +244,12 @@ def _call(
     include_usage = flag(stream_options.get("include_usage"), "stream_options.include_usage", False)
     options = InferenceOptions(
         temperature=number(body.get("temperature"), "temperature", 0, 2),
-        max_tokens=integer(max_tokens, max_tokens_name, 1, 2**31 - 1),
+        max_tokens=integer(max_tokens, max_tokens_name, 1, MAX_TOKENS),
         seed=integer(body.get("seed"), "seed"),
+        top_p=number(body.get("top_p"), "top_p", 0, 1),
+        stop=stop_sequences(body.get("stop"), "stop"),
+        presence_penalty=number(body.get("presence_penalty"), "presence_penalty", -2, 2),
+        frequency_penalty=number(body.get("frequency_penalty"), "frequency_penalty", -2, 2),
     )
     context = call.context
     user = body.get("user")
@@ -169,7 +260,7 @@ def _call(
             context = type(context)(context.session_id, {**context.metadata, "user": user})
     request = InferenceRequest(
         id=new_id(), model_id=model_id, input=text, context=context, options=options,
-        stream=stream, cache=call.cache,  # type: ignore[arg-type]
+        stream=stream, cache=call.cache, **conversation,  # type: ignore[arg-type]
     )
     ignored = tuple(k for k in _IGNORED if body.get(k) is not None)
     return OpenAICall(model, chat, stream, include_usage, request, ignored)
@@ -186,7 +277,28 @@ def error_object(status: int, message: str, param: str | None = None, code: str 
 
 
 def finish_reason(response: InferenceResponse) -> str:
+    if response.tool_calls:
+        return "tool_calls"
     return "length" if response.done_reason == "length" else "stop"
+
+
+def tool_call_id(call: OpenAICall, index: int) -> str:
+    """The id of an answer's tool call the backend gave none (Ollama): ``call_<hex>``, derived
+    from the request's id and the call's index, so the same answer shows the same ids."""
+    return "call_" + hashlib.sha256(f"{call.request.id}/{index}".encode()).hexdigest()[:24]
+
+
+def tool_calls_json(call: OpenAICall, calls: tuple[ToolCall, ...], start: int = 0,
+                    indexed: bool = False) -> list[dict[str, Any]]:
+    """Tool calls in OpenAI's shape, arguments as JSON text; ``indexed``: with their ``index``, as
+    a stream's ``delta.tool_calls`` carry them (each call whole in one delta)."""
+    out = []
+    for i, tool_call in enumerate(calls, start):
+        entry: dict[str, Any] = {"index": i} if indexed else {}
+        entry.update({"id": tool_call.id or tool_call_id(call, i), "type": "function",
+                      "function": {"name": tool_call.name, "arguments": tool_call.arguments}})
+        out.append(entry)
+    return out
 
 
 def usage(response: InferenceResponse) -> dict[str, int]:
@@ -215,25 +327,34 @@ def _head(call: OpenAICall, chunk: bool) -> dict[str, Any]:
 def completion_object(call: OpenAICall, response: InferenceResponse) -> dict[str, Any]:
     """The whole answer of a non-streamed call."""
     if call.chat:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            # OpenAI's content is null beside tool calls when the model wrote nothing
+            "content": response.output if response.output or not response.tool_calls else None,
+            "refusal": None,
+        }
+        if response.tool_calls:
+            message["tool_calls"] = tool_calls_json(call, response.tool_calls)
         choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": response.output, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish_reason(response),
+            "index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(response),
         }
     else:
         choice = {"index": 0, "text": response.output, "logprobs": None, "finish_reason": finish_reason(response)}
     return {**_head(call, False), "choices": [choice], "usage": usage(response)}
 
 
-def chunk_object(call: OpenAICall, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
-    """One streamed chunk; the first chat chunk carries the role, the last the finish reason."""
+def chunk_object(call: OpenAICall, text: str | None, finish: str | None = None, first: bool = False,
+                 calls: tuple[ToolCall, ...] = (), start: int = 0) -> dict[str, Any]:
+    """One streamed chunk; the first chat chunk carries the role, the last the finish reason.
+    Tool calls go in ``delta.tool_calls`` with their index, each whole."""
     if call.chat:
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if calls:
+            delta["tool_calls"] = tool_calls_json(call, calls, start, indexed=True)
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -304,6 +425,9 @@ class OpenAIApi(DropInApi[OpenAICall]):
 
     def stream_chunk(self, call: OpenAICall, text: str) -> bytes:
         return _sse(chunk_object(call, text))
+
+    def stream_tool_calls(self, call: OpenAICall, calls: tuple[ToolCall, ...], start: int) -> bytes:
+        return _sse(chunk_object(call, None, calls=calls, start=start))
 
     def stream_end(self, call: OpenAICall, response: InferenceResponse) -> bytes:
         end = _sse(chunk_object(call, None, finish_reason(response)))

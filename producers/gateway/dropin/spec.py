@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.limits import MAX_SESSION_ID_LENGTH, MAX_TIMEOUT_MS
+from schemas.limits import MAX_IMAGE_BYTES, MAX_RECORD_BYTES, MAX_SESSION_ID_LENGTH, MAX_TIMEOUT_MS
 
 from producers.gateway.dropin.conversation import (
     CACHE_HEADER,
@@ -45,9 +45,13 @@ def _answers(ok: str, stream_type: str, stream_text: str, error: str) -> dict[st
             },
             "content": {JSON: {"schema": _ref(ok)}, stream_type: {"schema": {"type": "string"}}},
         },
-        "400": _json(error, "The body is not JSON, or a field is invalid or not supported by Nexus."),
+        "400": _json(error, "The body is not JSON, or a field is invalid or not supported by Nexus; or the "
+                            "backend refused the request (tools for a model without tool support, a bad schema...): "
+                            "the error is then the backend's own message."),
         "404": _json(error, "The model is not one Nexus routes."),
-        "413": _json(error, "The body is larger than the gateway's limit."),
+        "413": _json(error, "The body is larger than the gateway's limit, the request's images total more than "
+                            f"{MAX_IMAGE_BYTES} bytes decoded, or the encoded request is over {MAX_RECORD_BYTES} "
+                            "bytes: a request must fit one Kafka record."),
         "500": _json(error, "The pipeline answered with an error (the endpoint failed, the deadline passed...)."),
         "503": _json(error, "Kafka did not acknowledge the request, or this gateway cannot read answers."),
         "504": _json(error, "No answer within the timeout; the request is still answered, into the audit log."),
@@ -71,17 +75,21 @@ def dropin_paths() -> dict[str, Any]:
         "/api/generate": {"post": {
             "operationId": "ollamaGenerate", "tags": tags, "parameters": _headers(),
             "summary": "Ollama's generate, answered through Kafka",
-            "description": "Streams unless `\"stream\": false`. A `system` prompt is folded into the input "
-                           "with the prompt as a two-turn transcript (docs/drop-in.md). An empty prompt is "
-                           "Ollama's load call, answered at once with `done_reason: load`.",
+            "description": "Streams unless `\"stream\": false`. A plain prompt goes to the backend's generate "
+                           "API; with `system` or `images` the call is the conversation `[system, user(prompt, "
+                           "images)]`, sent to the backend's chat API (the model's template applies, `system` in "
+                           "place of the model's own). `format`, `options` and `keep_alive` pass through. An empty "
+                           "prompt without images is Ollama's load call, answered at once with `done_reason: load`.",
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("OllamaGenerateRequest")}}},
             "responses": _answers("OllamaGenerateResponse", "application/x-ndjson", ndjson, "Error"),
         }},
         "/api/chat": {"post": {
             "operationId": "ollamaChat", "tags": tags, "parameters": _headers(),
             "summary": "Ollama's chat, answered through Kafka",
-            "description": "The conversation becomes one input: a single user message verbatim, otherwise a "
-                           "transcript, one `role: \"content\"` line per message (docs/drop-in.md).",
+            "description": "The conversation passes through to the backend's chat API, so the model's chat "
+                           "template sees the roles: messages (images, tool calls, tool results), `tools`, "
+                           "`format`, `options` and `keep_alive`. The answer's `message` carries the model's "
+                           "`tool_calls` (arguments as objects), streamed whole as they come.",
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("OllamaChatRequest")}}},
             "responses": _answers("OllamaChatResponse", "application/x-ndjson", ndjson, "Error"),
         }},
@@ -99,8 +107,11 @@ def dropin_paths() -> dict[str, Any]:
         "/v1/chat/completions": {"post": {
             "operationId": "openaiChatCompletions", "tags": openai, "parameters": _headers(),
             "summary": "OpenAI's chat completions, answered through Kafka",
-            "description": "Messages become one input as for `/api/chat`. Automatic retries of a 504 are "
-                           "refused with `x-should-retry: false`: the request is still being answered.",
+            "description": "The messages (text and `data:` URL images, tool calls, tool results), `tools`, "
+                           "`tool_choice`, `response_format` and the sampling fields pass through to the backend's "
+                           "chat API. Tool calls come back in `message.tool_calls` (`finish_reason: tool_calls`), "
+                           "streamed in `delta.tool_calls` by index. Automatic retries of a 504 are refused with "
+                           "`x-should-retry: false`: the request is still being answered.",
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("ChatCompletionRequest")}}},
             "responses": _answers("ChatCompletion", "text/event-stream", sse, "OpenAIError"),
         }},
@@ -141,30 +152,72 @@ def dropin_parameters() -> dict[str, Any]:
 
 
 def dropin_schemas() -> dict[str, Any]:
+    any_number = {"type": "number"}
     options = {
         "type": "object",
-        "description": "`temperature`, `num_predict` (<= 0: no limit) and `seed` reach the model; other "
-                       "options are ignored and named in `X-Nexus-Ignored`.",
+        "description": "All of Ollama's options reach the backend: these in the request's own fields "
+                       "(`num_predict` <= 0: no limit), any other (`mirostat`, `repeat_last_n`, ...) as given.",
         "properties": {"temperature": {"type": "number", "minimum": 0},
                        "num_predict": {"type": "integer", "minimum": -2, "maximum": 2**31 - 1},
-                       "seed": {"type": "integer"}},
+                       "seed": {"type": "integer"}, "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+                       "top_k": {"type": "integer", "minimum": 0}, "min_p": {"type": "number", "minimum": 0,
+                                                                           "maximum": 1},
+                       "stop": {"type": ["string", "array"], "items": {"type": "string"}},
+                       "num_ctx": {"type": "integer", "minimum": 1}, "repeat_penalty": any_number,
+                       "presence_penalty": any_number, "frequency_penalty": any_number},
+        "additionalProperties": True,
     }
     stats = {name: {"type": "integer", "minimum": 0} for name in (
         "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
         "eval_duration")}
     final = {"model": {"type": "string"}, "created_at": {"type": "string"}, "done": {"type": "boolean"},
              "done_reason": {"type": "string"}, **stats}
+    images = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},
+              "description": f"Base64 image files; {MAX_IMAGE_BYTES} bytes per request in total, decoded."}
+    ollama_tool_call = {"type": "object", "required": ["function"], "properties": {
+        "id": {"type": "string"},
+        "function": {"type": "object", "required": ["name", "arguments"],
+                     "properties": {"index": {"type": "integer"}, "name": {"type": "string"},
+                                    "arguments": {"type": "object"}}}}}
     message = {"type": "object", "required": ["role"],
-               "properties": {"role": {"enum": ["system", "user", "assistant"]},
-                              "content": {"type": ["string", "null"]}}}
+               "properties": {"role": {"enum": ["system", "user", "assistant", "tool"]},
+                              "content": {"type": ["string", "null"]}, "images": images,
+                              "tool_calls": {"type": "array", "items": ollama_tool_call},
+                              "tool_name": {"type": "string", "description": "A tool turn: the function's name."}}}
+    answer_message = {"type": "object", "required": ["role", "content"],
+                      "properties": {"role": {"const": "assistant"}, "content": {"type": "string"},
+                                     "tool_calls": {"type": "array", "items": ollama_tool_call}}}
+    function_tool = {"type": "object", "required": ["function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+                                    "parameters": {"type": "object", "description": "A JSON schema."}}}}}
+    ollama_format = {"description": "`\"json\"`, or a JSON schema the answer must match.",
+                     "oneOf": [{"const": "json"}, {"const": ""}, {"type": "object"}]}
+    keep_alive = {"type": ["string", "number"],
+                  "description": "How long the backend keeps the model loaded (`\"5m\"`, `0`; a number is seconds)."}
+    openai_tool_call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+        "id": {"type": "string"}, "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name", "arguments"],
+                     "properties": {"name": {"type": "string"},
+                                    "arguments": {"type": "string", "description": "A JSON object, as text."}}}}}
     openai_message = {"type": "object", "required": ["role"],
-                      "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
+                      "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
                                      "content": {"type": ["string", "array", "null"],
-                                                 "description": "A string or text parts."}}}
+                                                 "description": "A string or parts: `text`, and `image_url` "
+                                                                "with a `data:<type>;base64,...` URL (Nexus "
+                                                                "fetches no http(s) images)."},
+                                     "tool_calls": {"type": "array", "items": openai_tool_call},
+                                     "tool_call_id": {"type": "string", "description": "A tool message: the "
+                                                                                       "call it answers."}}}
     sampling = {
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "max_tokens": {"type": ["integer", "null"], "minimum": 1},
         "seed": {"type": ["integer", "null"]},
+        "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "stop": {"type": ["string", "array", "null"], "items": {"type": "string"}},
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
         "n": {"const": 1},
         "stream": {"type": ["boolean", "null"], "default": False},
         "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
@@ -175,23 +228,28 @@ def dropin_schemas() -> dict[str, Any]:
     return {
         "OllamaGenerateRequest": {
             "type": "object", "required": ["model"],
-            "description": "Unknown fields are ignored, as by Ollama. Refused (400) when set: suffix, template, "
-                           "context, images, format, raw, think, logprobs.",
+            "description": "Unknown fields are ignored, as by Ollama. Refused (400) when set: raw, suffix, "
+                           "template, context (Nexus uses the model's own template), think, logprobs.",
             "properties": {"model": {"type": "string", "minLength": 1}, "prompt": {"type": "string"},
-                           "system": {"type": "string"}, "stream": {"type": "boolean", "default": True},
-                           "options": options, "keep_alive": {"description": "Ignored."}},
+                           "system": {"type": "string", "description": "In place of the model's system prompt."},
+                           "images": images, "format": ollama_format,
+                           "stream": {"type": "boolean", "default": True}, "options": options,
+                           "keep_alive": keep_alive},
         },
         "OllamaChatRequest": {
             "type": "object", "required": ["model"],
-            "description": "Refused (400) when set: tools, format, think, logprobs, message images and tool calls.",
+            "description": "Refused (400) when set: think, logprobs. A message's `thinking` is not carried "
+                           "(named in X-Nexus-Ignored).",
             "properties": {"model": {"type": "string", "minLength": 1},
                            "messages": {"type": "array", "items": message},
-                           "stream": {"type": "boolean", "default": True}, "options": options},
+                           "tools": {"type": "array", "items": function_tool}, "format": ollama_format,
+                           "stream": {"type": "boolean", "default": True}, "options": options,
+                           "keep_alive": keep_alive},
         },
         "OllamaGenerateResponse": {"type": "object", "required": ["model", "created_at", "response", "done"],
                                    "properties": {**final, "response": {"type": "string"}}},
         "OllamaChatResponse": {"type": "object", "required": ["model", "created_at", "message", "done"],
-                               "properties": {**final, "message": message}},
+                               "properties": {**final, "message": answer_message}},
         "OllamaTags": {
             "type": "object", "required": ["models"],
             "properties": {"models": {"type": "array", "items": {
@@ -203,11 +261,22 @@ def dropin_schemas() -> dict[str, Any]:
         "OllamaVersion": {"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
         "ChatCompletionRequest": {
             "type": "object", "required": ["model", "messages"],
-            "description": "Refused (400): tools, functions, audio, non-text content parts or response_format, "
-                           "logprobs, n > 1. Accepted but ignored (named in X-Nexus-Ignored): top_p, penalties, "
-                           "stop, logit_bias, store, metadata...",
+            "description": "Refused (400): functions and function_call (use tools), audio, http(s) image URLs, "
+                           "logprobs, n > 1. Accepted but not carried (named in X-Nexus-Ignored): logit_bias, "
+                           "store, metadata, service_tier, parallel_tool_calls, reasoning_effort, prediction.",
             "properties": {"model": {"type": "string"}, "messages": {"type": "array", "minItems": 1,
                                                                      "items": openai_message},
+                           "tools": {"type": "array", "items": function_tool},
+                           "tool_choice": {"oneOf": [{"enum": ["auto", "none", "required"]}, {
+                               "type": "object", "required": ["type", "function"],
+                               "properties": {"type": {"const": "function"},
+                                              "function": {"type": "object", "required": ["name"],
+                                                           "properties": {"name": {"type": "string"}}}}}]},
+                           "response_format": {"type": ["object", "null"], "required": ["type"], "properties": {
+                               "type": {"enum": ["text", "json_object", "json_schema"]},
+                               "json_schema": {"type": "object", "required": ["schema"],
+                                               "properties": {"name": {"type": "string"},
+                                                              "schema": {"type": "object"}}}}},
                            "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1}, **sampling},
         },
         "CompletionRequest": {
@@ -226,10 +295,15 @@ def dropin_schemas() -> dict[str, Any]:
                 "model": {"type": "string"}, "usage": usage,
                 "choices": {"type": "array", "items": {
                     "type": "object", "required": ["index", "message", "finish_reason"],
-                    "properties": {"index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]},
+                    "properties": {"index": {"type": "integer"},
+                                   "finish_reason": {"enum": ["stop", "length", "tool_calls"]},
                                    "message": {"type": "object", "required": ["role", "content"],
                                                "properties": {"role": {"const": "assistant"},
-                                                              "content": {"type": "string"}}}}}},
+                                                              "content": {"type": ["string", "null"],
+                                                                          "description": "null beside tool "
+                                                                                         "calls without text"},
+                                                              "tool_calls": {"type": "array",
+                                                                             "items": openai_tool_call}}}}}},
             },
         },
         "Completion": {

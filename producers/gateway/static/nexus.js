@@ -21,7 +21,7 @@ const page = {
   ws: null,
   url: null,
   droppedAt: null, // Date.now() when the socket closed; resume from a bit before it
-  current: null, // {id, t0, nextSeq, text, firstTokenAt}
+  current: null, // {id, t0, nextSeq, text, toolCalls, firstTokenAt}
   seenResults: new Set(),
   lastRun: null, // for tests and benchmarks: {id, ttft_ms, result_ms, output}
 };
@@ -123,6 +123,31 @@ function onFrame(frame) {
   }
 }
 
+// A tool call as one line: name({"arg": ...}).
+function callText(call) {
+  const args = typeof call.arguments === "string" ? call.arguments : JSON.stringify(call.arguments);
+  return `${call.name}(${args})`;
+}
+
+// The answer's tool calls (name and arguments), under its text; hidden when there are none.
+function showToolCalls(calls) {
+  const list = $("tool-calls");
+  list.replaceChildren(...calls.map((call) => {
+    const item = document.createElement("li");
+    const name = document.createElement("b");
+    name.textContent = "tool call ";
+    item.append(name, callText(call));
+    return item;
+  }));
+  list.hidden = calls.length === 0;
+}
+
+function answerText(result) {
+  if (result.status !== "ok") return result.error;
+  const calls = (result.tool_calls || []).map((call) => `[tool call] ${callText(call)}`);
+  return [result.output, ...calls].filter((part) => part).join(" ");
+}
+
 function onToken(frame) {
   const run = page.current;
   if (!run || frame.id !== run.id || frame.seq !== run.nextSeq || run.done) return; // replayed or stray
@@ -133,6 +158,10 @@ function onToken(frame) {
   run.nextSeq += 1;
   run.chunks += 1;
   run.text += frame.text;
+  if (frame.tool_calls && frame.tool_calls.length) {
+    run.toolCalls.push(...frame.tool_calls); // streamed whole, one chunk may carry several
+    showToolCalls(run.toolCalls);
+  }
   const answer = $("answer");
   answer.textContent = run.text;
   answer.dataset.state = "streaming";
@@ -147,6 +176,7 @@ function onResult(result) {
     const answer = $("answer");
     answer.textContent = result.status === "ok" ? result.output : result.error;
     answer.dataset.state = result.status === "ok" ? "done" : "error";
+    showToolCalls(result.status === "ok" ? result.tool_calls || [] : []);
     $("status").textContent = result.status + (result.cached ? " (cached)" : "");
     $("result-time").textContent = ms(now - run.t0);
     if (run.firstTokenAt == null) $("ttft").textContent = "– (not streamed)";
@@ -158,7 +188,9 @@ function onResult(result) {
       ttft_ms: run.firstTokenAt == null ? null : run.firstTokenAt - run.t0,
       result_ms: now - run.t0,
       output: result.output,
+      tool_calls: result.tool_calls || [],
       streamed_text: run.text,
+      streamed_tool_calls: run.toolCalls,
       chunks: run.chunks,
       status: result.status,
     };
@@ -191,7 +223,7 @@ function addRecent(result) {
     result.status,
     ms(result.latency_ms),
     result.endpoint || "–",
-    result.status === "ok" ? result.output : result.error,
+    answerText(result),
   ];
   cells.forEach((text, i) => {
     const cell = document.createElement("td");
@@ -211,11 +243,14 @@ function submit(event) {
   const prompt = $("prompt").value;
   if (!prompt.trim() || !page.ws || page.ws.readyState !== WebSocket.OPEN) return;
   const id = randomId();
-  page.current = { id, t0: performance.now(), nextSeq: 0, chunks: 0, text: "", firstTokenAt: null, done: false };
+  page.current = {
+    id, t0: performance.now(), nextSeq: 0, chunks: 0, text: "", toolCalls: [], firstTokenAt: null, done: false,
+  };
   $("request-id").textContent = id.slice(0, 12);
   const answer = $("answer");
   answer.textContent = "";
   answer.dataset.state = "waiting";
+  showToolCalls([]);
   for (const el of ["ttft", "result-time", "latency", "endpoint", "tokens"]) $(el).textContent = "–";
   $("status").textContent = "submitting";
   $("submit").disabled = true;
