@@ -1,7 +1,8 @@
 """The page's script shows an answer's tool calls, streamed and final, besides its text.
 
 Runs ``static/nexus.js`` in Node with a few stand-ins for the browser (no network, no
-socket); skipped where Node is not installed. The browser test is in
+socket). Node is a prerequisite of the test suite, as the JDK is: without it this fails, naming it,
+rather than skipping. The browser test is in
 tests/integration/test_bridge.py.
 """
 
@@ -66,8 +67,9 @@ console.log(JSON.stringify(out));
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 def test_the_page_shows_streamed_and_final_tool_calls(tmp_path: Path) -> None:
+    if shutil.which("node") is None:
+        pytest.fail("Node.js is not installed: this test runs the page's script in it", pytrace=False)
     harness = tmp_path / "harness.js"
     harness.write_text(HARNESS)
     done = subprocess.run(["node", str(harness), str(SCRIPT)], capture_output=True, text=True, timeout=60)
