@@ -396,6 +396,29 @@ async def test_streamed_tokens_arrive_in_order_and_concatenate_to_the_result(liv
     assert client.frames.index(tokens[-1]) < client.frames.index(result)
 
 
+async def test_a_conversation_submitted_over_the_socket_streams_its_tool_call_to_the_result(
+    live: Live, worker: Role
+) -> None:
+    run = _run()
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    client = await WsClient.open(live.ws_url)
+    try:
+        await client.send({
+            "type": "submit", "id": f"{run}-tools", "model_id": "llama3.1", "stream": True,
+            "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Weather in Oslo?"}],
+            "tools": [weather], "context": {"session_id": f"{run}-s"},
+        })
+        result = await client.next_of("result", timeout=60)
+    finally:
+        await client.close()
+    assert result["status"] == "ok", result
+    [call] = result["tool_calls"]
+    assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
+    assert result["message"] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    streamed = [c for t in client.of("token") for c in t.get("tool_calls", [])]
+    assert streamed == [call], "the tool call streamed in a token frame, as the model sent it"
+
+
 # -- the page ----------------------------------------------------------------------------
 
 CHROMIUM_ARGS = [
