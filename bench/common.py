@@ -107,3 +107,34 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used so far (Linux /proc): tells which role is the bottleneck."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (e.g. Ollama's server and its model runner)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of ``pid`` and of the processes under it onto ``cores``.
+
+    ``os.sched_setaffinity(pid)`` moves one thread only; a Go server starts its children
+    from any of its threads, so each thread is moved, and children started later inherit it.
+    """
+    for process in descendants(pid):
+        for task in Path(f"/proc/{process}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cores)
+            except OSError:  # the thread ended meanwhile
+                pass

@@ -3,8 +3,12 @@
     .venv/bin/python bench/real_routing.py [-r 24] [--tokens 32] [-c 8] [--rounds 2] [--bootstrap HOST:PORT]
 
 Starts (unless --bootstrap) a local broker, two of the project's real Ollamas (0.17.4,
-SmolLM2-135M, see localdev/ollama.py): ``fast`` with ``OLLAMA_NUM_PARALLEL=4`` and ``slow``
-with ``OLLAMA_NUM_PARALLEL=1`` (both with Ollama's default queue), and a Nexus worker and
+SmolLM2-135M, see localdev/ollama.py), each pinned to a core of its own: ``fast`` alone on
+core 0 (with this client, the broker and Nexus's roles), ``slow`` on core 1, which it shares
+with a busy loop started for the purpose (so it gets about half a core). Both run one request at a time (``OLLAMA_NUM_PARALLEL=1``: on this
+CPU, four parallel sequences give fewer tokens/s than one), with Ollama's default queue. A
+first version gave the slow one fewer slots instead (1 against 4) and measured nothing: on
+two cores that share everything, 4 slots were not faster. Then a Nexus worker and
 gateway whose model has both as endpoints, configured alike (weight 1, ``max_concurrency =
 4``, ``retries = 2``): which one is slower, Nexus has to learn. Two dispatchers, one after the
 other, a round each in turn (WRR, Nexus, WRR, Nexus with --rounds 2):
@@ -16,7 +20,8 @@ other, a round each in turn (WRR, Nexus, WRR, Nexus with --rounds 2):
   smooth weighted round-robin with the same weights (1:1), 4 requests at once per endpoint,
   a failure retried on the next endpoint, up to 2 retries. No Kafka in its path.
 
-Each round sends R requests of ``--tokens`` tokens (``options.num_predict``), distinct
+Each round sends R requests of ``--tokens`` tokens (``options.num_predict``; ``num_thread`` 1, so
+the two runners share the machine's cores instead of starving each other), distinct
 prompts, no seed (so Nexus's response cache never answers), with C in flight at a time.
 Both Ollamas (the model loaded) and Nexus (its worker's group joined) get a call first.
 Prints per round and over all rounds: tokens/s (the answers' ``eval_count`` over the wall
@@ -31,6 +36,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -42,10 +50,11 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import isolated_env, percentile, role, run_on_broker, stop_all, wait_http
+from common import isolated_env, percentile, pin, role, run_on_broker, stop_all, wait_http
 from localdev.ollama import MODEL_NAME, LocalOllama, free_port
 
-PARALLEL = {"slow": 1, "fast": 4}  # OLLAMA_NUM_PARALLEL; slow listed first, so no order favours fast
+CORES = {"slow": 1, "fast": 0}  # the core each Ollama (and its runner) is pinned to; slow listed first
+HOG_CORE = 1  # a busy loop shares this core with the slow Ollama
 SLOTS = 4  # requests in flight per endpoint: Nexus's max_concurrency and the baseline's limit
 RETRIES = 2
 TIMEOUT_S = 300
@@ -79,7 +88,9 @@ class Run:
 
 
 def body(prompt: str, tokens: int) -> dict[str, object]:
-    return {"model": MODEL_NAME, "prompt": prompt, "stream": False, "options": {"num_predict": tokens}}
+    # One thread per runner: llama.cpp's threads spin while they wait, so two runners of two threads
+    # each on a 2-core machine starve each other (0.7 tokens/s in all). Nexus passes the option on.
+    return {"model": MODEL_NAME, "prompt": prompt, "stream": False, "options": {"num_predict": tokens, "num_thread": 1}}
 
 
 async def drive(run: Run, prompts: list[str], concurrency: int, call: Callable[[str], Awaitable[int]]) -> Run:
@@ -90,10 +101,11 @@ async def drive(run: Run, prompts: list[str], concurrency: int, call: Callable[[
         async with gate:
             sent = time.perf_counter()
             try:
-                run.tokens += await call(prompt)
+                count = await call(prompt)  # not `run.tokens += await ...`: that reads the total before the await
             except (httpx.HTTPError, KeyError, ValueError):
                 run.errors += 1
                 return
+            run.tokens += count
             run.latencies.append(time.perf_counter() - sent)
 
     started = time.perf_counter()
@@ -168,13 +180,17 @@ def config_toml(urls: dict[str, str]) -> str:
 
 async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, rounds: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
-    ollamas = {name: LocalOllama(port=free_port(), env={"OLLAMA_NUM_PARALLEL": str(parallel)},
-                                 log_path=work / f"ollama-{name}.log") for name, parallel in PARALLEL.items()}
-    procs = []
+    ollamas = {name: LocalOllama(port=free_port(), env={"OLLAMA_NUM_PARALLEL": "1"},
+                                 log_path=work / f"ollama-{name}.log") for name in CORES}
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    os.sched_setaffinity(hog.pid, {HOG_CORE})
+    procs = [hog]
     runs: list[Run] = []
     try:
-        for ollama in ollamas.values():
+        for name, ollama in ollamas.items():
             ollama.start()
+            assert ollama.pid is not None
+            pin(ollama.pid, {CORES[name]})
         urls = {name: ollama.url for name, ollama in ollamas.items()}
         names = {url: name for name, url in urls.items()}
         env, _ = isolated_env(bootstrap, urls["fast"])
@@ -196,6 +212,9 @@ async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, 
 
             for i, url in enumerate(urls.values()):  # the model loaded in each Ollama
                 (await http.post(f"{url}/api/generate", json=body(f"Say hello, {i}.", tokens))).raise_for_status()
+            for name, ollama in ollamas.items():  # its runner too, now that it runs
+                assert ollama.pid is not None
+                pin(ollama.pid, {CORES[name]})
             await nexus("Say hello, Nexus.")  # the worker's group joined
             serial = itertools.count()  # distinct prompts across rounds and dispatchers: no prompt cache helps
             for n in range(1, rounds + 1):
@@ -226,7 +245,8 @@ def report(runs: list[Run], requests: int, tokens: int, concurrency: int, work: 
         totals[run.dispatcher].add(run)
     rows = runs + list(totals.values()) if len(runs) > 2 else runs
     print(f"{requests} POST /api/generate of {tokens} tokens per round, {concurrency} in flight; real Ollamas "
-          f"({MODEL_NAME}) fast: OLLAMA_NUM_PARALLEL=4, slow: 1; both weight 1, {SLOTS} in flight, "
+          f"({MODEL_NAME}), 1 slot each, fast alone on a core, slow sharing one with a busy loop; "
+          f"both weight 1, {SLOTS} in flight, "
           f"{RETRIES} retries (logs in {work})")
     print(f"{'dispatcher':14}{'round':>6}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'errors':>8}"
           f"{'fast':>6}{'slow':>6}{'failed fast':>13}{'failed slow':>13}")
@@ -247,6 +267,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of WRR then Nexus")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
+    # Everything but the two Ollamas and the busy loop (this client, the broker, the roles) on core 0,
+    # with the fast Ollama: the slow one's core holds only it and the loop.
+    os.sched_setaffinity(0, {CORES["fast"]})
     run_on_broker(lambda bootstrap: measure(bootstrap, args.r, args.tokens, args.c, args.rounds), args.bootstrap)
 
 
