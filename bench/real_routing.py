@@ -1,34 +1,39 @@
 """Nexus's routing against weighted round-robin, on two real Ollamas of different speed.
 
-    .venv/bin/python bench/real_routing.py [-r 24] [--tokens 32] [-c 8] [--rounds 2] [--bootstrap HOST:PORT]
+    .venv/bin/python bench/real_routing.py [-r 24] [--tokens 32] [-c 8] [--rounds 2] [--slots 1]
+                                           [--bootstrap HOST:PORT]
 
 Starts (unless --bootstrap) a local broker, two of the project's real Ollamas (0.17.4,
-SmolLM2-135M, see localdev/ollama.py), each pinned to a core of its own: ``fast`` alone on
-core 0 (with this client, the broker and Nexus's roles), ``slow`` on core 1, which it shares
-with a busy loop started for the purpose (so it gets about half a core). Both run one request at a time (``OLLAMA_NUM_PARALLEL=1``: on this
-CPU, four parallel sequences give fewer tokens/s than one), with Ollama's default queue. A
-first version gave the slow one fewer slots instead (1 against 4) and measured nothing: on
-two cores that share everything, 4 slots were not faster. Then a Nexus worker and
-gateway whose model has both as endpoints, configured alike (weight 1, ``max_concurrency =
-4``, ``retries = 2``): which one is slower, Nexus has to learn. Two dispatchers, one after the
-other, a round each in turn (WRR, Nexus, WRR, Nexus with --rounds 2):
+SmolLM2-135M, see localdev/ollama.py) pinned to a core each, every thread: ``fast`` on core 0
+(with this client, the broker and Nexus's roles), ``slow`` on core 1, which it shares with a
+busy loop started for the purpose, so it gets about half a core. Each runs one request at a
+time (``OLLAMA_NUM_PARALLEL=1``: on this CPU four parallel sequences give fewer tokens/s than
+one) with one thread (``num_thread`` 1 in every request's options), behind Ollama's default
+queue. A first version made the slow one slower by fewer slots (1 against 4), and the two
+unpinned runners starved each other: it measured nothing.
+
+Nexus (a worker and a gateway) has both as endpoints of the model, configured alike (weight
+1, ``max_concurrency`` = ``--slots``, ``retries = 2``): which one is slower, it has to learn.
+Two dispatchers, one after the other, a round each in turn (WRR, Nexus, WRR, Nexus):
 
 - Nexus: the client's non-streamed ``POST /api/generate`` to the gateway's drop-in API;
   which endpoint served a request is read from the worker's ``/metrics``
   (``nexus_worker_backend_requests_total`` before and after the round).
 - weighted RR, the baseline: the same calls straight to the two Ollamas with httpx, nginx's
-  smooth weighted round-robin with the same weights (1:1), 4 requests at once per endpoint,
-  a failure retried on the next endpoint, up to 2 retries. No Kafka in its path.
+  smooth weighted round-robin with the same weights (1:1), ``--slots`` requests at once per
+  endpoint (a request waits for the slot of the endpoint its turn named), a failure retried
+  on the next endpoint, up to 2 retries. No Kafka in its path.
 
-Each round sends R requests of ``--tokens`` tokens (``options.num_predict``; ``num_thread`` 1, so
-the two runners share the machine's cores instead of starving each other), distinct
-prompts, no seed (so Nexus's response cache never answers), with C in flight at a time.
-Both Ollamas (the model loaded) and Nexus (its worker's group joined) get a call first.
-Prints per round and over all rounds: tokens/s (the answers' ``eval_count`` over the wall
-time), p50 and p99 latency per request (from its send to its answer), errors, the requests
-each Ollama served and the failed calls to each (retried), then Nexus/WRR for tokens/s and
-p99. Everything shares one machine's CPUs (both Ollamas, the broker, the roles, this
-client); the numbers are of one run.
+With ``--slots 1`` (the default, each Ollama's own parallelism) requests beyond the two
+running wait where a dispatcher can still choose; with more, they queue inside the Ollamas.
+
+Each round sends R requests of ``--tokens`` tokens, distinct prompts, no seed (so Nexus's
+response cache never answers), with C in flight at a time. Both Ollamas (the model loaded)
+and Nexus (its worker's group joined) get a call first. Prints per round and over all
+rounds: tokens/s (the answers' ``eval_count`` over the wall time), p50 and p99 latency per
+request (from its send to its answer), errors, the requests each Ollama served and the
+failed calls to each (retried), then Nexus/WRR for tokens/s and p99. The numbers are of one
+run on one machine.
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ from localdev.ollama import MODEL_NAME, LocalOllama, free_port
 
 CORES = {"slow": 1, "fast": 0}  # the core each Ollama (and its runner) is pinned to; slow listed first
 HOG_CORE = 1  # a busy loop shares this core with the slow Ollama
-SLOTS = 4  # requests in flight per endpoint: Nexus's max_concurrency and the baseline's limit
 RETRIES = 2
 TIMEOUT_S = 300
 
@@ -173,12 +177,12 @@ async def backend_calls(http: httpx.AsyncClient, metrics_url: str, names: dict[s
     return calls
 
 
-def config_toml(urls: dict[str, str]) -> str:
-    tables = ", ".join(f'{{ url = "{url}", weight = 1, max_concurrency = {SLOTS} }}' for url in urls.values())
+def config_toml(urls: dict[str, str], slots: int) -> str:
+    tables = ", ".join(f'{{ url = "{url}", weight = 1, max_concurrency = {slots} }}' for url in urls.values())
     return f'[models."{MODEL_NAME}"]\nendpoints = [{tables}]\nretries = {RETRIES}\ntimeout_s = {TIMEOUT_S}\n'
 
 
-async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, rounds: int) -> None:
+async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, rounds: int, slots: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     ollamas = {name: LocalOllama(port=free_port(), env={"OLLAMA_NUM_PARALLEL": "1"},
                                  log_path=work / f"ollama-{name}.log") for name in CORES}
@@ -195,7 +199,7 @@ async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, 
         names = {url: name for name, url in urls.items()}
         env, _ = isolated_env(bootstrap, urls["fast"])
         port = free_port()
-        (work / "nexus.toml").write_text(config_toml(urls))
+        (work / "nexus.toml").write_text(config_toml(urls, slots))
         env.update(NEXUS_CONFIG=str(work / "nexus.toml"), NEXUS_GATEWAY_PORT=str(port),
                    NEXUS_GATEWAY_HOST="127.0.0.1")
         procs += [role(["worker"], env), role(["gateway"], env)]
@@ -218,7 +222,7 @@ async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, 
             await nexus("Say hello, Nexus.")  # the worker's group joined
             serial = itertools.count()  # distinct prompts across rounds and dispatchers: no prompt cache helps
             for n in range(1, rounds + 1):
-                wrr = WeightedRoundRobin(http, urls, {name: 1 for name in urls}, SLOTS, RETRIES)
+                wrr = WeightedRoundRobin(http, urls, {name: 1 for name in urls}, slots, RETRIES)
                 prompts = [f"Write a short story about a robot, part {next(serial)}." for _ in range(requests)]
                 call = partial(wrr.generate, tokens=tokens)
                 run = await drive(Run("weighted RR", str(n)), prompts, concurrency, call)
@@ -236,17 +240,17 @@ async def measure(bootstrap: str, requests: int, tokens: int, concurrency: int, 
         for ollama in ollamas.values():
             ollama.stop()
 
-    report(runs, requests, tokens, concurrency, work)
+    report(runs, requests, tokens, concurrency, slots, work)
 
 
-def report(runs: list[Run], requests: int, tokens: int, concurrency: int, work: Path) -> None:
+def report(runs: list[Run], requests: int, tokens: int, concurrency: int, slots: int, work: Path) -> None:
     totals = {d: Run(d, "all") for d in ("weighted RR", "Nexus")}
     for run in runs:
         totals[run.dispatcher].add(run)
     rows = runs + list(totals.values()) if len(runs) > 2 else runs
     print(f"{requests} POST /api/generate of {tokens} tokens per round, {concurrency} in flight; real Ollamas "
           f"({MODEL_NAME}), 1 slot each, fast alone on a core, slow sharing one with a busy loop; "
-          f"both weight 1, {SLOTS} in flight, "
+          f"both weight 1, {slots} in flight per endpoint, "
           f"{RETRIES} retries (logs in {work})")
     print(f"{'dispatcher':14}{'round':>6}{'tok/s':>8}{'p50 s':>8}{'p99 s':>8}{'errors':>8}"
           f"{'fast':>6}{'slow':>6}{'failed fast':>13}{'failed slow':>13}")
@@ -265,12 +269,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("-c", type=int, default=8, help="requests in flight from the client")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of WRR then Nexus")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="requests in flight per endpoint (Nexus's max_concurrency, the baseline's limit); "
+                             "1 is each Ollama's own parallelism: the rest wait where a dispatcher can choose")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
     # Everything but the two Ollamas and the busy loop (this client, the broker, the roles) on core 0,
     # with the fast Ollama: the slow one's core holds only it and the loop.
     os.sched_setaffinity(0, {CORES["fast"]})
-    run_on_broker(lambda bootstrap: measure(bootstrap, args.r, args.tokens, args.c, args.rounds), args.bootstrap)
+    run_on_broker(lambda bootstrap: measure(bootstrap, args.r, args.tokens, args.c, args.rounds, args.slots), args.bootstrap)
 
 
 if __name__ == "__main__":

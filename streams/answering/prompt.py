@@ -8,6 +8,11 @@ The order matters for speed: a backend evaluates a prompt once and reuses the
 cached prefix two prompts share, up to their first difference. Fixed text that
 follows a per-request field is evaluated again for every request, so
 :meth:`PromptTemplate.prefix_advice` says when a template puts fields first.
+
+A template that frames only the metadata adds nothing to a request without any:
+the model's own system prompt applies and the call reaches it as its client sent it.
+Measured on the real model (bench/real_throughput.py), the default template's few
+words on every request cost 12% of the tokens/s (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class PromptTemplate:
             )
         self._template = template
         self._parts = list(string.Formatter().parse(template))
+        # Fields only {metadata_json}: with no metadata there is nothing to say.
+        self._frames_metadata = names == {"metadata_json"}
 
     def prefix_advice(self) -> str | None:
         """Why this template keeps backends from reusing a cached prompt prefix, or None.
@@ -55,6 +62,10 @@ class PromptTemplate:
         return None
 
     def system_prompt(self, context: ModelContext) -> str:
+        """The system prompt for a request; ``""`` (none: the model's own) when the template
+        frames only the metadata and the request has none."""
+        if self._frames_metadata and not context.metadata:
+            return ""
         return self._template.format(
             session_id=json.dumps(context.session_id),
             metadata_json=_escape_line_breaks(

@@ -55,9 +55,14 @@ def test_a_template_with_fields_first_is_told_why_it_is_slow() -> None:
     assert PromptTemplate("Be concise.").prefix_advice() is None
 
 
-def test_empty_metadata(template: PromptTemplate) -> None:
-    prompt = template.system_prompt(ModelContext(session_id="s1"))
-    assert prompt == HEAD + "{}"
+def test_a_request_without_metadata_gets_no_system_prompt_from_a_template_that_frames_only_metadata(
+    template: PromptTemplate,
+) -> None:
+    assert template.system_prompt(ModelContext(session_id="s1")) == ""  # the model's own system prompt applies
+    assert template.system_prompt(ModelContext("s1", {"user": "alice"})) == HEAD + '{"user": "alice"}'
+    # Other templates say something of their own: they always apply.
+    assert PromptTemplate("Session {session_id}: {metadata_json}").system_prompt(ModelContext("s1")) == 'Session "s1": {}'
+    assert PromptTemplate("Be concise.").system_prompt(ModelContext("s1")) == "Be concise."
 
 
 def test_unicode_metadata_is_readable(template: PromptTemplate) -> None:
