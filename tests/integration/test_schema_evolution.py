@@ -47,16 +47,34 @@ def _version_pairs() -> list[tuple[str, int, int]]:
             for a, b in zip(sorted(vs), sorted(vs)[1:])]
 
 
-@pytest.mark.parametrize("name, old, new", _version_pairs())
-def test_every_new_version_follows_the_rules(name: str, old: int, new: int) -> None:
-    """New fields have defaults; no field is removed without one; kept fields keep their type."""
-    before, after = _fields(name, old), _fields(name, new)
+def _follows_the_rules(where: str, before: dict[str, dict], after: dict[str, dict]) -> None:
+    """New fields have defaults; no field is removed without one; kept fields keep their type,
+    and a kept nested record (``options``) follows the same rules, field by field."""
     added = set(after) - set(before)
     removed = set(before) - set(after)
-    assert all("default" in after[f] for f in added), f"{name} v{new}: new fields need defaults: {added}"
-    assert all("default" in before[f] for f in removed), f"{name} v{new}: removed fields had no default"
+    assert all("default" in after[f] for f in added), f"{where}: new fields need defaults: {added}"
+    assert all("default" in before[f] for f in removed), f"{where}: removed fields had no default"
     for field in set(before) & set(after):
-        assert before[field]["type"] == after[field]["type"], f"{name}.{field} changed type in v{new}"
+        old_type, new_type = before[field]["type"], after[field]["type"]
+        if isinstance(old_type, dict) and old_type.get("type") == "record" and isinstance(new_type, dict):
+            assert new_type.get("type") == "record" and new_type["name"] == old_type["name"], f"{where}.{field}"
+            _follows_the_rules(f"{where}.{field}", {f["name"]: f for f in old_type["fields"]},
+                               {f["name"]: f for f in new_type["fields"]})
+        else:
+            assert old_type == new_type, f"{where}.{field} changed type"
+
+
+@pytest.mark.parametrize("name, old, new", _version_pairs())
+def test_every_new_version_follows_the_rules(name: str, old: int, new: int) -> None:
+    _follows_the_rules(f"{name} v{new}", _fields(name, old), _fields(name, new))
+
+
+def test_the_rules_catch_a_nested_field_without_a_default() -> None:
+    options = {"type": "record", "name": "O", "fields": [{"name": "a", "type": "int", "default": 0}]}
+    grown = {**options, "fields": [*options["fields"], {"name": "b", "type": "int"}]}
+    with pytest.raises(AssertionError, match=r"R\.options: new fields need defaults"):
+        _follows_the_rules("R", {"options": {"name": "options", "type": options}},
+                           {"options": {"name": "options", "type": grown}})
 
 
 def test_the_codec_writes_the_highest_version_and_a_pin_writes_an_older_one() -> None:
