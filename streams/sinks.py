@@ -23,8 +23,9 @@ SendRecord = Callable[[bytes | None, bytes, Any], Awaitable[Any]]
 
 
 class KafkaTokenSink:
-    """Publishes a streamed answer's chunks, batched over ``TOKEN_FLUSH_S``, in order: a batch is one
-    token, its texts joined and its tool calls in the order they came."""
+    """Publishes a streamed answer's chunks in order: the first at once (it is the time to first
+    token the client sees), the rest batched over ``TOKEN_FLUSH_S``; a batch is one token, its texts
+    joined and its tool calls in the order they came."""
 
     def __init__(self, send: SendRecord, codec: Codec, request: InferenceRequest) -> None:
         self._send = send
@@ -40,8 +41,9 @@ class KafkaTokenSink:
         self.started = False
 
     async def chunk(self, text: str, tool_calls: tuple[ToolCall, ...] = (), *, flush: bool = False) -> None:
-        """Add a chunk (its text, and the tool calls that came with it); with ``flush``, publish it
-        now rather than batched with the next ones."""
+        """Add a chunk (its text, and the tool calls that came with it); with ``flush``, or when it is
+        the first, publish it now rather than batched with the next ones."""
+        flush = flush or not self.started
         self.started = True
         self._buffer.append(text)
         self._calls.extend(tool_calls)

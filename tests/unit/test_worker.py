@@ -85,21 +85,22 @@ async def test_token_chunks_go_out_in_order_with_the_reply_header_and_close_wait
 
     sink = KafkaTokenSink(send, CODEC, _request("r", stream=True, reply_to="gw-1"))
     await sink.chunk("a")
+    assert len(sent) == 1, "the first chunk goes out at once: it is the time to first token"
     await sink.chunk("b")
     await sink.chunk("c", flush=True)  # now, with what was batched before it
     await sink.chunk("d")
     closing = asyncio.ensure_future(sink.close())
-    while len(sent) < 2:  # close() flushes the rest at once
+    while len(sent) < 3:  # close() flushes the rest at once
         await asyncio.sleep(0)
     assert not closing.done()  # until Kafka acknowledged every chunk
     for ack in acks:
         ack.set_result(None)
     await closing
     tokens = [decode_token(CODEC, value) for _, value, _ in sent]
-    assert [(t.seq, t.text) for t in tokens] == [(0, "abc"), (1, "d")]
+    assert [(t.seq, t.text) for t in tokens] == [(0, "a"), (1, "bc"), (2, "d")]
     assert all(key == b"s" for key, _, _ in sent)
     assert all(h == [(headers.REPLY_TO, b"gw-1")] for _, _, h in sent)
-    assert sink.sent == 2 and sink.started
+    assert sink.sent == 3 and sink.started
 
 
 async def test_tool_calls_go_out_in_the_token_of_their_chunk() -> None:
