@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", parents=[common],
                        help="submit a prompt (or JSON lines from stdin: prompts or conversations) and print "
-                            "the answer and its tool calls")
+                            "the answer and its tool calls; --priority batch, --tenant NAME")
     add_submit_arguments(p)
     p.set_defaults(func=cmd_submit)
 

@@ -38,11 +38,19 @@ class KafkaSettings:
     partitions: int = 8
     replication_factor: int = 1
     requests_topic: str = "inference.requests"
+    # The batch lane: requests with priority "batch" (same partitions, key and schema), apart so
+    # that an interactive request never waits behind a batch backlog the worker has not fetched.
+    # Empty: "<requests_topic>.batch", so renaming the requests topic renames its lane with it.
+    batch_requests_topic: str = ""
+    # InferenceCancel records, keyed by request id; every worker reads all of it (no group).
+    cancels_topic: str = "inference.cancels"
     responses_topic: str = "inference.responses"
     dlq_topic: str = "inference.dlq"
     tokens_topic: str = "inference.tokens"
     # Compacted: each worker's latest view of its endpoints, for the gateway's GET /models.
     state_topic: str = "nexus.endpoint-state"
+    # Compacted: each worker's schedule per model (waiting, running, ETAs), for GET /infer/{id}.
+    queue_topic: str = "nexus.queue"
     # Used when the worker dies: the group notices after this long and reassigns.
     session_timeout_ms: int = 10_000
     # How long a producer waits for the broker to acknowledge before giving up.
@@ -65,6 +73,19 @@ class KafkaSettings:
     # one Kafka transaction and Nexus's readers read committed records only (docs/reliability.md).
     processing_guarantee: str = "at_least_once"
 
+    def __post_init__(self) -> None:
+        if not self.batch_requests_topic:
+            object.__setattr__(self, "batch_requests_topic", f"{self.requests_topic}.batch")
+
+    def lane_topic(self, priority: str) -> str:
+        """The topic a request of ``priority`` is produced to: batch has its own lane."""
+        return self.batch_requests_topic if priority == "batch" else self.requests_topic
+
+    @property
+    def request_topics(self) -> tuple[str, str]:
+        """Both request lanes, interactive first: what the worker and the audit read."""
+        return (self.requests_topic, self.batch_requests_topic)
+
     @property
     def isolation_level(self) -> str:
         """What Nexus's readers of worker output pass to aiokafka: under exactly once, skip aborted answers."""
@@ -86,8 +107,10 @@ class WorkerSettings:
     app_id: str = "nexus-worker"
     max_batch: int = 32
     max_wait_ms: int = 5
-    # Requests being answered at once by one worker; more wait in Kafka (back-pressure).
-    max_in_flight: int = 256
+    # Requests one worker reads ahead PER LANE (interactive, batch), queued in its schedule or
+    # running; over it the lane's partitions are paused and the rest wait in Kafka (back-pressure).
+    # Large, so the scheduler sees enough of the backlog to reorder it by priority, tenant and deadline.
+    max_in_flight: int = 1024
     web_port: int = 6066
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     # How long a commit may lag behind processing; offsets are still only
@@ -149,6 +172,24 @@ class AccessSettings:
 
 
 @dataclass(frozen=True)
+class TenantSettings:
+    """One tenant's share and limits (``[tenants."name"]``; ``[tenants."*"]`` for the others).
+
+    ``weight`` is its share of a saturated model relative to the other tenants waiting; the
+    limits are enforced by the gateway's admission (0: unlimited).
+    """
+
+    weight: float = 1.0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0  # waiting + running at once
+
+
+#: The ``[tenants]`` table of every tenant without its own.
+ANY_TENANT = "*"
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     id: str
     endpoints: tuple[EndpointSettings, ...]
@@ -172,6 +213,13 @@ class Settings:
     models: tuple[ModelSettings, ...] = ()
     ollama_host: str = DEFAULT_OLLAMA_HOST
     access: AccessSettings = field(default_factory=AccessSettings)
+    # Per tenant name, and ANY_TENANT ("*") for the rest; absent: weight 1, no limits.
+    tenants: dict[str, TenantSettings] = field(default_factory=dict)
+
+    def tenant(self, name: str) -> TenantSettings:
+        """``name``'s settings: its own table, else ``[tenants."*"]``, else the defaults."""
+        found = self.tenants.get(name) or self.tenants.get(ANY_TENANT)
+        return found if found is not None else TenantSettings()
 
     def model(self, model_id: str) -> ModelSettings | None:
         for model in self.models:
@@ -235,7 +283,7 @@ def load_settings(
         raise ConfigError(f"{config_path}: config file not found")
     where = str(config_path)
 
-    unknown = set(raw) - set(_SECTIONS) - {"models", "ollama_host", "access"}
+    unknown = set(raw) - set(_SECTIONS) - {"models", "ollama_host", "access", "tenants"}
     if unknown:
         raise ConfigError(f"{where}: unknown section or key {sorted(unknown)[0]!r}")
 
@@ -269,7 +317,66 @@ def load_settings(
             if m.strip()
         )
     access = _access(raw.get("access"), env.get("NEXUS_API_KEYS"), {m.id for m in models}, where)
-    return Settings(models=models, ollama_host=ollama_host, access=access, **sections)
+    tenants = _tenants(raw.get("tenants"), env.get("NEXUS_TENANTS"), where)
+    return Settings(models=models, ollama_host=ollama_host, access=access, tenants=tenants, **sections)
+
+
+# --------------------------------------------------------------------------- tenants
+
+_TENANT_KEYS = tuple(f.name for f in dataclasses.fields(TenantSettings))
+TENANTS_SYNTAX = "name:key=value,key=value entries separated by ';' (name * for every other tenant)"
+
+
+def _tenants(table: Any, env_tenants: str | None, where: str) -> dict[str, TenantSettings]:
+    """``[tenants."name"]`` tables, or ``NEXUS_TENANTS`` (which replaces them when set and not empty)."""
+    if env_tenants is not None and env_tenants.strip():
+        specs = dict(_env_tenant(entry) for entry in env_tenants.split(";") if entry.strip())
+        here = "NEXUS_TENANTS"
+    elif table is None:
+        return {}
+    elif not isinstance(table, dict):
+        raise ConfigError(f"{where}: [tenants] must be a table of tenant tables, e.g. [tenants.\"team-a\"]")
+    else:
+        specs, here = table, f"{where}: [tenants"
+    out = {}
+    for name, spec in specs.items():
+        label = f"{here}.\"{name}\"]" if here != "NEXUS_TENANTS" else f"NEXUS_TENANTS {name!r}"
+        if not name.strip():
+            raise ConfigError(f"{label}: a tenant name must not be empty")
+        out[name] = _tenant(spec, label)
+    return out
+
+
+def _env_tenant(entry: str) -> tuple[str, dict[str, Any]]:
+    name, sep, rest = entry.strip().partition(":")
+    if not sep:
+        raise ConfigError(f"NEXUS_TENANTS entry {entry.strip()!r}: expected {TENANTS_SYNTAX}")
+    spec: dict[str, Any] = {}
+    for pair in (p for p in rest.split(",") if p.strip()):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ConfigError(f"NEXUS_TENANTS {name.strip()!r}: {pair.strip()!r} is not key=value; "
+                              f"expected {TENANTS_SYNTAX}")
+        spec[key.strip()] = value.strip()
+    return name.strip(), spec
+
+
+def _tenant(spec: Any, here: str) -> TenantSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{here}: must be a table with any of {', '.join(_TENANT_KEYS)}")
+    unknown = sorted(set(spec) - set(_TENANT_KEYS))
+    if unknown:
+        raise ConfigError(f"{here}: unknown key {unknown[0]!r}; allowed: {', '.join(_TENANT_KEYS)}")
+    values = {**field_defaults(TenantSettings)}
+    for key, value in spec.items():
+        values[key] = _coerce(value, "float" if key == "weight" else "int", f"{here} {key}")
+    if not (values["weight"] > 0 and values["weight"] < float("inf")):
+        raise ConfigError(f"{here} weight: must be a positive number (a share relative to the other "
+                          f"tenants), got {values['weight']!r}")
+    for key in _TENANT_KEYS[1:]:
+        if values[key] < 0:
+            raise ConfigError(f"{here} {key}: must be 0 (unlimited) or more, got {values[key]!r}")
+    return TenantSettings(**values)
 
 
 # --------------------------------------------------------------------------- API keys

@@ -8,7 +8,10 @@
         response = producer.submit_and_wait(InferenceRequest(...))
 
 ``submit`` returns only once the brokers acknowledged the record (``acks=all``,
-idempotent producer), so a returned id is durably in ``inference.requests``.
+idempotent producer), so a returned id is durably in its lane: ``inference.requests``, or
+``inference.requests.batch`` for a request with ``priority="batch"`` (``kafka.lane_topic``).
+``cancel(request_id)`` writes an :class:`~schemas.InferenceCancel` to ``inference.cancels``:
+the worker holding the request drops it or aborts its model call, and answers it ``cancelled``.
 ``submit_and_wait`` addresses the request to this producer (``reply_to``) and reads its
 answer from ``inference.responses`` with the reader the drop-in gateways use
 (:mod:`producers.replies`), which skips everyone else's answers without decoding them.
@@ -35,7 +38,17 @@ from aiokafka.errors import KafkaError
 from nexus.errors import NexusError
 from nexus.kafka.clients import client_options, refusal
 from nexus.settings import KafkaSettings
-from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
+from schemas import (
+    PRIORITIES,
+    Codec,
+    InferenceCancel,
+    InferenceRequest,
+    InferenceResponse,
+    InvalidValueError,
+    encode_cancel,
+    encode_request,
+    utcnow,
+)
 from schemas.limits import MAX_RECORD_BYTES
 
 from producers.replies import ReplyIndex, ReplyReader, ReplyReaderError, instance_name
@@ -109,7 +122,8 @@ class ProducerClosedError(ProducerError):
 
 
 class RequestProducer:
-    """Writes :class:`InferenceRequest` records to the requests topic, keyed by model."""
+    """Writes :class:`InferenceRequest` records to their lane's topic, keyed by model, and
+    :class:`InferenceCancel` records to the cancels topic, keyed by request id."""
 
     def __init__(self, kafka: KafkaSettings, codec: Codec | None = None) -> None:
         self._kafka = kafka
@@ -158,29 +172,46 @@ class RequestProducer:
         await self.stop()
 
     async def submit(self, request: InferenceRequest) -> str:
-        """Write ``request``; return its id once Kafka acknowledged it.
+        """Write ``request`` to its priority's lane; return its id once Kafka acknowledged it.
 
         Raises :class:`SubmitError` if no acknowledgement arrives within the
         produce timeout, :class:`RequestTooLarge` (a ``SubmitError``, nothing written) for
         a request whose encoding is over :data:`schemas.limits.MAX_RECORD_BYTES`, and
-        :class:`schemas.InvalidValueError` for a request that does not fit the schema.
+        :class:`schemas.InvalidValueError` for a request that does not fit the schema or whose
+        ``priority`` is not one of :data:`schemas.PRIORITIES`.
         """
+        if request.priority not in PRIORITIES:
+            raise InvalidValueError(
+                f"request {request.id}: priority {request.priority!r} is not one of {', '.join(PRIORITIES)}"
+            )
         value = encode_request(self._codec, request)
         if len(value) > MAX_RECORD_BYTES:
             raise RequestTooLarge(request.id, len(value))
+        await self._produce(self._kafka.lane_topic(request.priority), value, request.model_id, f"request {request.id}")
+        return request.id
+
+    async def cancel(self, request_id: str, reason: str = "", key_name: str | None = None) -> InferenceCancel:
+        """Ask for request ``request_id`` to be cancelled; return the cancel once Kafka acknowledged it.
+
+        The worker holding the request drops it if it is still queued, or aborts its model call,
+        and answers it with status ``cancelled``; a request already answered is unaffected. A
+        request submitted with an API key is cancelled only with the same ``key_name`` (edges set
+        it from the caller's key). Raises :class:`SubmitError` like :meth:`submit`.
+        """
+        cancel = InferenceCancel(id=request_id, requested_at=utcnow(), reason=reason, key_name=key_name)
+        await self._produce(self._kafka.cancels_topic, encode_cancel(self._codec, cancel), request_id,
+                            f"the cancel of request {request_id}")
+        return cancel
+
+    async def _produce(self, topic: str, value: bytes, key: str, what: str) -> None:
         try:
             await asyncio.wait_for(
-                self._producer.send_and_wait(
-                    self._kafka.requests_topic, value=value, key=request.model_id.encode()
-                ),
+                self._producer.send_and_wait(topic, value=value, key=key.encode()),
                 timeout=self._kafka.produce_timeout_s,
             )
         except (KafkaError, asyncio.TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-            raise SubmitError(
-                f"Kafka at {self._kafka.bootstrap} did not acknowledge request {request.id}: {reason}"
-            ) from None
-        return request.id
+            raise SubmitError(f"Kafka at {self._kafka.bootstrap} did not acknowledge {what}: {reason}") from None
 
     async def submit_many(self, requests: Sequence[InferenceRequest]) -> list[str]:
         """Write several requests concurrently (they share producer batches)."""
@@ -323,6 +354,9 @@ class SyncRequestProducer:
 
     def submit_many(self, requests: Sequence[InferenceRequest]) -> list[str]:
         return self._call(self._started().submit_many(requests))
+
+    def cancel(self, request_id: str, reason: str = "", key_name: str | None = None) -> InferenceCancel:
+        return self._call(self._started().cancel(request_id, reason, key_name))
 
     def submit_and_wait(self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S) -> InferenceResponse:
         return self._call(self._started().submit_and_wait(request, timeout_s))

@@ -3,6 +3,7 @@
     nexus submit --model llama3.1 "Hello!"               # prints the answer
     nexus submit --no-wait --model llama3.1 "Hello!"     # prints the id
     nexus submit - < requests.jsonl                      # one POST /infer body per line
+    nexus submit --priority batch --tenant team-a - < requests.jsonl   # defaults for the lines
 
 Every request is validated exactly as ``POST /infer`` validates its body
 (:func:`schemas.validation.request_from_json`): a line may be a prompt (``input``) or a
@@ -10,22 +11,28 @@ conversation (``messages``, ``tools``, ``tool_choice``, ``format``, ``keep_alive
 With ``-``, nothing is submitted unless every line is valid and fits one Kafka record
 (:data:`schemas.limits.MAX_RECORD_BYTES`). An answer's tool calls are printed after its text,
 one ``[tool call] name({...arguments...})`` line each.
+
+``--priority`` and ``--tenant`` set a request's scheduling class and tenant; with ``-`` they are the
+defaults of the lines that do not give ``priority`` or ``tenant`` themselves. Without a tenant, a
+request counts against its session (:func:`schemas.validation.effective_tenant`, as at the gateway
+without API keys). Batch requests go to the batch lane (``inference.requests.batch``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Collection, Iterable
 from typing import Any, TextIO
 
 from nexus.settings import Settings
-from schemas import Codec, InferenceRequest, InferenceResponse, encode_request
+from schemas import PRIORITIES, Codec, InferenceRequest, InferenceResponse, encode_request
 from schemas.limits import MAX_RECORD_BYTES
 
-from schemas.validation import RejectedRequest, request_from_json
+from schemas.validation import RejectedRequest, effective_tenant, request_from_json
 from nexus.errors import NexusError
 
 DEFAULT_WAIT_S = 120.0
@@ -48,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--priority", choices=PRIORITIES,
+                   help="scheduling class (default: interactive; with -, for lines without 'priority')")
+    p.add_argument("--tenant", help="who the request counts against in fair sharing and limits "
+                   "(default: its session; with -, for lines without 'tenant')")
     p.add_argument("--no-wait", action="store_true", help="print the ids once Kafka acknowledged, do not wait")
     p.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
                    help=f"how long to wait for the answers (default: {DEFAULT_WAIT_S:g})")
@@ -73,22 +84,40 @@ def body_from_args(args: argparse.Namespace) -> dict[str, Any]:
                                  ("seed", args.seed)) if v is not None}
     if options:
         body["options"] = options
-    return body
+    return with_defaults(body, args)
+
+
+def with_defaults(body: Any, args: argparse.Namespace) -> Any:
+    """``body`` with ``--priority`` and ``--tenant`` filled in where it gives none."""
+    if not isinstance(body, dict):
+        return body  # request_from_json says what is wrong with it
+    defaults = {"priority": getattr(args, "priority", None), "tenant": getattr(args, "tenant", None)}
+    return {**{k: v for k, v in defaults.items() if v is not None}, **body}
+
+
+def with_tenant(request: InferenceRequest) -> InferenceRequest:
+    """The tenant the request counts against, as an edge without API keys picks it."""
+    return dataclasses.replace(
+        request, tenant=effective_tenant(request.key_name, request.tenant, request.context.session_id))
 
 
 def requests_from_lines(
-    lines: Iterable[str], known_models: Collection[str], codec: Codec | None = None
+    lines: Iterable[str], known_models: Collection[str], codec: Codec | None = None,
+    args: argparse.Namespace | None = None,
 ) -> list[InferenceRequest]:
     """One request per non-blank line of JSON; the first bad line stops everything.
 
     With ``codec``, a request whose encoding would not fit one Kafka record is a bad line too.
+    With ``args``, its ``--priority`` and ``--tenant`` are the defaults of the lines.
     """
     requests = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            request = request_from_json(json.loads(line), known_models)
+            body = json.loads(line)
+            request = with_tenant(request_from_json(body if args is None else with_defaults(body, args),
+                                                    known_models))
         except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidInputError(f"line {number}: not valid JSON: {exc}") from None
         except RejectedRequest as exc:
@@ -128,9 +157,9 @@ def run(args: argparse.Namespace, settings: Settings, stdin: TextIO = sys.stdin,
     try:
         codec = Codec.from_directory()
         if bulk:
-            requests = requests_from_lines(stdin, settings.model_ids, codec)
+            requests = requests_from_lines(stdin, settings.model_ids, codec, args)
         else:
-            requests = [request_from_json(body_from_args(args), settings.model_ids)]
+            requests = [with_tenant(request_from_json(body_from_args(args), settings.model_ids))]
             check_size(codec, requests[0])
     except InvalidInputError as exc:
         print(f"nexus submit: {exc}", file=err)
@@ -164,6 +193,8 @@ async def _submit(settings: Settings, requests: list[InferenceRequest], args: ar
             out.write(json.dumps(response.to_json(), ensure_ascii=False) + "\n")
         elif response.status == "ok":
             out.write("".join(line + "\n" for line in answer_lines(response)))
-        else:
+        elif response.status == "error":
             print(f"nexus submit: {response.model_id} answered with an error: {response.error}", file=err)
+        else:  # expired or cancelled
+            print(f"nexus submit: {response.model_id} answered {response.status}: {response.error}", file=err)
     return EXIT_ERROR if failed else 0

@@ -1,5 +1,5 @@
 """Nexus's wire contract: Avro schemas, the single-object codec, typed records,
-record headers, the endpoint-state record, limits and request validation.
+record headers, the endpoint-state and queue records, limits and request validation.
 
 The worker and the edges share only this package and the Kafka topics.
 """
@@ -15,7 +15,12 @@ from schemas.codec import (
     UnknownSchemaError,
 )
 from schemas.endpoint_state import WorkerReport
+from schemas.queue_state import QueueReport
 from schemas.records import (
+    BATCH,
+    INTERACTIVE,
+    PRIORITIES,
+    InferenceCancel,
     InferenceOptions,
     InferenceRequest,
     InferenceResponse,
@@ -27,9 +32,11 @@ from schemas.records import (
     BAD_REQUEST,
     CACHE_POLICIES,
     MODEL_NOT_FOUND,
+    decode_cancel,
     decode_request,
     decode_response,
     decode_token,
+    encode_cancel,
     encode_request,
     encode_response,
     encode_token,
@@ -46,6 +53,10 @@ __all__ = [
     "SchemaError",
     "UnknownSchemaError",
     # records
+    "BATCH",
+    "INTERACTIVE",
+    "PRIORITIES",
+    "InferenceCancel",
     "InferenceOptions",
     "InferenceRequest",
     "InferenceResponse",
@@ -57,15 +68,18 @@ __all__ = [
     "BAD_REQUEST",
     "CACHE_POLICIES",
     "MODEL_NOT_FOUND",
+    "decode_cancel",
     "decode_request",
     "decode_response",
     "decode_token",
+    "encode_cancel",
     "encode_request",
     "encode_response",
     "encode_token",
     "new_id",
     "utcnow",
     "WorkerReport",
+    "QueueReport",
     # header names
     "headers",
 ]

@@ -17,6 +17,9 @@ MAX_ID_LENGTH = 256
 # A session id (``context.session_id``, the ``X-Nexus-Session`` header, ``session_id`` of a
 # subscription): it is the responses' Kafka key and a subscription's look-up key.
 MAX_SESSION_ID_LENGTH = 256
+# A tenant (``tenant`` of POST /infer, a submit frame and ``nexus submit``; the
+# ``X-Nexus-Tenant`` header): the unit of fair sharing and of the per-tenant limits.
+MAX_TENANT_LENGTH = 256
 # ``timeout_ms`` of POST /infer and the ``X-Nexus-Timeout-Ms`` header: 1 ms to 24 h.
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # ``max_tokens``: a positive 32-bit integer (Avro ``int``).
@@ -50,6 +53,7 @@ __all__ = [
     "MAX_REQUEST_IDS_PER_FRAME",
     "MAX_SEED",
     "MAX_SESSION_ID_LENGTH",
+    "MAX_TENANT_LENGTH",
     "MAX_TIMEOUT_MS",
     "MAX_TOKENS",
     "MIN_SEED",

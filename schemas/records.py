@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 from schemas.codec import Codec
 
-Status = Literal["ok", "error"]
+Status = Literal["ok", "error", "expired", "cancelled"]
+#: Scheduling classes (``InferenceRequest.priority``): interactive requests are dispatched before
+#: batch ones, and batch requests travel on their own topic. A string on the wire, checked at the edges.
+INTERACTIVE = "interactive"
+BATCH = "batch"
+PRIORITIES: tuple[str, ...] = (INTERACTIVE, BATCH)
 CachePolicy = Literal["default", "no-cache", "no-store"]
 CACHE_POLICIES: tuple[str, ...] = ("default", "no-cache", "no-store")
 #: ``InferenceResponse.error_kind`` of an answer whose model is on no endpoint (a 404 at the edges).
@@ -194,9 +199,18 @@ class InferenceRequest:
     tool_choice: str | None = None  # auto, none, required, or a function's name
     format: str | None = None  # "json", or a JSON schema's text
     keep_alive: str | None = None
+    # v5: scheduling. ``priority`` is one of PRIORITIES; ``tenant`` is set by the edge.
+    priority: str = INTERACTIVE
+    tenant: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
+
+    @property
+    def tenant_or_session(self) -> str:
+        """Who the request counts against: its tenant, else its key's name, else its session
+        (records older than v5 have no tenant)."""
+        return self.tenant or self.key_name or self.context.session_id
 
     @classmethod
     def from_avro(cls, value: dict[str, Any]) -> "InferenceRequest":
@@ -249,6 +263,10 @@ class InferenceResponse:
     key_name: str | None = None  # copied from the request
     error_kind: str | None = None  # "model_not_found", or None (v4)
     tool_calls: tuple[ToolCall, ...] = ()  # v5: the assistant message is output plus these
+    # v6: how long it waited in the worker's schedule, and the request's class and tenant.
+    queue_ms: int = 0
+    priority: str = INTERACTIVE
+    tenant: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         return _plain(self)
@@ -302,6 +320,40 @@ class InferenceToken:
         out["created_at"] = self.created_at.isoformat()
         out["tool_calls"] = [c.to_json() for c in self.tool_calls]
         return out
+
+
+@dataclass(frozen=True)
+class InferenceCancel:
+    """A client asks to cancel request ``id``; whoever holds it drops it or aborts its call.
+
+    ``key_name`` is set by the edge: a request submitted with a key is cancelled only by the same key.
+    """
+
+    id: str
+    requested_at: datetime = field(default_factory=utcnow)
+    reason: str = ""
+    key_name: str | None = None
+
+    def to_avro(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def from_avro(cls, value: dict[str, Any]) -> "InferenceCancel":
+        return cls(**_known(cls, value))
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.to_avro()
+        out["requested_at"] = self.requested_at.isoformat()
+        return out
+
+
+def encode_cancel(codec: Codec, cancel: InferenceCancel) -> bytes:
+    return codec.encode("InferenceCancel", cancel.to_avro())
+
+
+def decode_cancel(codec: Codec, data: bytes) -> InferenceCancel:
+    _, value = codec.decode(data, expected="InferenceCancel")
+    return InferenceCancel.from_avro(value)
 
 
 def encode_token(codec: Codec, token: InferenceToken) -> bytes:

@@ -11,6 +11,8 @@ A conversation (``messages``), ``tools``, ``tool_choice``, ``format``, ``keep_al
 sampling ``options`` are checked here too (:func:`messages`, :func:`tools`, :func:`options`...),
 for ``POST /infer``, the bridge's ``submit`` frame and ``nexus submit``'s JSON lines alike; the
 images of one request are limited to :data:`~schemas.limits.MAX_IMAGE_BYTES` in total (413).
+So are the scheduling fields ``priority`` (:func:`priority`) and ``tenant`` (:func:`tenant`);
+:func:`effective_tenant` is the rule every edge applies to pick the tenant a request counts against.
 
 Pure functions, no I/O: the HTTP layer maps :class:`RejectedRequest` to its status.
 """
@@ -32,12 +34,15 @@ from schemas.limits import (
     MAX_IMAGE_BYTES,
     MAX_SEED,
     MAX_SESSION_ID_LENGTH,
+    MAX_TENANT_LENGTH,
     MAX_TIMEOUT_MS,
     MAX_TOKENS,
     MIN_SEED,
 )
 from schemas.records import (
     CACHE_POLICIES,
+    INTERACTIVE,
+    PRIORITIES,
     InferenceOptions,
     InferenceRequest,
     Message,
@@ -59,6 +64,7 @@ __all__ = [
     "answer_format",
     "cache_policy",
     "check_images",
+    "effective_tenant",
     "flag",
     "identifier",
     "image",
@@ -73,10 +79,12 @@ __all__ = [
     "options",
     "parse_infer_body",
     "parse_json",
+    "priority",
     "request_from_json",
     "request_id",
     "session_id",
     "stop",
+    "tenant",
     "text",
     "timeout_ms",
     "tool_call",
@@ -85,7 +93,7 @@ __all__ = [
 ]
 
 _FIELDS = {"id", "model_id", "input", "messages", "tools", "tool_choice", "format", "keep_alive", "context",
-           "options", "stream", "cache", "timeout_ms"}
+           "options", "stream", "cache", "timeout_ms", "priority", "tenant"}
 #: The keys of ``options`` (POST /infer, submit frames, ``nexus submit``); any other backend
 #: option goes in ``options.extra``, an object passed to the backend as given.
 OPTION_FIELDS = ("temperature", "max_tokens", "seed", "top_p", "top_k", "min_p", "stop", "num_ctx",
@@ -171,6 +179,30 @@ def cache_policy(value: Any, name: str = "cache") -> str:
     if value not in CACHE_POLICIES:
         raise RejectedRequest(400, f"'{name}' must be one of {list(CACHE_POLICIES)}", param=name)
     return str(value)
+
+
+def priority(value: Any, name: str = "priority") -> str:
+    """A scheduling class, one of :data:`~schemas.records.PRIORITIES`; absent (None) is interactive."""
+    if value is None:
+        return INTERACTIVE
+    if value not in PRIORITIES:
+        raise RejectedRequest(400, f"'{name}' must be one of {', '.join(PRIORITIES)}, got {value!r:.60}",
+                              param=name)
+    return str(value)
+
+
+def tenant(value: Any, name: str = "tenant") -> str | None:
+    """A tenant: 1 to :data:`~schemas.limits.MAX_TENANT_LENGTH` characters; absent (None) is None."""
+    if value is None:
+        return None
+    return identifier(value, name, MAX_TENANT_LENGTH)
+
+
+def effective_tenant(key_name: str | None, tenant: str | None, session_id: str) -> str:
+    """Who a request counts against in fair sharing and limits: the API key's name when keys are
+    on (so a client cannot pick another tenant's share), else the tenant it gave (body field or
+    ``X-Nexus-Tenant``), else its session."""
+    return key_name or tenant or session_id
 
 
 def text(value: Any, name: str, *, required: bool = False, allow_empty: bool = True) -> str:
@@ -271,6 +303,8 @@ def request_from_json(data: Any, known_models: Collection[str]) -> InferenceRequ
         tool_choice=choice,
         format=answer_format(data.get("format")),
         keep_alive=keep_alive(data.get("keep_alive")),
+        priority=priority(data.get("priority")),
+        tenant=tenant(data.get("tenant")),
     )
     if model_id not in known_models:
         raise RejectedRequest(404, f"unknown model {model_id!r}; known models: {sorted(known_models)}",

@@ -1,6 +1,6 @@
 """The worker's Faust shell: the app, its topics, agents, timers and pages, given to a Worker.
 
-The worker answers ``inference.requests`` in batches (streams/worker.py says how, and how it
+The worker answers ``inference.requests`` and its batch lane ``inference.requests.batch`` in batches (streams/worker.py says how, and how it
 commits). This module only wires it into Faust: the requests agent (``nexus.infer``), the cache
 agent (``nexus.cache``), the commit, endpoint-state and lag timers, the rebalance signals, the
 ``/health``, ``/metrics`` and ``/models`` pages, and the topics created before Faust starts.
@@ -38,6 +38,7 @@ NEVER_S = 10.0**9
 NEVER_N = 2**62
 LAG_INTERVAL_S = 10.0
 STATE_INTERVAL_S = 2.0
+QUEUE_INTERVAL_S = 0.5
 
 
 class RewindingApp(faust.App):
@@ -110,16 +111,18 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         datadir=str(data_dir),
         table_cleanup_interval=60.0,
     )
-    app.rewind_topics = frozenset({kafka.requests_topic, cache_updates_topic(config.app_id)})
+    app.rewind_topics = frozenset({*kafka.request_topics, cache_updates_topic(config.app_id)})
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    # No Faust acks: the worker commits this topic itself, from its ledger (streams/worker.py).
-    requests = app.topic(kafka.requests_topic, acks=False, **raw)
+    # Both lanes, interactive and batch, in one stream; no Faust acks: the worker commits these
+    # topics itself, from its ledger, and bounds each lane's read-ahead (streams/worker.py).
+    requests = app.topic(*kafka.request_topics, acks=False, **raw)
     topics = WorkerTopics(
         responses=app.topic(kafka.responses_topic, **raw),
         tokens=app.topic(kafka.tokens_topic, **raw),
         dead_letters=app.topic(kafka.dlq_topic, **raw),
         cache_updates=app.topic(cache_updates_topic(config.app_id), partitions=kafka.partitions, internal=True, **raw),
         endpoint_state=app.topic(kafka.state_topic, **raw),
+        queue=app.topic(kafka.queue_topic, **raw),
     )
     cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes,
                             extra_topic_configs=replication_config(kafka))
@@ -148,6 +151,10 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     @app.timer(STATE_INTERVAL_S)
     async def publish_endpoint_state() -> None:
         await worker.publish_state()
+
+    @app.timer(QUEUE_INTERVAL_S)
+    async def publish_queues() -> None:
+        await worker.publish_queues()
 
     @app.timer(LAG_INTERVAL_S)
     async def consumer_lag() -> None:

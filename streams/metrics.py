@@ -7,8 +7,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+#: The tenant label of a tenant that is neither configured nor an API key's name: tenants default
+#: to the session, and one label value per session would grow without bound.
+OTHER_TENANT = "other"
+
+
 class WorkerMetrics:
-    def __init__(self) -> None:
+    """``known_tenants`` are the tenants labelled by name (configured ones, API keys' names)."""
+
+    def __init__(self, known_tenants: frozenset[str] = frozenset()) -> None:
+        self.known_tenants = known_tenants
+        self._queued_labels: set[tuple[str, str, str]] = set()
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "nexus_worker_requests", "Requests answered, by model and response status.",
@@ -56,8 +65,26 @@ class WorkerMetrics:
             "nexus_worker_dead_letters", "Records written to the dead-letter topic, by kind of failure.",
             ["kind"], registry=r)
         self.consumer_lag = Gauge(
-            "nexus_worker_consumer_lag_records", "Records of inference.requests not yet consumed, per partition.",
-            ["partition"], registry=r)
+            "nexus_worker_consumer_lag_records",
+            "Requests not yet consumed, per lane (interactive: inference.requests, batch: inference.requests.batch) "
+            "and partition.",
+            ["lane", "partition"], registry=r)
+        scheduled = ["model", "priority", "tenant"]
+        self.queued = Gauge(
+            "nexus_worker_queued_requests", "Requests waiting for their turn on a model, by priority and tenant.",
+            scheduled, registry=r)
+        self.schedule_wait = Histogram(
+            "nexus_worker_schedule_wait_seconds", "Time a request waited for its turn before its model call started.",
+            scheduled, registry=r, buckets=_LATENCY_BUCKETS)
+        self.dispatched = Counter(
+            "nexus_worker_dispatched_requests", "Requests whose model call started, by priority and tenant.",
+            scheduled, registry=r)
+        self.expired = Counter(
+            "nexus_worker_expired_requests", "Requests answered `expired`: their deadline passed first.",
+            scheduled, registry=r)
+        self.cancelled = Counter(
+            "nexus_worker_cancelled_requests", "Requests answered `cancelled` by their sender's cancel.",
+            scheduled, registry=r)
         self.task_failures = Counter(
             "nexus_worker_task_failures", "Failures while answering a request (each retried, then answered with an error).",
             registry=r)
@@ -68,3 +95,19 @@ class WorkerMetrics:
         self.rereads = Counter(
             "nexus_worker_rereads", "Seeks back to read again requests the consumer skipped (a hole in a partition's run).",
             registry=r)
+
+    def tenant(self, name: str) -> str:
+        """``name`` as a label value: itself if known, else :data:`OTHER_TENANT`."""
+        return name if name in self.known_tenants else OTHER_TENANT
+
+    def observe_queue(self, model: str, waiting: dict[tuple[str, str], int]) -> None:
+        """Set the queued gauge of ``model`` from {(priority, tenant): waiting}; absent ones go to 0."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for (priority, tenant), n in waiting.items():
+            key = (model, priority, self.tenant(tenant))
+            counts[key] = counts.get(key, 0) + n
+        for key in [k for k in self._queued_labels if k[0] == model and k not in counts]:
+            self.queued.labels(*key).set(0)
+        for key, n in counts.items():
+            self.queued.labels(*key).set(n)
+            self._queued_labels.add(key)

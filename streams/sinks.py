@@ -37,14 +37,21 @@ class KafkaTokenSink:
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: list[asyncio.Future[None]] = []
         self._acks: list[Any] = []
+        self._texts: list[str] = []
         self.sent = 0
         self.started = False
+
+    @property
+    def text(self) -> str:
+        """Everything given so far: the partial output of an answer stopped midway."""
+        return "".join(self._texts)
 
     async def chunk(self, text: str, tool_calls: tuple[ToolCall, ...] = (), *, flush: bool = False) -> None:
         """Add a chunk (its text, and the tool calls that came with it); with ``flush``, or when it is
         the first, publish it now rather than batched with the next ones."""
         flush = flush or not self.started
         self.started = True
+        self._texts.append(text)
         self._buffer.append(text)
         self._calls.extend(tool_calls)
         if flush:

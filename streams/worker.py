@@ -30,11 +30,16 @@ from aiokafka.errors import ProducerFenced
 from faust.types import TP, EventT
 
 from nexus.settings import Settings
-from schemas import Codec, InferenceRequest, SchemaError, decode_request, encode_response, headers
+from nexus.tasks import Background
+from schemas import (
+    Codec, InferenceCancel, InferenceRequest, QueueReport, SchemaError, decode_request, encode_response, headers,
+)
 from schemas.endpoint_state import WorkerReport
+from schemas.queue_state import MAX_REPORTED
 from streams.answering import cache
 from streams.answering.inference import Answer, Inference
 from streams.backends.ollama import new_session
+from streams.cancels import CancelBook, follow_cancels
 from streams.commits.ledger import RequestLedger, Verdict
 from streams.commits.offsets import PartitionOffsets
 from streams.commits.outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
@@ -93,6 +98,7 @@ class WorkerTopics:
     dead_letters: faust.TopicT
     cache_updates: faust.TopicT
     endpoint_state: faust.TopicT
+    queue: faust.TopicT
 
 
 class Worker:
@@ -122,7 +128,14 @@ class Worker:
         self._outbox: Outbox = InCommittedPrefix(app) if self.exactly_once else AtOnce(app, self.send)
         self.inference: Inference | None = None  # while the requests agent runs
         self._running: dict[asyncio.Task[None], Answering[EventT]] = {}
-        self._in_flight = asyncio.Semaphore(self._config.max_in_flight)
+        # Read-ahead: requests held (queued or running) per lane topic; a lane at its bound is paused.
+        self._held: dict[str, int] = dict.fromkeys(self._kafka.request_topics, 0)
+        self._paused: set[str] = set()
+        self.cancels = CancelBook()
+        # Request id: the call answering it, and every request that call answers.
+        self._calls: dict[str, tuple[asyncio.Future[Answer], list[InferenceRequest]]] = {}
+        self._background = Background()
+        self._reported: set[str] = set()  # models whose last queue report was not empty
         self._stopping = asyncio.Event()
         self._commit_gate = asyncio.Lock()
         self._generation_gate = asyncio.Lock()
@@ -173,11 +186,31 @@ class Worker:
         report = WorkerReport(worker=self.worker_id, at=time.time(), models=self.inference.snapshot())
         await self.send(self._topics.endpoint_state, report.key, report.to_bytes())
 
+    async def publish_queues(self) -> None:
+        """Share each model's schedule (who waits, in which order, when each should start, who
+        runs) so gateways and bridges can tell a client where it stands: a compacted topic, one
+        record per worker and model. A model with nothing waiting or running is reported once."""
+        if self.inference is None:
+            return
+        now, at = self.inference.clock(), time.time()
+        for model_id, line in self.inference.lines.items():
+            waiting, running, rate = line.report(now, MAX_REPORTED)
+            self.metrics.observe_queue(model_id, line.schedule.waiting_by_tenant())
+            if not waiting and not running:
+                if model_id not in self._reported:
+                    continue
+                self._reported.discard(model_id)
+            else:
+                self._reported.add(model_id)
+            report = QueueReport(self.worker_id, model_id, at, rate, waiting, running,
+                                 max(len(waiting), len(line.schedule)))
+            await self.send(self._topics.queue, report.key, report.to_bytes())
+
     # -- answering ------------------------------------------------------------------------
 
     async def answer(self, stream: faust.StreamT) -> None:
-        """The requests agent: read batches, answer each new request (or group of identical
-        ones) concurrently, up to ``worker.max_in_flight`` at once."""
+        """The requests agent: read batches from both lanes, answer each new request (or group of
+        identical ones) concurrently; each lane's read-ahead is bounded (:meth:`regulate_read_ahead`)."""
         asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
         async with new_session() as http:
             self.inference = Inference(
@@ -185,6 +218,8 @@ class Worker:
                 TableCache(self._cache_table, lambda k, v: self.produce(self._topics.cache_updates, k, v)),
             )
             self.inference.watch()  # which endpoint has which model: known before the first request
+            self._background.start("cancels", lambda: follow_cancels(
+                self._kafka, self.codec, self.on_cancel, self._dead_letter_cancel, f"{self.worker_id}-cancels"))
             # Batches overlap: a slow answer holds neither the next batch nor the commits of
             # the answers before it; the ledger commits each partition's answered prefix.
             async for events in stream.noack_take(self._config.max_batch, within=self._config.max_wait_ms / 1000):
@@ -205,17 +240,18 @@ class Worker:
         self.metrics.batch_size.observe(len(fresh))
         decoded = await asyncio.gather(*(self.decode(event) for event in fresh))
         for group in share_groups(zip(fresh, decoded)):
-            await self._in_flight.acquire()  # back-pressure: at most max_in_flight answers pending
             # Not started if revoked meanwhile (its next owner reads it again) or stopping.
             group = [(e, r) for e, r in group
                      if not self._stopping.is_set() and self.ledger.start(e.message.tp, e.message.offset)]
             if not group:
-                self._in_flight.release()
                 continue
             answering = Answering([e for e, _ in group])
+            for e in answering.events:
+                self._held[e.message.topic] = self._held.get(e.message.topic, 0) + 1
             task = asyncio.ensure_future(self.run(group, answering))
             self._running[task] = answering
             task.add_done_callback(self._finished)
+        self.regulate_read_ahead()
 
     async def decode(self, event: EventT) -> InferenceRequest | None:
         """The request in ``event``, or None once an undecodable record is dead-lettered."""
@@ -262,7 +298,11 @@ class Worker:
         sink = None
         if request.stream:
             sink = KafkaTokenSink(lambda k, v, h: self.send(self._topics.tokens, k, v, h), self.codec, request)
-        answer = await self.inference.answer(request, sink, calling)
+        reasons = [self.cancels.reason(r) for _, r in group]
+        if all(reasons):  # cancelled before it started: no model call at all
+            answer = self.inference.cancelled(request, reasons[0] or "")
+        else:
+            answer = await self._call(group, sink, calling)
         if sink is not None:
             await sink.close()  # every chunk is acknowledged before the response goes out
         for i, (other_event, other) in enumerate(group):
@@ -278,6 +318,50 @@ class Worker:
                 await self.publish(Answer(response, answer.dead_letter_reason), other_event, other)
             done.add(other_event.message.offset)
             self.ledger.answered(other_event.message.tp, other_event.message.offset)
+
+    async def _call(self, group: Group, sink: KafkaTokenSink | None, calling: Callable[[], None] | None) -> Answer:
+        """The answer of the group's first request, from a call a cancel of every request of the
+        group can stop (:meth:`on_cancel`): dropped if it waits its turn, aborted if it runs (closing
+        the backend's stream stops its generation)."""
+        assert self.inference is not None
+        request = group[0][1]
+        call = asyncio.ensure_future(self.inference.answer(request, sink, calling))
+        requests = [r for _, r in group]
+        for r in requests:
+            self._calls[r.id] = (call, requests)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or not call.cancelled():
+                raise  # this answer is being stopped (revoked, stopping), not the request cancelled
+            reason = self.cancels.reason(request) or "cancelled"
+            return self.inference.cancelled(request, reason, sink.text if sink is not None else "")
+        finally:
+            for r in requests:
+                self._calls.pop(r.id, None)
+
+    def on_cancel(self, cancel: InferenceCancel) -> None:
+        """A cancel was read: remember it (the request may come later), and stop the request's call
+        if every request sharing it is cancelled."""
+        self.cancels.add(cancel, time.monotonic())
+        found = self._calls.get(cancel.id)
+        if found is None:
+            return
+        call, requests = found
+        if all(self.cancels.reason(r) for r in requests):
+            log.info("request %s cancelled by its sender: stopping its call", cancel.id)
+            call.cancel()
+
+    async def _dead_letter_cancel(self, record: Any, reason: str) -> None:
+        record_headers = [
+            (headers.ERROR, reason.encode()),
+            (headers.ERROR_KIND, b"undecodable"),
+            (headers.SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        self.metrics.dead_letters.labels(kind="undecodable").inc()
+        await until_sent(self._topics.dead_letters.get_topic_name(), lambda: self.send(
+            self._topics.dead_letters, record.key, record.value, record_headers))
 
     async def answer_with(self, group: Group, answer: Answer, done: set[int]) -> None:
         """Publish ``answer`` (an error) for every request of ``group`` not answered yet, retrying
@@ -301,8 +385,30 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         """A done callback, not a ``finally``: a task cancelled before it ran never enters its body."""
-        self._running.pop(task, None)
-        self._in_flight.release()
+        answering = self._running.pop(task, None)
+        if answering is not None:
+            for e in answering.events:
+                self._held[e.message.topic] -= 1
+            self.regulate_read_ahead()
+
+    def regulate_read_ahead(self) -> None:
+        """Pause a lane's partitions while this worker holds ``worker.max_in_flight`` of its
+        requests (queued or running), resume them below three quarters of it.
+
+        Each lane is bounded by itself: a batch backlog read ahead never keeps an interactive
+        request from being read, and a paused lane is read again, in order, where it stopped.
+        """
+        bound = self._config.max_in_flight
+        consumer = self._app.consumer
+        for lane, held in self._held.items():
+            if held >= bound and lane not in self._paused:
+                self._paused.add(lane)
+                log.info("holding %d requests of %s: pausing it until some are answered", held, lane)
+            elif held < bound * 3 // 4 and lane in self._paused:
+                self._paused.discard(lane)
+                consumer.resume_partitions([tp for tp in consumer.assignment() if tp.topic == lane])
+        if self._paused:  # again after each batch: a rebalance may have assigned more of a paused lane
+            consumer.pause_partitions([tp for tp in consumer.assignment() if tp.topic in self._paused])
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A task failed with no one awaiting it: count it and show it on /health, then log it as asyncio would."""
@@ -329,7 +435,8 @@ class Worker:
     # -- ownership and commits ------------------------------------------------------------
 
     def requests_of(self, tps: Iterable[TP]) -> set[TP]:
-        return {tp for tp in tps if tp.topic == self._kafka.requests_topic}
+        """The partitions of ``tps`` that hold requests (of either lane)."""
+        return {tp for tp in tps if tp.topic in self._kafka.request_topics}
 
     async def commit(self, offsets: dict[TP, int] | None = None) -> None:
         """Commit every owned partition up to its lowest unanswered request (or ``offsets``)."""
@@ -423,6 +530,7 @@ class Worker:
 
     async def on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         await self.catch_up_generation()
+        self.regulate_read_ahead()
 
     async def drain(self) -> None:
         """Before leaving the group: start nothing new, let running answers finish for up to
@@ -440,19 +548,21 @@ class Worker:
                             "the partitions' next owner answers them", len(late), grace)
                 await asyncio.gather(*late, return_exceptions=True)
         await self.commit()
+        await self._background.aclose()
         await self._broker.close()
 
     # -- what the pages and metrics show --------------------------------------------------
 
     async def measure_lag(self) -> None:
         """The consumer-lag gauge, per requests partition; a failure is logged, never raised."""
-        try:
-            lag = await consumer_lag(self._kafka, self._config.app_id, self._kafka.requests_topic)
-        except Exception as exc:  # metrics must never take the worker down
-            log.warning("could not measure consumer lag: %r", exc)
-            return
-        for partition, records in lag.items():
-            self.metrics.consumer_lag.labels(partition=str(partition)).set(records)
+        for lane, topic in zip(("interactive", "batch"), self._kafka.request_topics):
+            try:
+                lag = await consumer_lag(self._kafka, self._config.app_id, topic)
+            except Exception as exc:  # metrics must never take the worker down
+                log.warning("could not measure consumer lag of %s: %r", topic, exc)
+                return
+            for partition, records in lag.items():
+                self.metrics.consumer_lag.labels(lane=lane, partition=str(partition)).set(records)
 
     def health_report(self) -> tuple[bool, dict[str, object]]:
         """(healthy, the body of ``/health``): failures of the last minute, and the ledger's view."""

@@ -18,10 +18,12 @@ from nexus.settings import KafkaSettings
 from schemas import headers
 from schemas import (
     Codec,
+    InferenceCancel,
     InferenceRequest,
     InferenceResponse,
     InferenceToken,
     SchemaError,
+    decode_cancel,
     decode_request,
     decode_response,
     decode_token,
@@ -30,9 +32,12 @@ from schemas import (
 
 from consumers.replay.errors import ReplayArgumentError, ReplayError  # ReplayError: re-exported, as before
 
-Kind = Literal["request", "response", "token", "dead_letter"]
-Value = Union[InferenceRequest, InferenceResponse, InferenceToken]
-TOPIC_CHOICES: tuple[str, ...] = ("requests", "responses", "tokens", "dlq")
+Kind = Literal["request", "response", "token", "dead_letter", "cancel"]
+Value = Union[InferenceRequest, InferenceResponse, InferenceToken, InferenceCancel]
+# "requests" is both lanes: kafka.requests_topic (interactive) and kafka.batch_requests_topic.
+TOPIC_CHOICES: tuple[str, ...] = ("requests", "responses", "tokens", "dlq", "cancels")
+#: The statuses of a response (``--status``); a dead letter counts as an error.
+STATUSES: tuple[str, ...] = ("ok", "error", "expired", "cancelled")
 # --join reads this far outside the range for the other half of a pair (see consumers.replay.join).
 DEFAULT_GRACE_MS = 10 * 60 * 1000
 # The header the worker puts on a dead letter to say why (kept under this name for callers).
@@ -76,20 +81,28 @@ def iso(ms: int) -> str:
 
 
 def topic_kinds(kafka: KafkaSettings, names: Iterable[str] = ("requests", "responses")) -> dict[str, Kind]:
-    """Topic name -> record kind, for the short names given to ``--topics``."""
-    table: dict[str, tuple[str, Kind]] = {
-        "requests": (kafka.requests_topic, "request"),
-        "responses": (kafka.responses_topic, "response"),
-        "tokens": (kafka.tokens_topic, "token"),
-        "dlq": (kafka.dlq_topic, "dead_letter"),
+    """Topic name -> record kind, for the short names given to ``--topics``; ``requests`` is
+    both request lanes (interactive and batch)."""
+    table: dict[str, tuple[tuple[str, ...], Kind]] = {
+        "requests": (kafka.request_topics, "request"),
+        "responses": ((kafka.responses_topic,), "response"),
+        "tokens": ((kafka.tokens_topic,), "token"),
+        "dlq": ((kafka.dlq_topic,), "dead_letter"),
+        "cancels": ((kafka.cancels_topic,), "cancel"),
     }
     out: dict[str, Kind] = {}
     for name in names:
         if name not in table:
             raise ReplayArgumentError(f"unknown topic {name!r} in --topics; choose from {', '.join(TOPIC_CHOICES)}")
-        topic, kind = table[name]
-        out[topic] = kind
+        topics, kind = table[name]
+        out.update(dict.fromkeys(topics, kind))
     return out
+
+
+def optional_topics(kafka: KafkaSettings) -> frozenset[str]:
+    """Topics a cluster may lack (Nexus roles older than the scheduler never created them):
+    read as empty when missing, rather than refusing the replay."""
+    return frozenset({kafka.batch_requests_topic, kafka.cancels_topic})
 
 
 @dataclass(frozen=True)
@@ -113,13 +126,15 @@ class ReplayRecord:
 
     @property
     def model_id(self) -> str | None:
-        return self.value.model_id if self.value is not None else None
+        return getattr(self.value, "model_id", None)  # a cancel names only the request
 
     @property
     def session_id(self) -> str | None:
         if isinstance(self.value, InferenceToken):
             return self.value.session_id
-        return self.value.context.session_id if self.value is not None else None
+        if isinstance(self.value, (InferenceRequest, InferenceResponse)):
+            return self.value.context.session_id
+        return None
 
     @property
     def status(self) -> str | None:
@@ -153,6 +168,8 @@ def decode_record(
             decoded = decode_response(codec, value)
         elif kind == "token":
             decoded = decode_token(codec, value)
+        elif kind == "cancel":
+            decoded = decode_cancel(codec, value)
         else:  # requests, and dead letters, which carry the original request bytes
             decoded = decode_request(codec, value)
     except SchemaError as exc:
@@ -185,9 +202,9 @@ class RecordFilter:
     def __post_init__(self) -> None:
         if self.since_ms is not None and self.until_ms is not None and self.until_ms <= self.since_ms:
             raise ReplayArgumentError(f"--until ({iso(self.until_ms)}) must be after --since ({iso(self.since_ms)})")
-        unknown = self.statuses - {"ok", "error"}
+        unknown = self.statuses - set(STATUSES)
         if unknown:
-            raise ReplayArgumentError(f"unknown --status {sorted(unknown)[0]!r}; use ok or error")
+            raise ReplayArgumentError(f"unknown --status {sorted(unknown)[0]!r}; use {', '.join(STATUSES)}")
 
     def in_range(self, record: ReplayRecord) -> bool:
         return (self.since_ms is None or record.timestamp >= self.since_ms) and (

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from nexus.settings import Settings
 
-from consumers.replay.audit import DEFAULT_GRACE_MS, TOPIC_CHOICES, RecordFilter, parse_time
+from consumers.replay.audit import DEFAULT_GRACE_MS, STATUSES, TOPIC_CHOICES, RecordFilter, parse_time
 from consumers.replay.errors import ReplayArgumentError, ReplayError, ReplayKafkaError
 from consumers.replay.render import FORMATS, jsonl_line, progress_line, table_header, table_row
 
@@ -34,10 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=[], metavar="ID", help="only this model (repeatable)")
     p.add_argument("--request-id", action="append", default=[], metavar="ID",
                    help="only this request id (repeatable)")
-    p.add_argument("--status", action="append", default=[], choices=["ok", "error"],
+    p.add_argument("--status", action="append", default=[], choices=STATUSES,
                    help="only responses (and dead letters) with this status")
     p.add_argument("--topics", default="requests,responses",
-                   help=f"comma-separated, of {','.join(TOPIC_CHOICES)} (default: requests,responses)")
+                   help=f"comma-separated, of {','.join(TOPIC_CHOICES)} (default: requests,responses; "
+                   "requests is both lanes, interactive and batch)")
     p.add_argument("--format", choices=FORMATS, help="jsonl or table (default: table on a terminal, else jsonl)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--join", action="store_true",

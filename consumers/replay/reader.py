@@ -30,6 +30,7 @@ from consumers.replay.audit import (
     ReplayRecord,
     Span,
     decode_record,
+    optional_topics,
     plan_span,
     read_windows,
     resubmission,
@@ -102,8 +103,11 @@ class RangeReader:
         windows: dict[str, tuple[int | None, int | None]],
     ) -> dict[TopicPartition, Span]:
         tps: list[TopicPartition] = []
+        optional = optional_topics(self._kafka)
         for topic in kinds:
-            tps += [TopicPartition(topic, p) for p in sorted(await self._partitions(consumer, topic))]
+            tps += [TopicPartition(topic, p) for p in sorted(await self._partitions(consumer, topic, topic in optional))]
+        if not tps:
+            return {}
         beginning = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         since_at = await self._offsets_at(consumer, tps, {tp: windows[tp.topic][0] for tp in tps})
@@ -117,10 +121,12 @@ class RangeReader:
             for tp in tps
         }
 
-    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    async def _partitions(self, consumer: AIOKafkaConsumer, topic: str, optional: bool = False) -> list[int]:
         try:
             return await known_partitions(consumer, topic, timeout_s=1.0)
         except TopicMissingError:
+            if optional:  # e.g. the batch lane on a cluster where only older roles ran: nothing to read
+                return []
             raise ReplayKafkaError(
                 f"topic {topic!r} does not exist on {self._kafka.bootstrap}; is this the right --bootstrap "
                 "(or did no Nexus role run there yet)?"

@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from schemas import InferenceRequest, InferenceResponse, InferenceToken, ToolCall
+from schemas import InferenceCancel, InferenceRequest, InferenceResponse, InferenceToken, ToolCall
 
 from consumers.replay.audit import ReplayRecord, iso, key_text
 
@@ -49,7 +49,7 @@ def jsonl_line(record: ReplayRecord) -> str:
 
 
 TABLE_COLUMNS = (("time", 23), ("where", 26), ("kind", 11), ("id", 32), ("model", 12), ("session", 16),
-                 ("status", 6), ("text", 0))
+                 ("status", 9), ("text", 0))
 
 
 def table_header() -> str:
@@ -67,6 +67,8 @@ def table_row(record: ReplayRecord, text_width: int = 60) -> str:
         text = _with_calls(value.output, value.tool_calls) if value.status == "ok" else (value.error or "")
     elif isinstance(value, InferenceToken):
         text = _with_calls(f"#{value.seq} {value.text}", value.tool_calls)
+    elif isinstance(value, InferenceCancel):
+        text = " ".join(p for p in (value.reason, f"(key {value.key_name})" if value.key_name else "") if p)
     elif value is None:
         status = "undecodable"
     return _row(
@@ -84,11 +86,13 @@ def table_row(record: ReplayRecord, text_width: int = 60) -> str:
 
 
 def _request_text(request: InferenceRequest) -> str:
-    """A prompt; a conversation as ``[chat, N turns, tools a,b] <last user turn>``."""
+    """A prompt; a conversation as ``[chat, N turns, tools a,b] <last user turn>``; a batch
+    request starts with ``[batch]``."""
+    lane = "[batch] " if request.priority == "batch" else ""
     if not request.is_chat:
-        return request.input
+        return lane + request.input
     tools = f", tools {','.join(t.name for t in request.tools)}" if request.tools else ""
-    return f"[chat, {len(request.messages)} turns{tools}] {request.input}"
+    return f"{lane}[chat, {len(request.messages)} turns{tools}] {request.input}"
 
 
 def _with_calls(text: str, calls: Sequence[ToolCall]) -> str:

@@ -51,7 +51,10 @@ class TopicCreationError(NexusError, RuntimeError):
 
 
 def topic_names(kafka: KafkaSettings) -> list[str]:
-    return [kafka.requests_topic, kafka.responses_topic, kafka.tokens_topic, kafka.dlq_topic]
+    """The audit-log topics: both request lanes, the answers, the tokens, the dead letters and the
+    cancels (a cancel is part of its request's history)."""
+    return [kafka.requests_topic, kafka.batch_requests_topic, kafka.responses_topic, kafka.tokens_topic,
+            kafka.dlq_topic, kafka.cancels_topic]
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,13 @@ class TopicSpec:
 
 
 def nexus_topics(kafka: KafkaSettings) -> list[TopicSpec]:
-    """Every topic Nexus's roles share: the audit-log topics and the endpoint-state topic."""
+    """Every topic Nexus's roles share: the audit-log topics, the endpoint-state and queue topics."""
     audit = [TopicSpec(name, kafka.partitions, topic_config(kafka)) for name in topic_names(kafka)]
-    # Not part of the audit log: only the latest state per worker matters.
-    state = TopicSpec(kafka.state_topic, 1, {"cleanup.policy": "compact", **replication_config(kafka)})
-    return [*audit, state]
+    # Not part of the audit log: only the latest state per worker (per worker and model) matters.
+    compacted = {"cleanup.policy": "compact", **replication_config(kafka)}
+    state = TopicSpec(kafka.state_topic, 1, compacted)
+    queue = TopicSpec(kafka.queue_topic, 1, dict(compacted))
+    return [*audit, state, queue]
 
 
 async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0, *, extra: Iterable[TopicSpec] = ()) -> list[str]:

@@ -32,6 +32,7 @@ from streams.answering.clock import Clock
 from streams.answering.prompt import PromptTemplate
 from streams.answering.residency import Residency
 from streams.answering.routing import ModelRouter, backoff_seconds
+from streams.answering.scheduling import Ticket, prompt_tokens
 from streams.answering.waiting import Expired, Slot, Unavailable, WaitingLine
 from streams.backends.base import Backend, BackendError, Generation
 from streams.metrics import WorkerMetrics
@@ -62,6 +63,7 @@ class Called:
     nowhere: list[str] = field(default_factory=list)  # models tried that no endpoint has
     models_tried: int = 0
     bad_request: str | None = None  # the backend refused the request: its own words
+    queue_s: float = 0.0  # waited for its first slot: the schedule's doing
 
     @property
     def model_not_found(self) -> bool:
@@ -81,6 +83,20 @@ def nowhere_reason(router: ModelRouter, answered: dict[str, str]) -> str:
             parts.append(f"{e.url} has (unknown)")
     model = router.model.id
     return f"model {model!r} is not on any endpoint of {model!r}: {'; '.join(parts)}"
+
+
+def ticket_of(request: InferenceRequest, deadline: float) -> Ticket:
+    """``request``'s place in its model's schedule."""
+    chars = len(request.input) + sum(len(m.content) for m in request.messages)
+    return Ticket(
+        request.id,
+        request.tenant_or_session,
+        request.priority,
+        deadline,
+        prompt_tokens=prompt_tokens(chars),
+        max_tokens=request.options.max_tokens,
+        session_id=request.context.session_id,
+    )
 
 
 class Caller:
@@ -152,9 +168,11 @@ class Caller:
         while spent <= model.retries:
             # Prefer endpoints not tried yet; once all were, any will do.
             exclude = frozenset(tried) if len(tried) < endpoints else frozenset()
+            started = self._clock()
             try:
                 slot = await line.acquire(
-                    request.context.session_id, deadline, exclude, can_fall_back, frozenset(lacking)
+                    request.context.session_id, deadline, exclude, can_fall_back, frozenset(lacking),
+                    ticket_of(request, deadline),
                 )
             except Unavailable:
                 if line.router.nowhere(self._clock()) or len(lacking) == endpoints:
@@ -166,6 +184,8 @@ class Caller:
                     reasons.append(f"every endpoint of {model.id!r} has an open circuit")
                 return None, max(attempts - 1, 0)
             attempts += 1
+            if attempts == 1 and called.models_tried == 1:
+                called.queue_s = self._clock() - started
             try:
                 if calling is not None:
                     calling()

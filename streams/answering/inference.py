@@ -81,13 +81,18 @@ class Inference:
             backend = EndpointsBackend.from_settings(settings, http)
         self._settings = settings
         self._metrics = metrics
+        # Tenants labelled by name in the metrics: configured ones and API keys' names.
+        metrics.known_tenants = frozenset(n for n in settings.tenants if n != "*") | {
+            k.name for k in settings.access.keys
+        }
         self._store = store
         self._clock = as_clock(clock)
         self._rng = rng or random.Random()
         self.routers = {m.id: ModelRouter(m, self._rng) for m in settings.models}
         self._probes = CircuitProbes(backend, self._clock)
         self.lines = {
-            model_id: WaitingLine(router, self._clock, metrics, self._probes) for model_id, router in self.routers.items()
+            model_id: WaitingLine(router, self._clock, metrics, self._probes, lambda t: settings.tenant(t).weight)
+            for model_id, router in self.routers.items()
         }
         self.residency = Residency(backend, self.routers, self._clock)
         self._caller = Caller(
@@ -140,6 +145,14 @@ class Inference:
         """An error answer for ``request``; it belongs in the dead-letter topic too."""
         return self._responses.failed(request, reason, retries=retries, error_kind=error_kind)
 
+    def cancelled(self, request: InferenceRequest, reason: str, output: str = "") -> Answer:
+        """The answer to a request its sender cancelled."""
+        return self._responses.cancelled(request, reason, output)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
     def snapshot(self) -> dict[str, list[dict[str, object]]]:
         """Live state of every endpoint, for ``GET /models``."""
         return {model_id: [e.snapshot() for e in r.endpoints.values()] for model_id, r in self.routers.items()}
@@ -181,18 +194,22 @@ class Inference:
         return self._responses.cached(request, entry)
 
     def _answer_of(self, request: InferenceRequest, model: ModelSettings, called: Called) -> Answer:
+        queue_ms = round(called.queue_s * 1000)
         if called.expired:
-            return self.failed(request, self._expired_reason(model, called.reasons))
+            reason = self._expired_reason(model, called.reasons)
+            return self._responses.expired(request, reason, called.retries, queue_ms)
         if called.bad_request is not None:
             # The client gets the backend's own words; the dead letter says which endpoint said them.
             return self._responses.failed(
                 request, called.bad_request, retries=called.retries, error_kind=BAD_REQUEST,
-                dead_letter_reason="; ".join(called.reasons),
+                dead_letter_reason="; ".join(called.reasons), queue_ms=queue_ms,
             )
         if called.generation is None or called.url is None:
             kind = MODEL_NOT_FOUND if called.model_not_found else None
-            return self.failed(request, "; ".join(called.reasons), retries=called.retries, error_kind=kind)
-        return self._responses.ok(request, called.generation, called.url, called.retries)
+            return self._responses.failed(
+                request, "; ".join(called.reasons), retries=called.retries, error_kind=kind, queue_ms=queue_ms
+            )
+        return self._responses.ok(request, called.generation, called.url, called.retries, queue_ms)
 
     def _expired_reason(self, model: ModelSettings, reasons: list[str]) -> str:
         states = ", ".join(

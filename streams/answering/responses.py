@@ -30,10 +30,13 @@ class Responses:
         self._settings = settings
         self._metrics = metrics
 
-    def ok(self, request: InferenceRequest, generation: Generation, url: str, retries: int) -> Answer:
+    def ok(
+        self, request: InferenceRequest, generation: Generation, url: str, retries: int, queue_ms: int = 0
+    ) -> Answer:
         return Answer(self._response(
             request,
             status="ok",
+            queue_ms=queue_ms,
             output=generation.text,
             endpoint=url,
             backend_latency_ms=round(generation.seconds * 1000),
@@ -65,14 +68,35 @@ class Responses:
         retries: int = 0,
         error_kind: str | None = None,
         dead_letter_reason: str | None = None,
+        queue_ms: int = 0,
     ) -> Answer:
         """An error answer for ``request``; it belongs in the dead-letter topic too, as
         ``dead_letter_reason`` (``reason`` unless told). ``error_kind`` says what kind of error it
         is, when clients tell them apart (``MODEL_NOT_FOUND``, ``BAD_REQUEST``)."""
         return Answer(
-            self._response(request, status="error", error=reason, retries=retries, error_kind=error_kind),
+            self._response(
+                request, status="error", error=reason, retries=retries, error_kind=error_kind, queue_ms=queue_ms
+            ),
             dead_letter_reason or reason,
         )
+
+    def expired(self, request: InferenceRequest, reason: str, retries: int = 0, queue_ms: int = 0) -> Answer:
+        """Its deadline passed before a model could answer it (usually while it waited its turn).
+        It goes to the dead-letter topic too: it was accepted and got no answer."""
+        self._count(self._metrics.expired, request)
+        return Answer(
+            self._response(request, status="expired", error=reason, retries=retries, queue_ms=queue_ms), reason
+        )
+
+    def cancelled(self, request: InferenceRequest, reason: str, output: str = "", queue_ms: int = 0) -> Answer:
+        """Its sender cancelled it: never started, or its model call was stopped (``output`` is
+        what was streamed until then). Not a failure: no dead letter."""
+        self._count(self._metrics.cancelled, request)
+        return Answer(self._response(request, status="cancelled", error=reason, output=output, queue_ms=queue_ms))
+
+    def _count(self, counter: Any, request: InferenceRequest) -> None:
+        model = request.model_id if self._settings.model(request.model_id) else "unknown"
+        counter.labels(model, request.priority, self._metrics.tenant(request.tenant_or_session)).inc()
 
     @staticmethod
     def entry(response: InferenceResponse, model: ModelSettings) -> cache.CacheEntry:
@@ -98,6 +122,8 @@ class Responses:
             latency_ms=latency_ms,
             reply_to=request.reply_to,
             key_name=request.key_name,
+            priority=request.priority,
+            tenant=request.tenant_or_session,
             **fields,
         )
         # Unknown model ids come from senders; keep them out of label values.

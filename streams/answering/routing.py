@@ -152,14 +152,21 @@ class ModelRouter:
 
     # -- choosing ---------------------------------------------------------------------
 
-    def choose(self, now: float, session_id: str | None = None, exclude: frozenset[str] = frozenset()) -> EndpointState | None:
-        """The endpoint to send to now, holding a slot on it; ``None`` means wait and ask again."""
+    def _eligible(self, now: float, exclude: frozenset[str] = frozenset()) -> list[EndpointState]:
         self._recheck_missing(now)
-        eligible = [
+        return [
             e for e in self.endpoints.values()
             if e.url not in exclude and not e.missing and e.circuit is Circuit.CLOSED and e.has_slot()
             and e.rate_ok(now)
         ]
+
+    def has_room(self, now: float) -> bool:
+        """Whether some endpoint could take a request now (nothing is held)."""
+        return bool(self._eligible(now))
+
+    def choose(self, now: float, session_id: str | None = None, exclude: frozenset[str] = frozenset()) -> EndpointState | None:
+        """The endpoint to send to now, holding a slot on it; ``None`` means wait and ask again."""
+        eligible = self._eligible(now, exclude)
         if not eligible:
             return None
         warm = [e for e in eligible if e.loaded is not False]
@@ -173,6 +180,10 @@ class ModelRouter:
             chosen = self._rng.choice(near)
         self._start(chosen, now, session_id)
         return chosen
+
+    def prior_seconds(self) -> float:
+        """What a request is assumed to take on an endpoint not observed yet."""
+        return self._prior()
 
     def _prior(self) -> float:
         """What an endpoint without observations is assumed to take: the mean of its observed

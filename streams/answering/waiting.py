@@ -1,7 +1,10 @@
-"""A model's waiting line for endpoint slots: take one, give it back, wake the next.
+"""A model's waiting line for endpoint slots: take one, give it back, start the next.
 
 The router (:mod:`streams.answering.routing`) decides which endpoint has room; this line
-holds the requests for which none has, oldest first, and wakes one per freed slot. A
+holds the requests for which none has, in the order the model's
+:class:`~streams.answering.scheduling.Schedule` says (class, then the tenants' fair shares,
+then deadline), and wakes one per freed slot. A request arriving while others wait queues
+behind them even if a slot is free at that instant: the slot is theirs by the schedule. A
 :class:`Slot` is a request's hold on one endpoint until its call ends; reporting how it
 ended (succeeded, failed, busy, released) updates the router and frees the slot for the
 next in line. Open circuits whose cool-down is over are probed from here too: a probe
@@ -11,13 +14,14 @@ that closes a circuit frees that endpoint's slots.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
 from nexus.errors import NexusError
 from streams.answering.clock import Clock
 from streams.answering.routing import Circuit, EndpointState, ModelRouter
+from streams.answering.scheduling import Schedule, Ticket, start_estimates
 from streams.backends.base import Generation
 from streams.metrics import WorkerMetrics
 
@@ -36,24 +40,25 @@ class Unavailable(NexusError):
 
 
 class _Waiter:
-    """One request waiting for a slot; queued while it is in the waiting line."""
+    """One request waiting for a slot; ``woken`` once the schedule gave it its turn."""
 
-    __slots__ = ("event", "queued")
+    __slots__ = ("event", "woken")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.queued = False
+        self.woken = False
 
 
 class Slot:
     """A request's slot on one endpoint, from :meth:`WaitingLine.acquire` until its call
     ends: report exactly one outcome, which frees it."""
 
-    __slots__ = ("url", "chosen_at", "_line")
+    __slots__ = ("url", "chosen_at", "ticket", "_line")
 
-    def __init__(self, line: WaitingLine, url: str, chosen_at: float) -> None:
+    def __init__(self, line: WaitingLine, url: str, chosen_at: float, ticket: Ticket) -> None:
         self.url = url
         self.chosen_at = chosen_at
+        self.ticket = ticket
         self._line = line
 
     @property
@@ -67,6 +72,7 @@ class Slot:
     def succeeded(self, generation: Generation) -> None:
         line = self._line
         line.router.succeeded(self.url, generation.seconds, generation.completion_tokens, generation.ttft_s)
+        line.ended(self, generation.prompt_tokens + generation.completion_tokens)
         line.publish_in_flight(self.url)
         line.wake()
 
@@ -74,6 +80,7 @@ class Slot:
         """The endpoint failed the call; when it was the endpoint's fault, repeated failures open its circuit."""
         line = self._line
         line.router.failed(self.url, line.clock(), error, counts_against_endpoint=counts_against_endpoint)
+        line.ended(self, None)
         line.publish_in_flight(self.url)
         line.publish_circuit(self.url)
         line.wake()
@@ -82,6 +89,7 @@ class Slot:
         """It answered "model not found": the model goes elsewhere; not held against the endpoint."""
         line = self._line
         line.router.lacks(self.url, line.clock(), error)
+        line.ended(self, None)
         line.publish_in_flight(self.url)
         line.wake()
 
@@ -89,6 +97,7 @@ class Slot:
         """It answered "server busy": it holds fewer requests from now on."""
         line = self._line
         line.router.busy(self.url, error)
+        line.ended(self, None)
         line.publish_in_flight(self.url)
         line.publish_circuit(self.url)
         line.wake()
@@ -96,22 +105,36 @@ class Slot:
     def released(self) -> None:
         """The call ended without telling anything about the endpoint (cancelled)."""
         self._line.router.released(self.url)
+        self._line.ended(self, None)
         self._line.wake()
 
 
 class WaitingLine:
-    """The requests waiting for a slot on one of a model's endpoints, oldest first."""
+    """The requests waiting for a slot on one of a model's endpoints, in the schedule's order.
 
-    def __init__(self, router: ModelRouter, clock: Clock, metrics: WorkerMetrics, probes: CircuitProbes) -> None:
+    ``weight_of(tenant)`` is a tenant's share of the model relative to the others'.
+    """
+
+    def __init__(
+        self,
+        router: ModelRouter,
+        clock: Clock,
+        metrics: WorkerMetrics,
+        probes: CircuitProbes,
+        weight_of: Callable[[str], float] = lambda tenant: 1.0,
+    ) -> None:
         self.router = router
         self.clock = clock
         self._metrics = metrics
         self._probes = probes
-        self._waiting: deque[_Waiter] = deque()
+        self.schedule = Schedule(weight_of)
+        self._waiters: dict[Ticket, _Waiter] = {}
+        self._woken = 0  # waiters given their turn that have not taken it yet
+        self.running: dict[Slot, None] = {}  # slots held now, oldest first
 
     def __len__(self) -> int:
         """Requests waiting now."""
-        return len(self._waiting)
+        return len(self._waiters)
 
     async def acquire(
         self,
@@ -120,15 +143,19 @@ class WaitingLine:
         exclude: frozenset[str] = frozenset(),
         can_fall_back: bool = False,
         avoid: frozenset[str] = frozenset(),
+        ticket: Ticket | None = None,
     ) -> Slot:
         """A slot on the best endpoint (one not in ``exclude`` if any has room, never one in
-        ``avoid``); waits, holding none, while all are full or down. Raises :class:`Expired` at
-        ``deadline``, :class:`Unavailable` when no endpoint has the model (every one lacks it or
-        is avoided) and, with somewhere else to go, when every circuit is open."""
+        ``avoid``) when it is ``ticket``'s turn; waits, holding none, while all are full or down
+        or others come first. Raises :class:`Expired` at ``deadline``, :class:`Unavailable` when
+        no endpoint has the model (every one lacks it or is avoided) and, with somewhere else to
+        go, when every circuit is open."""
         router = self.router
+        schedule = self.schedule
+        if ticket is None:
+            ticket = Ticket("", session_id or "", session_id=session_id or "")
         queued = self.clock()
         waiter: _Waiter | None = None
-        acquired = False
         try:
             while True:
                 now = self.clock()
@@ -136,45 +163,111 @@ class WaitingLine:
                     raise Expired()
                 if router.nowhere(now) or avoid.issuperset(router.endpoints):
                     raise Unavailable()
-                chosen = router.choose(now, session_id, exclude | avoid)
-                if chosen is None and exclude:
-                    chosen = router.choose(now, session_id, avoid)
-                if chosen is not None:
-                    self._metrics.queue_wait.labels(model=router.model.id).observe(now - queued)
-                    self._metrics.in_flight.labels(model=router.model.id, endpoint=chosen.url).set(chosen.in_flight)
-                    acquired = True
-                    return Slot(self, chosen.url, now)
+                turn = waiter is not None and waiter.woken
+                if turn:
+                    waiter.woken = False
+                    self._woken -= 1
+                if turn or (not self._waiters and not self._woken):
+                    chosen = router.choose(now, session_id, exclude | avoid)
+                    if chosen is None and exclude:
+                        chosen = router.choose(now, session_id, avoid)
+                    if chosen is not None:
+                        if not turn:
+                            schedule.started(ticket)  # no one waited: charged all the same
+                        model = router.model.id
+                        self._metrics.queue_wait.labels(model=model).observe(now - queued)
+                        labels = (model, ticket.priority, self._metrics.tenant(ticket.tenant))
+                        self._metrics.schedule_wait.labels(*labels).observe(now - queued)
+                        self._metrics.dispatched.labels(*labels).inc()
+                        self._metrics.in_flight.labels(model=model, endpoint=chosen.url).set(chosen.in_flight)
+                        slot = Slot(self, chosen.url, now, ticket)
+                        self.running[slot] = None
+                        return slot
+                    if turn:
+                        schedule.giveback(ticket)  # woken, but no slot after all: keep the turn
                 if can_fall_back and router.all_down():
                     raise Unavailable()
                 self.probe_due(now)
                 if waiter is None:
-                    waiter = _Waiter()
-                    self._waiting.append(waiter)
-                elif not waiter.queued:  # woken, but a newcomer took the slot: keep its turn
-                    self._waiting.appendleft(waiter)
-                waiter.queued = True
+                    waiter = self._waiters[ticket] = _Waiter()
+                    ticket.arrived = now
+                    schedule.add(ticket)
                 waiter.event.clear()
+                if not self._woken and router.has_room(now):
+                    self.wake()  # a slot is free (a newcomer queued behind others, a rate window passed)
+                    if waiter.woken:
+                        continue
                 # Woken by a freed slot, or when the clock alone may change something.
                 await self.clock.wait_for(waiter.event, min(router.wait_hint(now), deadline - now))
         finally:
-            if waiter is not None and waiter.queued:
-                self._waiting.remove(waiter)  # got a slot without its wake-up, or gave up
-            elif waiter is not None and waiter.event.is_set() and not acquired:
-                self.wake()  # woken for a slot it leaves unused (expired, cancelled): pass it on
+            if waiter is not None:
+                del self._waiters[ticket]
+                if ticket.queued:
+                    schedule.remove(ticket)  # gave up (expired, cancelled, moved to the fallback)
+                elif waiter.woken:  # given its turn but leaves it unused: refund it, pass it on
+                    self._woken -= 1
+                    schedule.giveback(ticket)
+                    schedule.remove(ticket)
+                    self.wake()
 
     def wake(self, slots: int = 1) -> None:
-        """Wake the ``slots`` oldest waiting requests.
+        """Give the next ``slots`` waiting requests their turn, in the schedule's order.
 
         One per freed slot, not all of them: with hundreds waiting, waking everyone on
         every answer cost more CPU than the answers themselves.
         """
+        schedule = self.schedule
         if self.router.all_down():
-            slots = len(self._waiting)  # those with a fallback go there now, the others wait again
-        while slots > 0 and self._waiting:
-            waiter = self._waiting.popleft()
-            waiter.queued = False
+            slots = len(schedule)  # those with a fallback go there now, the others wait again
+        while slots > 0:
+            ticket = schedule.pop()
+            if ticket is None:
+                return
+            waiter = self._waiters[ticket]
+            waiter.woken = True
+            self._woken += 1
             waiter.event.set()
             slots -= 1
+
+    def ended(self, slot: Slot, tokens: float | None) -> None:
+        """A call ended: its slot is free, and its tenant's share is corrected by what it cost."""
+        if self.running.pop(slot, 0) is None:
+            self.schedule.finished(slot.ticket, tokens)
+
+    # -- what it looks like -------------------------------------------------------------
+
+    def report(self, now: float, limit: int) -> tuple[list[dict[str, object]], list[dict[str, object]], float]:
+        """(the waiting requests in the order they would start, with their estimated start; the
+        running ones; the model's measured service rate in requests per second)."""
+        router = self.router
+        prior = router.prior_seconds()
+        slots: list[tuple[float, float]] = []
+        running_on: dict[str, list[Slot]] = {}
+        for slot in self.running:
+            running_on.setdefault(slot.url, []).append(slot)
+        rate = 0.0
+        for e in router.endpoints.values():
+            if e.missing or e.circuit is not Circuit.CLOSED:
+                continue
+            seconds = e.seconds_per_request or prior
+            capacity = e.capacity()
+            rate += capacity / seconds
+            busy = sorted(s.chosen_at + seconds for s in running_on.get(e.url, ()))[:capacity]
+            slots.extend((at, seconds) for at in busy)
+            slots.extend((now, seconds) for _ in range(capacity - len(busy)))
+        order = self.schedule.order(limit)
+        etas = start_estimates(now, slots, len(order))
+        waiting = [
+            {"id": t.id, "session_id": t.session_id, "tenant": t.tenant, "priority": t.priority,
+             "position": i, "eta_s": round(eta, 3) if eta != float("inf") else None, "waited_s": round(now - t.arrived, 3)}
+            for i, (t, eta) in enumerate(zip(order, etas))
+        ]
+        running = [
+            {"id": s.ticket.id, "session_id": s.ticket.session_id, "tenant": s.ticket.tenant,
+             "priority": s.ticket.priority, "running_s": round(now - s.chosen_at, 3)}
+            for s in self.running
+        ]
+        return waiting, running, rate
 
     # -- circuits -----------------------------------------------------------------------
 

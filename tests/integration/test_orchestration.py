@@ -335,7 +335,7 @@ async def test_deadlines_past_or_too_close_are_answered_as_expired_and_spare_the
         # The endpoint did nothing wrong: a request with room to spare is still served.
         [fine] = (await nx.ask([nx.request("fine", deadline=utcnow() + timedelta(seconds=20))])).values()
     for answer in late.values():
-        assert answer.status == "error" and (answer.error or "").startswith("expired"), answer.error
+        assert answer.status == "expired" and (answer.error or "").startswith("expired"), answer.error
     assert reached >= 3, "enough calls were cut by their deadline to open the circuit if they counted"
     assert state["circuit"] == "closed", state
     assert fine.status == "ok", fine.error
@@ -397,7 +397,7 @@ async def test_every_endpoint_down_for_a_minute_requests_wait_or_expire_then_the
     assert len(expired) == 16 and len(patient) == 41
     for answer in expired.values():
         error = answer.error or ""
-        assert answer.status == "error" and error.startswith("expired"), error
+        assert answer.status == "expired" and error.startswith("expired"), error
         assert a.url in error and "open" in error, error  # the reason names the endpoints' state
     # Recovery is noticed by a probe within the circuit's 5 s cool-down, not by a retry storm.
     assert drain_s < 15, drain_s

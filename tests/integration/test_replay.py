@@ -14,13 +14,15 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.consumer import AIOKafkaConsumer
 
+import dataclasses
+
 from consumers.replay.audit import RecordFilter, iso
 from consumers.replay.reader import ReplayOptions, join_report, replay_records, resubmit
 from localdev.broker import free_port
 from nexus.settings import KafkaSettings
 from nexus.kafka.topics import partitions_of, ensure_topics
 from producers.client import RequestProducer
-from schemas import InferenceRequest, InferenceResponse, ModelContext
+from schemas import InferenceCancel, InferenceRequest, InferenceResponse, ModelContext
 from tests.integration.support import CODEC, REPO, TopicReader, wait_for_responses
 
 WORKER_GROUP = "nexus-worker"
@@ -31,6 +33,7 @@ def _kafka(bootstrap: str) -> KafkaSettings:
     return KafkaSettings(
         bootstrap=bootstrap, partitions=3, requests_topic=f"audit-{run}.requests",
         responses_topic=f"audit-{run}.responses", dlq_topic=f"audit-{run}.dlq", tokens_topic=f"audit-{run}.tokens",
+        batch_requests_topic=f"audit-{run}.requests.batch", cancels_topic=f"audit-{run}.cancels",
     )
 
 
@@ -167,6 +170,8 @@ def _nexus(bootstrap: str, kafka: KafkaSettings, *args: str) -> subprocess.Compl
     env = {
         "NEXUS_KAFKA_REQUESTS_TOPIC": kafka.requests_topic, "NEXUS_KAFKA_RESPONSES_TOPIC": kafka.responses_topic,
         "NEXUS_KAFKA_DLQ_TOPIC": kafka.dlq_topic, "NEXUS_KAFKA_TOKENS_TOPIC": kafka.tokens_topic,
+        "NEXUS_KAFKA_BATCH_REQUESTS_TOPIC": kafka.batch_requests_topic,
+        "NEXUS_KAFKA_CANCELS_TOPIC": kafka.cancels_topic,
         "PATH": "/usr/bin:/bin",
     }
     return subprocess.run([sys.executable, "-m", "nexus", *args, "--bootstrap", bootstrap], cwd=REPO, env=env,
@@ -321,3 +326,57 @@ async def test_resubmitted_requests_are_answered_and_link_to_their_originals(sta
     refused = subprocess.run([sys.executable, "-m", "nexus", "replay", "--bootstrap", bootstrap, "--resubmit"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "refusing to resubmit every request" in refused.stderr
+
+
+async def test_replay_reads_the_batch_lane_and_the_cancels(bootstrap: str) -> None:
+    kafka = _kafka(bootstrap)
+    await ensure_topics(kafka)
+    since = int(time.time() * 1000) - 1
+    async with RequestProducer(kafka) as producer:
+        await producer.submit_many([_request("i1", session="s-lanes"),
+                                    _request("b1", session="s-lanes", priority="batch", tenant="team-a")])
+        await producer.cancel("i1", reason="client disconnected")
+    cancelled = dataclasses.replace(_response("i1", 5, session="s-lanes", status="cancelled"), error="cancelled by client")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        writer = Writer(kafka, producer)
+        await writer.send(cancelled, _response("b1", 50, session="s-lanes"))
+    finally:
+        await producer.stop()
+
+    every = [r async for r in replay_records(kafka, ReplayOptions(topics=("requests", "responses", "cancels")))]
+    assert sorted((r.topic, r.kind, r.id) for r in every) == [
+        (kafka.cancels_topic, "cancel", "i1"), (kafka.requests_topic, "request", "i1"),
+        (kafka.batch_requests_topic, "request", "b1"), (kafka.responses_topic, "response", "b1"),
+        (kafka.responses_topic, "response", "i1")]
+    [cancel] = [r.value for r in every if r.kind == "cancel"]
+    assert isinstance(cancel, InferenceCancel) and cancel.reason == "client disconnected"
+    assert await _ids(kafka, sessions=frozenset({"s-lanes"})) == ["req:b1", "req:i1", "res:b1", "res:i1"]
+    assert await _ids(kafka, statuses=frozenset({"cancelled"})) == ["res:i1"]
+
+    report = await join_report(kafka, ReplayOptions(selection=RecordFilter(since_ms=since)))
+    assert (report.requests, report.answered, report.complete) == (2, 2, True)
+    assert report.statuses == {"ok": 1, "cancelled": 1}
+
+    # A resubmitted batch request goes back to the batch lane, tenant and all.
+    [copy] = await resubmit(kafka, ReplayOptions(selection=RecordFilter(request_ids=frozenset({"b1"}))))
+    [written] = [r async for r in replay_records(kafka, ReplayOptions(
+        topics=("requests",), selection=RecordFilter(request_ids=frozenset({copy.id}))))]
+    assert written.topic == kafka.batch_requests_topic
+    assert (written.value.priority, written.value.tenant, written.value.original_id) == ("batch", "team-a", "b1")
+
+    done = _nexus(bootstrap, kafka, "replay", "--topics", "requests,cancels", "--format", "table")
+    assert done.returncode == 0, done.stderr
+    assert "[batch] question b1" in done.stdout and "client disconnected" in done.stdout
+
+
+async def test_replay_of_a_cluster_without_the_new_topics_reads_the_old_ones(bootstrap: str) -> None:
+    """Roles older than the scheduler never created the batch lane or the cancels topic."""
+    kafka = _kafka(bootstrap)
+    elsewhere = {name: f"{getattr(kafka, name)}.elsewhere" for name in ("batch_requests_topic", "cancels_topic")}
+    await ensure_topics(dataclasses.replace(kafka, **elsewhere))  # every topic but these two
+    async with RequestProducer(kafka) as producer:
+        await producer.submit(_request("old1"))
+    records = [r async for r in replay_records(kafka, ReplayOptions(topics=("requests", "cancels")))]
+    assert [(r.topic, r.id) for r in records] == [(kafka.requests_topic, "old1")]

@@ -49,7 +49,8 @@ def _version_pairs() -> list[tuple[str, int, int]]:
 
 def _follows_the_rules(where: str, before: dict[str, dict], after: dict[str, dict]) -> None:
     """New fields have defaults; no field is removed without one; kept fields keep their type,
-    and a kept nested record (``options``) follows the same rules, field by field."""
+    a kept nested record (``options``) follows the same rules, field by field, and a kept enum
+    keeps its symbols and grows only with a default (rule 5)."""
     added = set(after) - set(before)
     removed = set(before) - set(after)
     assert all("default" in after[f] for f in added), f"{where}: new fields need defaults: {added}"
@@ -60,8 +61,18 @@ def _follows_the_rules(where: str, before: dict[str, dict], after: dict[str, dic
             assert new_type.get("type") == "record" and new_type["name"] == old_type["name"], f"{where}.{field}"
             _follows_the_rules(f"{where}.{field}", {f["name"]: f for f in old_type["fields"]},
                                {f["name"]: f for f in new_type["fields"]})
+        elif isinstance(old_type, dict) and old_type.get("type") == "enum" and isinstance(new_type, dict):
+            _enum_grows_by_the_rules(f"{where}.{field}", old_type, new_type)
         else:
             assert old_type == new_type, f"{where}.{field} changed type"
+
+
+def _enum_grows_by_the_rules(where: str, old: dict, new: dict) -> None:
+    assert new.get("type") == "enum" and new["name"] == old["name"], f"{where} changed type"
+    assert new["symbols"][: len(old["symbols"])] == old["symbols"], f"{where}: symbols removed or reordered"
+    added = new["symbols"][len(old["symbols"]):]
+    assert not added or new.get("default") in new["symbols"], f"{where}: new symbols {added} need a default"
+    assert old.get("default") in (None, new.get("default")), f"{where}: the default changed"
 
 
 @pytest.mark.parametrize("name, old, new", _version_pairs())
@@ -75,6 +86,26 @@ def test_the_rules_catch_a_nested_field_without_a_default() -> None:
     with pytest.raises(AssertionError, match=r"R\.options: new fields need defaults"):
         _follows_the_rules("R", {"options": {"name": "options", "type": options}},
                            {"options": {"name": "options", "type": grown}})
+
+
+def test_the_rules_catch_an_enum_growing_without_a_default() -> None:
+    status = {"type": "enum", "name": "S", "symbols": ["ok", "error"]}
+    grown = {**status, "symbols": ["ok", "error", "expired"]}
+    with pytest.raises(AssertionError, match=r"R\.status: new symbols \['expired'\] need a default"):
+        _follows_the_rules("R", {"status": {"name": "status", "type": status}},
+                           {"status": {"name": "status", "type": grown}})
+    _follows_the_rules("R", {"status": {"name": "status", "type": status}},
+                       {"status": {"name": "status", "type": {**grown, "default": "error"}}})
+    with pytest.raises(AssertionError, match="symbols removed or reordered"):
+        _follows_the_rules("R", {"status": {"name": "status", "type": status}},
+                           {"status": {"name": "status", "type": {**status, "symbols": ["error", "ok"]}}})
+
+
+def test_the_scheduling_versions_are_there() -> None:
+    assert REQUEST_VERSIONS[-1] == 5 and RESPONSE_VERSIONS[-1] == 6
+    assert [v.version for v in CURRENT.versions if v.name == "InferenceCancel"] == [1]
+    assert {"priority", "tenant"} <= set(_fields("InferenceRequest", 5))
+    assert {"queue_ms", "priority", "tenant"} <= set(_fields("InferenceResponse", 6))
 
 
 def test_the_codec_writes_the_highest_version_and_a_pin_writes_an_older_one() -> None:
@@ -151,3 +182,26 @@ async def test_v2_records_from_the_broker_are_read_by_a_v1_application(stack: di
     assert old_view["output"] == "[simulated mistral] You said: new client"
     current = decode_response(CURRENT, response_bytes)
     assert decode_response(V1_APP, response_bytes).output == current.output
+
+
+async def test_a_request_from_before_scheduling_is_answered_as_interactive(stack: dict[str, str]) -> None:
+    """A v4 request (no priority, no tenant) from an old client or the topic's history: the worker
+    reads it as interactive and answers with the current response version."""
+    bootstrap = stack["NEXUS_KAFKA_BOOTSTRAP"]
+    v4_app = Codec.from_directory(pin={"InferenceRequest": 4, "InferenceResponse": 5})
+    request = InferenceRequest(f"v4-{uuid.uuid4().hex}", "llama3.1", "before lanes", ModelContext("v4-session"))
+    data = encode_request(v4_app, request)
+    assert v4_app.writer_of(data).version == 4
+    async with TopicReader(bootstrap, "inference.responses") as responses:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait("inference.requests", data, key=b"llama3.1")
+        finally:
+            await producer.stop()
+        answers = await wait_for_responses(responses, {request.id})
+    [answer] = answers.by_id[request.id]
+    assert (answer.status, answer.priority) == ("ok", "interactive")
+    [response_bytes] = [r.value for r in responses.records if request.id.encode() in r.value]
+    assert CURRENT.writer_of(response_bytes).version == RESPONSE_VERSIONS[-1]
+    assert decode_response(v4_app, response_bytes).output == answer.output  # an ok answer reads in the old app

@@ -23,6 +23,10 @@ def _kafka(bootstrap: str, **overrides: object) -> KafkaSettings:
         responses_topic=f"t-{run}.responses",
         dlq_topic=f"t-{run}.dlq",
         tokens_topic=f"t-{run}.tokens",
+        batch_requests_topic=f"t-{run}.requests.batch",
+        cancels_topic=f"t-{run}.cancels",
+        state_topic=f"t-{run}.state",
+        queue_topic=f"t-{run}.queue",
         **overrides,  # type: ignore[arg-type]
     )
 
@@ -67,6 +71,10 @@ async def test_topics_are_created_as_an_audit_log(bootstrap: str) -> None:
         assert configs[name]["cleanup.policy"] == "delete"
         assert configs[name]["retention.ms"] == "3600000"
         assert configs[name]["message.timestamp.type"] == "LogAppendTime"
+    assert {kafka.batch_requests_topic, kafka.cancels_topic} <= set(topic_names(kafka))
+    # The queue reports, like the endpoint state, keep only the latest record per key.
+    for name in (kafka.state_topic, kafka.queue_topic):
+        assert (await _configs(bootstrap, [name]))[name]["cleanup.policy"] == "compact"
     assert await ensure_topics(kafka) == []  # idempotent
 
 

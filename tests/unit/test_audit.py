@@ -14,6 +14,7 @@ from consumers.replay.audit import (
     ReplayRecord,
     Span,
     decode_record,
+    optional_topics,
     parse_time,
     plan_span,
     read_windows,
@@ -78,8 +79,9 @@ def test_parse_time_rejects_with_the_accepted_forms(text: str) -> None:
 def test_filter_rejects_an_empty_range_and_unknown_status() -> None:
     with pytest.raises(ReplayError, match="--until .* must be after --since"):
         RecordFilter(since_ms=T0, until_ms=T0)
-    with pytest.raises(ReplayError, match="ok or error"):
+    with pytest.raises(ReplayError, match="use ok, error, expired, cancelled"):
         RecordFilter(statuses=frozenset({"fine"}))
+    assert RecordFilter(statuses=frozenset({"expired", "cancelled"})).statuses == {"expired", "cancelled"}
 
 
 @pytest.mark.parametrize(
@@ -104,18 +106,28 @@ def test_join_windows_widen_by_grace_in_the_right_direction() -> None:
     kinds = topic_kinds(KafkaSettings(), ("requests", "responses"))
     selection = RecordFilter(since_ms=T0, until_ms=T0 + 1000)
     assert read_windows(kinds, selection, join=False, grace_ms=50) == {
-        "inference.requests": (T0, T0 + 1000), "inference.responses": (T0, T0 + 1000)}
+        "inference.requests": (T0, T0 + 1000), "inference.requests.batch": (T0, T0 + 1000),
+        "inference.responses": (T0, T0 + 1000)}
     assert read_windows(kinds, selection, join=True, grace_ms=50) == {
-        "inference.requests": (T0 - 50, T0 + 1000), "inference.responses": (T0, T0 + 1050)}
+        "inference.requests": (T0 - 50, T0 + 1000), "inference.requests.batch": (T0 - 50, T0 + 1000),
+        "inference.responses": (T0, T0 + 1050)}
     assert read_windows(kinds, RecordFilter(), join=True, grace_ms=50) == {
-        "inference.requests": (None, None), "inference.responses": (None, None)}
+        "inference.requests": (None, None), "inference.requests.batch": (None, None),
+        "inference.responses": (None, None)}
 
 
 def test_topic_kinds_names_the_choices() -> None:
     kafka = KafkaSettings(dlq_topic="x.dlq")
     assert topic_kinds(kafka, ("dlq", "tokens")) == {"x.dlq": "dead_letter", "inference.tokens": "token"}
-    with pytest.raises(ReplayError, match="requests, responses, tokens, dlq"):
+    with pytest.raises(ReplayError, match="requests, responses, tokens, dlq, cancels"):
         topic_kinds(kafka, ("answers",))
+
+
+def test_requests_are_both_lanes_and_cancels_a_topic_of_their_own() -> None:
+    kafka = KafkaSettings(requests_topic="r.i", batch_requests_topic="r.b", cancels_topic="c")
+    assert topic_kinds(kafka, ("requests",)) == {"r.i": "request", "r.b": "request"}
+    assert topic_kinds(kafka, ("cancels",)) == {"c": "cancel"}
+    assert optional_topics(kafka) == {"r.b", "c"}  # absent on a cluster only older roles ran on
 
 
 # --- decoding and filters ----------------------------------------------------------------------
@@ -330,3 +342,49 @@ def test_the_replay_command_exits_2_on_bad_arguments_and_3_when_kafka_fails(
     err = io.StringIO()
     assert cli.run(_replay_args("--format", "jsonl"), Settings(), io.StringIO(), err) == cli.EXIT_KAFKA
     assert "cannot reach Kafka at nowhere:9092" in err.getvalue()
+
+
+# --- scheduling: the batch lane, expired and cancelled answers, cancels ----------------------------
+
+
+def test_a_batch_request_is_joined_like_any_other_and_marked_in_the_table() -> None:
+    batch = _request("b1", priority="batch", tenant="team-a")
+    record = decode_record(CODEC, "request", topic="inference.requests.batch", partition=2, offset=0,
+                           timestamp=T0, key=b"llama3.1", value=encode_request(CODEC, batch))
+    assert record.value == batch and record.session_id == "s1"
+    assert "[batch] q b1" in table_row(record)
+    joiner = Joiner()
+    for r in (record, _rec(_request("i1")), _rec(_response("b1")), _rec(_response("i1", status="expired"))):
+        joiner.add(r)
+    report = joiner.report()
+    assert report.complete and report.requests == 2 and report.statuses == {"ok": 1, "expired": 1}
+
+
+def test_resubmission_keeps_the_lane_and_the_tenant() -> None:
+    copy = resubmission(_request("old", priority="batch", tenant="team-a"), "new")
+    assert (copy.priority, copy.tenant) == ("batch", "team-a")
+
+
+def test_expired_and_cancelled_answers_filter_by_status() -> None:
+    expired, cancelled = _rec(_response("r1", status="expired")), _rec(_response("r2", status="cancelled"))
+    assert RecordFilter(statuses=frozenset({"cancelled"})).matches(cancelled)
+    assert not RecordFilter(statuses=frozenset({"error"})).matches(expired)
+    assert "cancelled" in table_row(cancelled)
+
+
+def test_a_cancel_decodes_and_shows_its_reason() -> None:
+    from schemas import InferenceCancel, encode_cancel
+
+    cancel = InferenceCancel("r1", datetime.fromtimestamp(T0 / 1000, timezone.utc), "client disconnected", "team-a")
+    record = decode_record(CODEC, "cancel", topic="inference.cancels", partition=0, offset=0, timestamp=T0,
+                           key=b"r1", value=encode_cancel(CODEC, cancel))
+    assert record.value == cancel
+    assert (record.id, record.model_id, record.session_id, record.status) == ("r1", None, None, None)
+    assert RecordFilter(request_ids=frozenset({"r1"})).matches(record)
+    assert not RecordFilter(models=frozenset({"llama3.1"})).matches(record)
+    assert "client disconnected (key team-a)" in table_row(record)
+    assert json.loads(jsonl_line(record))["value"] == {
+        "id": "r1", "requested_at": "2023-11-14T22:13:20+00:00", "reason": "client disconnected", "key_name": "team-a"}
+    joiner = Joiner()
+    joiner.add(record)  # a cancel is neither a request nor an answer
+    assert joiner.report().requests == 0 and joiner.report().responses == 0

@@ -257,6 +257,8 @@ def test_plain_fastavro_decodes_a_nexus_request(codec: Codec) -> None:
         "tool_choice": None,
         "format": None,
         "keep_alive": None,
+        "priority": "interactive",
+        "tenant": None,
     }
 
 
@@ -389,12 +391,12 @@ def test_invalid_response_values(codec: Codec) -> None:
 
 @pytest.fixture()
 def v2_dir(tmp_path: Path) -> Path:
-    """A copy of the schemas with a next InferenceRequest version adding ``priority``."""
+    """A copy of the schemas with a next InferenceRequest version adding ``region``."""
     directory = tmp_path / "avro"
     shutil.copytree(SCHEMA_DIR, directory)
     latest = _latest_file("InferenceRequest", directory)
     schema = json.loads(latest.read_text())
-    schema["fields"].append({"name": "priority", "type": "int", "default": 0})
+    schema["fields"].append({"name": "region", "type": "int", "default": 0})
     next_version = int(latest.name.split(".v")[1].split(".")[0]) + 1
     (directory / f"InferenceRequest.v{next_version}.avsc").write_text(json.dumps(schema))
     return directory
@@ -402,9 +404,11 @@ def v2_dir(tmp_path: Path) -> Path:
 
 def test_schema_dir_is_not_polluted_by_evolution_tests() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.avsc")) == [
+        "InferenceCancel.v1.avsc",
         "InferenceRequest.v1.avsc", "InferenceRequest.v2.avsc", "InferenceRequest.v3.avsc", "InferenceRequest.v4.avsc",
+        "InferenceRequest.v5.avsc",
         "InferenceResponse.v1.avsc", "InferenceResponse.v2.avsc", "InferenceResponse.v3.avsc", "InferenceResponse.v4.avsc",
-        "InferenceResponse.v5.avsc", "InferenceToken.v1.avsc", "InferenceToken.v2.avsc", "InferenceToken.v3.avsc",
+        "InferenceResponse.v5.avsc", "InferenceResponse.v6.avsc", "InferenceToken.v1.avsc", "InferenceToken.v2.avsc", "InferenceToken.v3.avsc",
         "ModelContext.v1.avsc",
     ]
 
@@ -413,14 +417,14 @@ def test_newest_version_is_written(codec: Codec, v2_dir: Path) -> None:
     v2 = Codec.from_directory(v2_dir)
     current = v2.current("InferenceRequest")
     assert current.version == codec.current("InferenceRequest").version + 1
-    data = v2.encode("InferenceRequest", {**_request().to_avro(), "priority": 5})
+    data = v2.encode("InferenceRequest", {**_request().to_avro(), "region": 5})
     assert data[2:10] == current.fingerprint
     assert struct.unpack("<Q", data[2:10])[0] == crc64_avro(current.canonical.encode())
     assert current.fingerprint != codec.current("InferenceRequest").fingerprint
-    assert v2.decode(data) == ("InferenceRequest", {**_request().to_avro(), "priority": 5})
+    assert v2.decode(data) == ("InferenceRequest", {**_request().to_avro(), "region": 5})
     # Fields missing from the value take the schema default on write.
     _, value = v2.decode(encode_request(v2, _request()))
-    assert value["priority"] == 0
+    assert value["region"] == 0
 
 
 def test_v1_codec_cannot_read_v2(codec: Codec, v2_dir: Path) -> None:
@@ -437,10 +441,10 @@ def test_v2_codec_reads_v1_with_defaults(codec: Codec, v2_dir: Path) -> None:
     v1_bytes = encode_request(codec, request)
     name, value = v2.decode(v1_bytes)
     assert name == "InferenceRequest"
-    assert value == {**request.to_avro(), "priority": 0}
+    assert value == {**request.to_avro(), "region": 0}
     assert decode_request(v2, v1_bytes) == request
     # Both versions are known for reading.
-    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3, 4, 5]
+    assert sorted(v.version for v in v2.versions if v.name == "InferenceRequest") == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize(

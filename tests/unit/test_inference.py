@@ -241,7 +241,7 @@ async def test_the_deadline_passing_while_waiting_for_a_slot_expires_the_request
     assert w.backend.calls(A) == 1
     second = w.answer(request(2, deadline_s=5))
     answer = await finish(w, second)
-    assert answer.response.status == "error"
+    assert answer.response.status == "expired"
     assert answer.response.error == (
         "expired: deadline passed before an endpoint of 'm' answered; endpoints: http://a closed"
     )
@@ -259,7 +259,7 @@ async def test_the_deadline_passing_during_a_call_expires_it_without_blaming_the
     w.backend.script(B, Hold())
     answer = await finish(w, w.answer(request(deadline_s=3)))
     error = answer.response.error or ""
-    assert answer.response.status == "error" and error.startswith("expired: deadline passed before an endpoint of 'm'")
+    assert answer.response.status == "expired" and error.startswith("expired: deadline passed before an endpoint of 'm'")
     assert "did not answer within" in error and 1002.9 < w.clock() < 1003.1
     assert w.backend.calls(A) + w.backend.calls(B) == 1, "cut at the deadline: no time for another"
     called = A if w.backend.calls(A) else B

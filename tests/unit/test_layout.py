@@ -24,7 +24,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "nexus": {"schemas.*"},
     "streams": {"schemas.*", "nexus.*"},
     "producers": {"schemas.*", "nexus.*"},
-    "consumers": {"schemas.*", "nexus.*", "producers", "producers.client"},  # the producer API only
+    # The producer API, and the reader of the workers' queue reports (the bridge's queued frames).
+    "consumers": {"schemas.*", "nexus.*", "producers", "producers.client", "producers.queue"},
     "localdev": {"schemas.*", "nexus.*"},
 }
 # The command line is where roles are put together: it may start any of them.
@@ -36,7 +37,8 @@ PURE = {
     "streams.answering.prompt", "streams.answering.responses", "consumers.bridge.subscriptions",
     "consumers.bridge.owners", "consumers.bridge.core", "consumers.bridge.frames", "consumers.replay.audit",
     "consumers.replay.join", "consumers.replay.render", "producers.gateway.dropin.conversation",
-    "localdev.simulator.model", "nexus.access",
+    "localdev.simulator.model", "nexus.access", "streams.answering.scheduling", "schemas.queue_state",
+    "producers.gateway.admission",
 }
 IO_MODULES = ("asyncio", "socket", "aiokafka", "aiohttp", "faust", "httpx", "websockets", "subprocess")
 

@@ -19,6 +19,7 @@ from streams.answering.cache import CacheEntry
 from streams.answering.clock import ManualClock
 from streams.answering.inference import Inference, Unavailable
 from streams.answering.routing import MAX_WAIT_S
+from streams.answering.scheduling import Ticket
 from streams.answering.waiting import Expired, Slot, WaitingLine
 from streams.backends.base import Generation
 from streams.backends.memory import MemoryBackend
@@ -186,3 +187,56 @@ async def test_when_every_endpoint_is_down_waiters_with_a_fallback_leave_at_once
     assert not without.done(), "without a fallback it waits for the endpoint to come back"
     assert len(line) == 1
     without.cancel()
+
+
+def ticketed(line: WaitingLine, id_: str, tenant: str, priority: str = "interactive") -> asyncio.Task[Slot]:
+    ticket = Ticket(id_, tenant, priority, session_id=f"s-{id_}")
+    return asyncio.ensure_future(line.acquire(ticket.session_id, line.clock() + 30, ticket=ticket))
+
+
+async def test_freed_slots_go_to_interactive_requests_before_batch_ones_that_waited_longer(
+    line: WaitingLine,
+) -> None:
+    router = line.router
+    await acquire(line, 0)
+    batch = [ticketed(line, f"b{i}", "a", "batch") for i in range(3)]
+    await until(lambda: len(line) == 3)
+    interactive = ticketed(line, "i0", "b")
+    await until(lambda: len(line) == 4)
+    router.succeeded(URL, 0.1)
+    line.wake()
+    await until(interactive.done)
+    assert not any(b.done() for b in batch)
+    for task in batch:
+        task.cancel()
+
+
+async def test_a_newcomer_does_not_take_a_free_slot_from_those_waiting_their_turn(line: WaitingLine) -> None:
+    router = line.router
+    await acquire(line, 0)
+    waiting = ticketed(line, "w", "a")
+    await until(lambda: len(line) == 1)
+    router.succeeded(URL, 0.1)  # a slot frees, no wake-up yet ...
+    newcomer = ticketed(line, "n", "b", "batch")  # ... and a batch newcomer finds it free
+    await until(waiting.done)
+    assert not newcomer.done() and len(line) == 1, "the slot went to the one whose turn it was"
+    newcomer.cancel()
+
+
+async def test_the_report_lists_waiters_in_starting_order_with_their_expected_start(
+    line: WaitingLine, clock: ManualClock
+) -> None:
+    router = line.router
+    router.endpoints[URL].seconds_per_request = 2.0  # measured: one request takes 2 s, one at a time
+    held = await acquire(line, 0)
+    waiters = [ticketed(line, "b0", "a", "batch"), ticketed(line, "i0", "a"), ticketed(line, "i1", "b")]
+    await until(lambda: len(line) == 3)
+    clock.advance(0.5)
+    waiting, running, rate = line.report(clock(), 100)
+    assert [w["id"] for w in waiting] == ["i0", "i1", "b0"]
+    assert [w["position"] for w in waiting] == [0, 1, 2]
+    assert [w["eta_s"] for w in waiting] == [1.5, 3.5, 5.5], "the running one ends in 1.5 s, then 2 s each"
+    assert [r["running_s"] for r in running] == [0.5] and rate == 0.5
+    held.released()
+    for task in waiters:
+        task.cancel()

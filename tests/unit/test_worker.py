@@ -4,6 +4,7 @@ and the Kafka adapters Inference writes through (with in-memory sends)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import namedtuple
 from typing import Any
 
@@ -11,10 +12,13 @@ from aiokafka import TopicPartition
 
 from nexus.kafka.topics import TopicSpec, nexus_topics, topic_names
 from nexus.settings import KafkaSettings, Settings
-from schemas import Codec, InferenceOptions, InferenceRequest, ModelContext, ToolCall, decode_token, headers
+from schemas import (
+    Codec, InferenceCancel, InferenceOptions, InferenceRequest, ModelContext, ToolCall, decode_token, headers,
+)
 from streams.answering.cache import CacheEntry
 from streams.app import cache_changelog_topic, cache_updates_topic, internal_topics
 from streams.lag import lag_per_partition
+from streams.cancels import CancelBook
 from streams.sinks import KafkaTokenSink, cache_update, read_cache_update
 from streams.worker import Answering, share_groups, waiting
 
@@ -62,7 +66,7 @@ def test_the_worker_creates_its_cache_topics_with_the_shared_ones() -> None:
     changelog = specs[cache_changelog_topic(app_id)]
     assert changelog.partitions == kafka.partitions and changelog.config == {"cleanup.policy": "compact"}
     shared = {spec.name: spec for spec in nexus_topics(KafkaSettings(replication_factor=3))}
-    assert set(shared) == {*topic_names(kafka), kafka.state_topic}
+    assert set(shared) == {*topic_names(kafka), kafka.state_topic, kafka.queue_topic}
     assert shared[kafka.state_topic].partitions == 1
     assert shared[kafka.state_topic].config == {"cleanup.policy": "compact", "min.insync.replicas": "2"}
     assert shared[kafka.requests_topic].config["cleanup.policy"] == "delete"
@@ -121,3 +125,16 @@ async def test_tool_calls_go_out_in_the_token_of_their_chunk() -> None:
     await sink.close()
     tokens = [decode_token(CODEC, value) for value in sent]
     assert [(t.seq, t.text, t.tool_calls) for t in tokens] == [(0, "Checking", ()), (1, "", (lyon, nice)), (2, ".", ())]
+
+
+def test_a_cancel_is_remembered_for_its_request_and_only_honoured_from_the_same_key() -> None:
+    book = CancelBook(keep_s=600)
+    book.add(InferenceCancel("r1", reason="user left"), now=0.0)
+    book.add(InferenceCancel("r2", key_name="team-a"), now=1.0)
+    assert book.reason(_request("r1")) == "cancelled: user left"
+    assert book.reason(_request("other")) is None
+    keyed = dataclasses.replace(_request("r2"), key_name="team-a")
+    assert book.reason(keyed) == "cancelled by its sender"
+    assert book.reason(dataclasses.replace(keyed, key_name="team-b")) is None, "another key cannot cancel it"
+    book.add(InferenceCancel("r3"), now=700.0)
+    assert book.reason(_request("r1")) is None and len(book) == 1, "older than the look-back: forgotten"
