@@ -9,6 +9,7 @@ thin Kafka loop that fills it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiokafka import TopicPartition
 
-from nexus.kafka.readers import reader
+from nexus.kafka.readers import known_partitions, reader
 from nexus.settings import KafkaSettings
 from schemas import Codec, InferenceCancel, InferenceRequest, SchemaError, decode_cancel
 
@@ -72,21 +73,17 @@ async def follow_cancels(
     """
     consumer = reader(kafka, client_id, auto_offset_reset="latest")
     await consumer.start()
+    failed = False
     try:
-        partitions = consumer.partitions_for_topic(kafka.cancels_topic) or set()
-        if not partitions:
-            await consumer.force_metadata_update()
-            partitions = consumer.partitions_for_topic(kafka.cancels_topic) or set()
-        tps = [TopicPartition(kafka.cancels_topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(kafka.cancels_topic, p)
+               for p in await known_partitions(consumer, kafka.cancels_topic, timeout_s=30)]
         consumer.assign(tps)
         since = int((time.time() - CANCEL_LOOKBACK_S) * 1000)
+        ends = await consumer.end_offsets(tps)  # before the look-up: a cancel sent meanwhile is read
         offsets = await consumer.offsets_for_times({tp: since for tp in tps})
         for tp in tps:
             found = offsets.get(tp)
-            if found is None:
-                await consumer.seek_to_end(tp)
-            else:
-                consumer.seek(tp, found.offset)
+            consumer.seek(tp, ends[tp] if found is None else found.offset)
         while True:
             batches = await consumer.getmany(timeout_ms=1000)
             for records in batches.values():
@@ -98,5 +95,14 @@ async def follow_cancels(
                         await on_malformed(record, str(exc))
                         continue
                     on_cancel(cancel)
+    except Exception:
+        failed = True
+        raise
     finally:
-        await consumer.stop()
+        try:
+            await consumer.stop()
+        except asyncio.CancelledError:
+            # aiokafka's stop after a failure can raise CancelledError (its own routines): the
+            # failure is what counts, so that the loop is restarted rather than seen as stopped.
+            if not failed:
+                raise

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from localdev.ollama import MODEL_NAME, LocalOllama, free_port
 from nexus.kafka.topics import ensure_topics
 from nexus.settings import KafkaSettings
+from producers import RequestProducer
 from schemas import decode_token
 from tests.eventually import eventually
 from tests.integration.support import CODEC, Role, TopicReader, stack_env, start_gateway, wait_for_responses
@@ -248,3 +249,57 @@ async def test_a_model_without_tools_refuses_them_with_its_own_error_in_each_cli
     with pytest.raises(openai.BadRequestError) as openai_refused:
         await oa.chat.completions.create(model=MODEL_NAME, messages=messages, tools=[tool])  # type: ignore[arg-type,list-item]
     assert "does not support tools" in openai_refused.value.message
+
+
+@pytest.fixture()
+def one_slot_ollama(logs_dir: Path) -> Iterator[str]:
+    """A real Ollama with one slot: a second generation waits for the first to end."""
+    server = LocalOllama(port=free_port(), env={"OLLAMA_NUM_PARALLEL": "1"}, log_path=logs_dir / "one-slot-ollama.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def test_cancelling_a_streamed_answer_stops_the_real_models_generation_and_frees_its_slot(
+    bootstrap: str, one_slot_ollama: str, logs_dir: Path, tmp_path: Path
+) -> None:
+    """A long generation is cancelled once its tokens flow; a short request waiting behind it (in
+    Nexus's schedule: one slot) is then answered at once, which it could not be if Ollama were still
+    generating the long one (its only slot would be busy for the rest of 600 tokens)."""
+    env, roles = await _stack(bootstrap, one_slot_ollama, logs_dir, tmp_path, max_concurrency=1)
+    run = uuid.uuid4().hex[:6]
+    long, short = f"long-{run}", f"short-{run}"
+    kafka = KafkaSettings(bootstrap=bootstrap, requests_topic=env["requests"])
+    try:
+        async with TopicReader(bootstrap, env["responses"]) as responses, \
+                TopicReader(bootstrap, env["tokens"]) as tokens, \
+                RequestProducer(kafka) as producer, \
+                httpx.AsyncClient(base_url=env["GATEWAY_URL"], timeout=30) as http:
+            reply = await http.post("/infer", json={
+                "id": long, "model_id": MODEL_NAME, "stream": True,
+                "input": "Tell a very long story about a lighthouse keeper and the sea.",
+                "options": {"max_tokens": 600, "temperature": 0, "seed": 5}})
+            assert reply.status_code == 202, reply.text
+            await tokens.read_until(lambda records: any(decode_token(CODEC, r.value).id == long
+                                                        for r in records), timeout=180)
+            reply = await http.post("/infer", json={
+                "id": short, "model_id": MODEL_NAME, "input": "Say yes.",
+                "options": {"max_tokens": 3, "temperature": 0, "seed": 1}})
+            assert reply.status_code == 202, reply.text
+            await producer.cancel(long, reason="the user closed the tab")
+            answers = await wait_for_responses(responses, {long, short}, timeout=120)
+            streamed = "".join(t.text for t in sorted(
+                (decode_token(CODEC, r.value) for r in await tokens.drain()
+                 if decode_token(CODEC, r.value).id == long), key=lambda t: t.seq))
+    finally:
+        for role in roles:
+            role.stop()
+    [cancelled] = answers.by_id[long]
+    assert cancelled.status == "cancelled" and cancelled.error == "cancelled: the user closed the tab"
+    assert cancelled.output and cancelled.output == streamed, "the answer holds what was streamed, all of it"
+    [answered] = answers.by_id[short]
+    assert answered.status == "ok" and answered.queue_ms > 0, "it waited its turn behind the long one"
+    # 600 tokens at ~25 tokens/s is ~24 s of generation; the short one's call took a fraction of it.
+    assert answered.backend_latency_ms < 8_000, answered
