@@ -20,6 +20,7 @@ tried has it, the request fails as ``model_not_found``, saying what each endpoin
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,14 +86,16 @@ def nowhere_reason(router: ModelRouter, answered: dict[str, str]) -> str:
     return f"model {model!r} is not on any endpoint of {model!r}: {'; '.join(parts)}"
 
 
-def ticket_of(request: InferenceRequest, deadline: float) -> Ticket:
-    """``request``'s place in its model's schedule."""
+def ticket_of(request: InferenceRequest) -> Ticket:
+    """``request``'s place in its model's schedule. Its deadline there is the one it was sent with
+    (epoch seconds, as in the record, so equal deadlines compare equal and arrival decides); one
+    without is ordered after those with one."""
     chars = len(request.input) + sum(len(m.content) for m in request.messages)
     return Ticket(
         request.id,
         request.tenant_or_session,
         request.priority,
-        deadline,
+        request.deadline.timestamp() if request.deadline is not None else math.inf,
         prompt_tokens=prompt_tokens(chars),
         max_tokens=request.options.max_tokens,
         session_id=request.context.session_id,
@@ -172,7 +175,7 @@ class Caller:
             try:
                 slot = await line.acquire(
                     request.context.session_id, deadline, exclude, can_fall_back, frozenset(lacking),
-                    ticket_of(request, deadline),
+                    ticket_of(request),
                 )
             except Unavailable:
                 if line.router.nowhere(self._clock()) or len(lacking) == endpoints:

@@ -11,7 +11,8 @@ request that finds no free slot, and asks it which to wake when a slot frees. Th
    served divided by its weight; the backlogged tenant with the lowest starts next. A tenant that
    was idle comes back at the class's current virtual time, so idling banks no credit. A start is
    charged its expected cost, corrected by what the answer really cost when it ends;
-3. **deadline**, within a tenant: the earliest first, then arrival order.
+3. **deadline**, within a tenant: the earliest deadline a request was sent with first, then
+   arrival order (requests without one come after those with one).
 
 Requests that start without waiting (a slot was free) are charged too (:meth:`Schedule.started`),
 so a tenant that never waits is not favoured when the model becomes busy.
@@ -55,7 +56,7 @@ class Ticket:
     id: str
     tenant: str
     priority: str = "interactive"
-    deadline: float = float("inf")  # monotonic seconds; earliest first within a tenant
+    deadline: float = float("inf")  # the request's own (epoch seconds); earliest first within a tenant
     prompt_tokens: float = 0.0
     max_tokens: int | None = None  # the request's cap on its completion, if it set one
     session_id: str = ""
