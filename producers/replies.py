@@ -384,6 +384,10 @@ class Exchange:
             raise event
         return event
 
+    async def cancel(self, request_id: str, reason: str = "", key_name: str | None = None) -> None:
+        """Ask the workers to cancel ``request_id`` (an ``InferenceCancel``; raises SubmitError)."""
+        await self._producer().cancel(request_id, reason=reason, key_name=key_name)
+
     def release(self, waiter: Waiter) -> None:
         """Stop waiting (answered, timed out or abandoned); a late answer finds no waiter."""
         self.index.forget(waiter.request_id)

@@ -8,8 +8,14 @@ moves bytes between websockets, Kafka and this class.
 Each connection is a :class:`Peer`. "Sending" a frame means queueing it in the peer's
 bounded :class:`~consumers.bridge.delivery.Outbox`, which the shell drains into the
 socket. What needs I/O is returned as actions: :class:`Close` a connection,
-:class:`Produce` a submitted request, :class:`Replay` history from Kafka. The shell
-reports back what happened (``submitted``, ``replayed``, ``replay_failed``...).
+:class:`Produce` a submitted request, :class:`CancelRequest` a request, :class:`Replay`
+history from Kafka. The shell reports back what happened (``submitted``, ``cancel_sent``,
+``replayed``, ``replay_failed``...).
+
+The workers' queue reports (:class:`schemas.queue_state.QueueReport`, read by the shell with
+:class:`producers.queue.QueueReader`) come in through :meth:`BridgeCore.route_queue`: a client
+subscribed to a waiting request, or to its session, gets a ``queued`` frame when its position or
+estimated start changed noticeably (:func:`worth_telling`), not on every report.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,18 +31,23 @@ from urllib.parse import parse_qs, urlsplit
 
 from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import ApiKey
+from producers.queue import QueueBoard, Whereabouts
 from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
-from schemas.validation import RejectedRequest, request_from_json
+from schemas.queue_state import QueueReport
+from schemas.validation import RejectedRequest, effective_tenant, request_from_json
 
 from consumers.bridge.delivery import CatchUp, Outbox, RecordKey
 from consumers.bridge.frames import (
+    Cancel,
     FrameError,
     Subscribe,
     Target,
     Unsubscribe,
     accepted_frame,
+    cancelling_frame,
     error_frame,
     parse_client_frame,
+    queued_frame,
     replayed_frame,
     result_frame,
     subscribed_frame,
@@ -45,7 +57,8 @@ from consumers.bridge.frames import (
 from consumers.bridge.owners import SessionOwners
 from consumers.bridge.subscriptions import SubscriptionIndex, TooManySubscriptions
 
-__all__ = ["Action", "BridgeCore", "Close", "KafkaRecord", "Partition", "Peer", "Produce", "Replay"]
+__all__ = ["Action", "BridgeCore", "CancelRequest", "Close", "KafkaRecord", "Partition", "Peer", "Produce", "Replay",
+           "worth_telling"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +118,15 @@ class Produce:
 
 
 @dataclass(frozen=True)
+class CancelRequest:
+    """Write a cancel of ``request_id``, then report :meth:`BridgeCore.cancel_sent` or ``cancel_failed``."""
+
+    peer: Peer
+    request_id: str
+    key_name: str | None  # the client's key: the worker honours only the submitting key's cancel
+
+
+@dataclass(frozen=True)
 class Replay:
     """Read ``target``'s records from ``since_ms`` up to ``cutoff`` (exclusive) and send them."""
 
@@ -114,7 +136,24 @@ class Replay:
     cutoff: dict[Partition, int]
 
 
-Action = Close | Produce | Replay
+Action = Close | Produce | CancelRequest | Replay
+
+# A queued frame is worth sending when the position moved by this share of the last one told
+# (at least 1), or the estimated start by this share (at least MIN_ETA_CHANGE_MS).
+POSITION_CHANGE = 0.1
+ETA_CHANGE = 0.2
+MIN_ETA_CHANGE_MS = 2000
+
+
+def worth_telling(told: tuple[int, int] | None, position: int, eta_ms: int) -> bool:
+    """Whether a client told ``told`` (position, eta_ms) should hear of the new ones: the first
+    time, a move of 10% of its position (any move near the front), or an ETA 20% (2 s) off."""
+    if told is None:
+        return True
+    last_position, last_eta = told
+    if position != last_position and abs(position - last_position) >= max(1, int(last_position * POSITION_CHANGE)):
+        return True
+    return abs(eta_ms - last_eta) >= max(MIN_ETA_CHANGE_MS, int(last_eta * ETA_CHANGE))
 Wanted = Callable[[str, str, str | None], Any]  # (session id, request id, owner) -> who wants it
 
 
@@ -130,6 +169,8 @@ class BridgeCore:
         access: AccessPolicy,
         known_models: Iterable[str],
         max_queue: int,
+        queue: QueueBoard | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._codec = codec
         self._responses = responses_topic
@@ -143,6 +184,12 @@ class BridgeCore:
         self._numbers = itertools.count(1)
         # Next offset the live reader routes, per partition: the cutoff of a replay.
         self._positions: dict[Partition, int] = {}
+        # The workers' schedules (the shell's queue reader fills it); what each waiting request's
+        # subscribers were last told, and which requests of each report that is about.
+        self._queue = queue
+        self._clock = clock
+        self._told: dict[str, tuple[int, int]] = {}
+        self._told_by_report: dict[bytes, set[str]] = {}
 
     # -- connections -----------------------------------------------------------------------
 
@@ -256,6 +303,8 @@ class BridgeCore:
         if isinstance(frame, Unsubscribe):
             self._index.remove(peer, frame.target)
             return self._send(peer, unsubscribed_frame(frame.target))
+        if isinstance(frame, Cancel):
+            return [CancelRequest(peer, frame.request_id, AccessPolicy.owner(peer.key))]
         return self._submit(peer, frame.body)
 
     def _subscribe(self, peer: Peer, frame: Subscribe) -> list[Action]:
@@ -269,6 +318,7 @@ class BridgeCore:
         except TooManySubscriptions as exc:
             return self._send(peer, error_frame(str(exc), **frame.target.to_json()))
         actions = self._send(peer, subscribed_frame(frame.target, frame.since_ms))
+        actions += self._queued_now(peer, frame.target)
         if frame.since_ms is not None and not peer.closing:
             # Registered and cut at the same instant: live delivery starts exactly
             # where the replay stops.
@@ -287,7 +337,10 @@ class BridgeCore:
             self._access.authorize(peer.key, request.model_id)
         except Forbidden as exc:
             return self._send(peer, error_frame(exc.reason, status=403, id=request.id))
-        request = dataclasses.replace(request, key_name=AccessPolicy.owner(peer.key))
+        key_name = AccessPolicy.owner(peer.key)
+        request = dataclasses.replace(
+            request, key_name=key_name,
+            tenant=effective_tenant(key_name, request.tenant, request.context.session_id))
         if self._access.enabled:
             self._owners.saw(request.context.session_id, request.key_name)
         try:
@@ -310,6 +363,62 @@ class BridgeCore:
         if not written:
             self._index.remove(peer, Target(request_ids=(request.id,)))
         return self._send(peer, error_frame(reason, status=status, id=request.id))
+
+    def cancel_sent(self, peer: Peer, request_id: str) -> list[Action]:
+        """Kafka acknowledged the cancel of ``request_id``."""
+        return self._send(peer, cancelling_frame(request_id))
+
+    def cancel_failed(self, peer: Peer, request_id: str, reason: str) -> list[Action]:
+        return self._send(peer, error_frame(reason, status=503, id=request_id))
+
+    # -- queue reports -> clients ----------------------------------------------------------
+
+    def route_queue(self, report: QueueReport, now: float) -> list[Action]:
+        """Tell the subscribers of each waiting request of ``report`` where it stands, when worth it.
+
+        Subscribers of its id or of its session hear of it (not the "all" feed, which carries
+        results only), if their key may see it (its tenant is the key's name when keys are on).
+        """
+        before = self._told_by_report.pop(report.key, set())
+        listed: set[str] = set()
+        actions: list[Action] = []
+        for entry in report.waiting:
+            where = Whereabouts(report, False, entry)
+            request_id = entry["id"]
+            peers = self._visible(self._index.for_token(where.session_id or "", request_id), where.tenant)
+            if not peers:
+                continue
+            listed.add(request_id)
+            state = where.to_json(now)
+            position, eta_ms = state["position"], state["eta_ms"]
+            if not worth_telling(self._told.get(request_id), position, eta_ms):
+                continue
+            self._told[request_id] = (position, eta_ms)
+            frame = queued_frame(request_id, report.model, position, eta_ms)
+            for peer in peers:
+                actions += self._send(peer, frame)
+        for request_id in before - listed:  # started, answered, or nobody listens any more
+            self._told.pop(request_id, None)
+        if listed:
+            self._told_by_report[report.key] = listed
+        return actions
+
+    def _queued_now(self, peer: Peer, target: Target) -> list[Action]:
+        """A new subscriber hears at once where its requests wait, if a report lists them."""
+        if self._queue is None or target.all:
+            return []
+        now = self._clock()
+        if target.session_id is not None:
+            found = self._queue.in_session(target.session_id, now)
+        else:
+            found = [w for w in (self._queue.find(i, now) for i in target.request_ids) if w is not None]
+        actions: list[Action] = []
+        for where in found:
+            if where.running or not self._access.may_see(peer.key, where.tenant):
+                continue
+            state = where.to_json(now)
+            actions += self._send(peer, queued_frame(state["id"], state["model"], state["position"], state["eta_ms"]))
+        return actions
 
     # -- history ---------------------------------------------------------------------------
 

@@ -7,11 +7,13 @@ Client frames (JSON text):
   epoch milliseconds) to replay what was produced since then;
 - ``{"type":"unsubscribe", ...the same target...}``;
 - ``{"type":"submit", ...the body of POST /infer...}``: a prompt (``input``) or a conversation
-  (``messages``, ``tools``, ``tool_choice``, ``format``, ``keep_alive``, ``options``), checked by
-  :func:`schemas.validation.request_from_json` exactly as ``POST /infer`` checks it.
+  (``messages``, ``tools``, ``tool_choice``, ``format``, ``keep_alive``, ``options``, ``priority``,
+  ``tenant``), checked by :func:`schemas.validation.request_from_json` exactly as ``POST /infer`` checks it;
+- ``{"type":"cancel","id":"r1"}``: cancel a request (the worker drops it or aborts its call).
 
 Server frames: ``subscribed``, ``unsubscribed``, ``replayed``, ``accepted``, ``token``,
-``result`` and ``error``; see the README's "Websocket bridge" section. A ``result`` carries the
+``result``, ``queued`` (where a request waits: ``position``, ``eta_ms``), ``cancelling`` and
+``error``; see ``docs/bridge.md``. A ``result`` carries the
 answer's ``tool_calls`` and ``message`` (the assistant turn); a ``token`` carries ``tool_calls``
 when its chunk streamed some. A request too big for one Kafka record is an ``error`` with
 ``status`` 413.
@@ -84,7 +86,12 @@ class Submit:
     body: dict[str, Any]  # the POST /infer body, validated by schemas.validation
 
 
-ClientFrame = Subscribe | Unsubscribe | Submit
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+ClientFrame = Subscribe | Unsubscribe | Submit | Cancel
 
 
 def parse_client_frame(message: str | bytes) -> ClientFrame:
@@ -106,8 +113,11 @@ def parse_client_frame(message: str | bytes) -> ClientFrame:
     if kind == "unsubscribe":
         _only(data, {"type", "session_id", "request_ids", "all"})
         return Unsubscribe(_target(data))
+    if kind == "cancel":
+        _only(data, {"type", "id"})
+        return Cancel(_id(request_id, data.get("id"), "id"))
     raise FrameError(
-        f"unknown frame type {kind!r}; expected \"subscribe\", \"unsubscribe\" or \"submit\""
+        f"unknown frame type {kind!r}; expected \"subscribe\", \"unsubscribe\", \"submit\" or \"cancel\""
     )
 
 
@@ -210,3 +220,13 @@ def replayed_frame(target: Target, since_ms: int, count: int) -> str:
 
 def accepted_frame(request_id: str, session_id: str) -> str:
     return _dump({"type": "accepted", "id": request_id, "session_id": session_id})
+
+
+def queued_frame(request_id: str, model: str, position: int, eta_ms: int) -> str:
+    """Where a request waits: ``position`` 0 starts next; ``eta_ms`` the estimated wait from now."""
+    return _dump({"type": "queued", "id": request_id, "model": model, "position": position, "eta_ms": eta_ms})
+
+
+def cancelling_frame(request_id: str) -> str:
+    """Kafka took the cancel: the answer will say ``cancelled`` (unless it was answered already)."""
+    return _dump({"type": "cancelling", "id": request_id})

@@ -14,7 +14,9 @@ no duplicate (:class:`~consumers.bridge.delivery.CatchUp`).
 Every decision (routing, access, ordering, what to answer) is in
 :class:`~consumers.bridge.core.BridgeCore`; this module only moves bytes between
 websockets, Kafka and the core. The live reader runs under :class:`nexus.tasks.Background`:
-if it dies it is logged, started again from the end, and shown on ``/health``.
+if it dies it is logged, started again from the end, and shown on ``/health``. So does the
+reader of the workers' queue reports (:class:`producers.queue.QueueReader`, task ``queue``),
+which feeds the ``queued`` frames.
 """
 
 
@@ -24,6 +26,7 @@ import asyncio
 import heapq
 import json
 import logging
+import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
@@ -40,11 +43,14 @@ from nexus.kafka.topics import KafkaUnavailableError, ensure_topics
 from nexus.settings import ApiKey, KafkaSettings, Settings
 from nexus.tasks import Background
 from producers.client import RequestProducer, RequestTooLarge, SubmitError
+from producers.queue import QueueReader
 from schemas import Codec, InferenceRequest, SchemaError
+from schemas.queue_state import QueueReport
 
 from consumers.bridge.core import (
     Action,
     BridgeCore,
+    CancelRequest,
     Close,
     KafkaRecord,
     Partition,
@@ -95,6 +101,9 @@ class Bridge:
         self._settings = settings
         kafka = settings.kafka
         self._codec = codec or Codec.from_directory()
+        self._background = background or Background()
+        self._queue = QueueReader(settings, self._background, client_id="nexus-bridge-queue",
+                                  on_report=self._on_queue_report)
         self._core = BridgeCore(
             self._codec,
             responses_topic=kafka.responses_topic,
@@ -102,12 +111,12 @@ class Bridge:
             access=AccessPolicy(settings.access),
             known_models=settings.model_ids,
             max_queue=settings.bridge.max_queue,
+            queue=self._queue.board,
         )
         # The key each accepted handshake authenticated with, until its handler takes it.
         self._handshake_keys: weakref.WeakKeyDictionary[ServerConnection, ApiKey] = weakref.WeakKeyDictionary()
         self._clients: dict[Peer, BridgeClient] = {}
         self._replays = asyncio.Semaphore(MAX_REPLAYS)
-        self._background = background or Background()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: RequestProducer | None = None
         self._server: Server | None = None
@@ -170,6 +179,7 @@ class Bridge:
         except OSError as exc:
             raise BridgeStartError(f"cannot listen on {bridge.host}:{bridge.port}: {exc}") from None
         self._background.start(LIVE_READER, self._read_live)
+        await self._queue.start()
         log.warning(
             "bridge listening on ws://%s:%d%s (%d partitions, from the end)",
             bridge.host, self.port, bridge.path, len(self._core.positions),
@@ -186,6 +196,7 @@ class Bridge:
         if server is not None:
             server.close()
             await server.wait_closed()
+        await self._queue.stop()
         await self._background.aclose()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
@@ -242,6 +253,10 @@ class Bridge:
             except Exception as exc:  # the failure being reported matters more than this one
                 log.warning("closing the failed live reader: %s", exc)
             raise
+
+    def _on_queue_report(self, report: QueueReport) -> None:
+        """A worker's schedule changed: ``queued`` frames for the clients that want them."""
+        self._perform(self._core.route_queue(report, time.time()))
 
     def _perform(self, actions: list[Action]) -> None:
         """Carry out the core's actions that need no waiting: closes and replays."""
@@ -322,6 +337,9 @@ class Bridge:
             if isinstance(action, Produce):
                 await client.submits.acquire()  # backpressure: stop reading this client's frames
                 self._spawn(client, self._produce(client, action.request))
+            elif isinstance(action, CancelRequest):
+                await client.submits.acquire()
+                self._spawn(client, self._cancel(client, action))
             else:
                 self._perform([action])
 
@@ -340,6 +358,18 @@ class Bridge:
             self._perform(self._core.submit_failed(peer, request, str(exc), 400, written=False))
         else:
             self._perform(self._core.submitted(peer, request))
+        finally:
+            client.submits.release()
+
+    async def _cancel(self, client: BridgeClient, action: CancelRequest) -> None:
+        assert self._producer is not None
+        try:
+            await self._producer.cancel(action.request_id, reason="cancelled by the client (bridge cancel frame)",
+                                        key_name=action.key_name)
+        except SubmitError as exc:
+            self._perform(self._core.cancel_failed(client.peer, action.request_id, str(exc)))
+        else:
+            self._perform(self._core.cancel_sent(client.peer, action.request_id))
         finally:
             client.submits.release()
 

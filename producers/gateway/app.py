@@ -1,9 +1,15 @@
 """The HTTP gateway: ``POST /infer`` onto Kafka, plus health, metrics and models.
 
 A thin aiohttp shell: validation lives in :mod:`schemas.validation`, writing
-to Kafka in :mod:`producers.client`. Its two background readers (the endpoint
-state for ``GET /models``, the replies of the drop-in calls) are restarted when
-they fail, and ``/health`` is red while one is down (:mod:`nexus.tasks`).
+to Kafka in :mod:`producers.client`, admission (429) in :mod:`producers.gateway.admission`.
+Its three background readers (the endpoint state for ``GET /models``, the workers' queues
+for ``GET /infer/{id}``, admission and ``GET /models``, the replies of the drop-in calls) are
+restarted when they fail, and ``/health`` is red while one is down (:mod:`nexus.tasks`).
+
+``GET /infer/{id}`` says where a request waits (position, estimated start) or that it runs;
+``DELETE /infer/{id}`` cancels it (an ``InferenceCancel`` the worker holding it acts on).
+The server runs with aiohttp's handler cancellation: a drop-in client that disconnects
+cancels its request (:mod:`producers.gateway.dropin.call`).
 """
 
 from __future__ import annotations
@@ -23,15 +29,20 @@ from nexus.access import AccessPolicy, Forbidden
 from nexus.kafka.topics import ensure_topics
 from nexus.settings import Settings
 from nexus.tasks import Background, TaskState
+from schemas import InferenceRequest
+from schemas.headers import PRIORITY_HEADER, TENANT_HEADER
 
 from producers.gateway import access as access_http
 from producers.client import RequestProducer, RequestTooLarge, SubmitError
+from producers.gateway.admission import Admission, Rejection
 from producers.gateway.dropin import add_dropin_routes
 from producers.gateway.models import EndpointStateReader
 from producers.gateway.page import add_page_routes
 from producers.gateway.openapi import add_openapi_route
+from producers.queue import QueueReader
+from schemas import validation
 from schemas.endpoint_state import model_key
-from schemas.validation import RejectedRequest, parse_infer_body
+from schemas.validation import RejectedRequest, effective_tenant, parse_json, request_from_json
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +68,49 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.rejected = Counter(
+            "nexus_gateway_rejected",
+            "Requests refused by admission (429, or 413 for one over the whole token budget), by model, "
+            "priority, tenant and limit (requests_per_minute, tokens_per_minute, max_concurrent, deadline).",
+            ["model", "priority", "tenant", "limit"],
+            registry=self.registry,
+        )
+        self.cancels = Counter(
+            "nexus_gateway_cancels",
+            "Cancels produced by DELETE /infer/{id}.",
+            registry=self.registry,
+        )
+
+    def reject(self, request: InferenceRequest, rejection: Rejection) -> None:
+        self.rejected.labels(model=request.model_id, priority=request.priority, tenant=request.tenant_or_session,
+                             limit=rejection.limit).inc()
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def rejection_response(rejection: Rejection) -> web.Response:
+    """``POST /infer``'s 429: ``{"error", "retry_after_s"}`` and ``Retry-After`` (413 without them
+    for a request bigger than its tenant's whole tokens-per-minute budget)."""
+    if rejection.retry_after_s is None:
+        return _error(rejection.status, rejection.message)
+    return web.json_response({"error": rejection.message, "retry_after_s": rejection.retry_after_s}, status=429,
+                             headers={"Retry-After": str(rejection.retry_after_s)})
+
+
+def infer_body(body: bytes, headers: Any) -> Any:
+    """The ``POST /infer`` JSON with ``X-Nexus-Priority``/``X-Nexus-Tenant`` filled in where the
+    body does not give ``priority``/``tenant`` (the body wins); a bad header is a 400 naming it."""
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        return data  # refused by request_from_json with its message
+    for field, header, check in (("priority", PRIORITY_HEADER, validation.priority),
+                                 ("tenant", TENANT_HEADER, validation.tenant)):
+        value = headers.get(header)
+        if value is not None and data.get(field) is None:
+            data[field] = check(value, header)
+    return data
 
 
 @web.middleware
@@ -86,6 +136,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     known_models = set(settings.model_ids)
     background = Background()
     endpoint_state = EndpointStateReader(settings, background)
+    queue = QueueReader(settings, background)
+    admission = Admission(settings.tenant, queue.board)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await ensure_topics(settings.kafka)
@@ -94,7 +146,9 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         app[PRODUCER] = producer
         app[HTTP] = httpx.AsyncClient(timeout=settings.gateway.health_timeout_s)
         await endpoint_state.start()
+        await queue.start()
         yield
+        await queue.stop()
         await endpoint_state.stop()
         await background.aclose()
         await app[HTTP].aclose()
@@ -103,7 +157,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     async def infer(request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            infer_request = parse_infer_body(body, known_models)
+            infer_request = request_from_json(infer_body(body, request.headers), known_models)
         except RejectedRequest as exc:
             metrics.requests.labels(model="", code=str(exc.status)).inc()
             return _error(exc.status, exc.message)
@@ -112,23 +166,68 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         except Forbidden:
             metrics.requests.labels(model=infer_request.model_id, code="403").inc()
             raise  # the access middleware answers 403
-        infer_request = dataclasses.replace(infer_request, key_name=AccessPolicy.owner(access_http.key_of(request)))
+        key_name = AccessPolicy.owner(access_http.key_of(request))
+        infer_request = dataclasses.replace(
+            infer_request, key_name=key_name,
+            tenant=effective_tenant(key_name, infer_request.tenant, infer_request.context.session_id))
+        rejection = admission.admit(infer_request)
+        if rejection is not None:
+            metrics.reject(infer_request, rejection)
+            metrics.requests.labels(model=infer_request.model_id, code=str(rejection.status)).inc()
+            return rejection_response(rejection)
         started = time.perf_counter()
         try:
-            await app[PRODUCER].submit(infer_request)
+            # Shielded: a client that disconnects meanwhile does not leave it half-produced.
+            await asyncio.shield(app[PRODUCER].submit(infer_request))
         except RequestTooLarge as exc:  # refused before producing: nothing was written
+            admission.refund(infer_request)
             metrics.requests.labels(model=infer_request.model_id, code="413").inc()
             return _error(413, str(exc))
         except SubmitError as exc:
+            admission.refund(infer_request)
             metrics.requests.labels(model=infer_request.model_id, code="503").inc()
             return _error(503, str(exc))
         metrics.produce_seconds.observe(time.perf_counter() - started)
         metrics.requests.labels(model=infer_request.model_id, code="202").inc()
         return web.json_response({"id": infer_request.id, "status": "submitted"}, status=202)
 
+    def request_id_of(request: web.Request) -> str:
+        try:
+            return validation.request_id(request.match_info["id"], "id")
+        except RejectedRequest as exc:
+            raise web.HTTPBadRequest(reason=exc.message) from None
+
+    async def where(request: web.Request) -> web.Response:
+        """``GET /infer/{id}``: queued (position, ETA) or running, by the workers' latest reports."""
+        request_id = request_id_of(request)
+        found = queue.board.find(request_id, time.time())
+        key = access_http.key_of(request)
+        # With keys on, a key sees only its own requests (their tenant is the key's name).
+        if found is not None and AccessPolicy.may_see(key, found.tenant):
+            return web.json_response(found.to_json(time.time()))
+        return web.json_response({
+            "id": request_id, "state": "unknown",
+            "error": f"no worker reports request {request_id!r} as queued or running: it is answered already "
+                     "(read its response), not read by a worker yet, or unknown"
+                     + (" to this API key" if key is not None else ""),
+        }, status=404)
+
+    async def cancel(request: web.Request) -> web.Response:
+        """``DELETE /infer/{id}``: ask the worker holding it to drop it or abort its call (202)."""
+        request_id = request_id_of(request)
+        key_name = AccessPolicy.owner(access_http.key_of(request))
+        try:
+            await asyncio.shield(app[PRODUCER].cancel(request_id, reason="cancelled by the client (DELETE /infer)",
+                                                      key_name=key_name))
+        except SubmitError as exc:
+            return _error(503, str(exc))
+        metrics.cancels.inc()
+        return web.json_response({"id": request_id, "status": "cancelling"}, status=202)
+
     async def health(request: web.Request) -> web.Response:
         checks = await check_health(settings, app[PRODUCER], app[HTTP])
-        checks.update(reader_checks(s for s in (endpoint_state.state, replies.state) if s is not None))
+        states = (endpoint_state.state, queue.state, replies.state)
+        checks.update(reader_checks(s for s in states if s is not None))
         healthy = all(c["status"] == "ok" for c in checks.values())
         return web.json_response(
             {"status": "ok" if healthy else "unavailable", "checks": checks},
@@ -142,16 +241,21 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
 
     async def models(request: web.Request) -> web.Response:
         allowed = set(app[access_http.POLICY].models_for(access_http.key_of(request), settings.model_ids))
-        return web.json_response({"models": [m for m in endpoint_state.models() if m["id"] in allowed]})
+        now = time.time()
+        return web.json_response({"models": [{**m, "queue": queue.board.model_queue(m["id"], now)}
+                                             for m in endpoint_state.models() if m["id"] in allowed]})
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/infer", infer)
+    app.router.add_get("/infer/{id}", where)
+    app.router.add_delete("/infer/{id}", cancel)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/models", models)
     add_openapi_route(app, settings)  # GET /openapi.json
     # Ollama's /api/* and OpenAI's /v1/* answered over Kafka; starts the reply reader (docs/drop-in.md).
-    replies = add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER]).exchange.reader
+    replies = add_dropin_routes(app, settings, metrics.registry, lambda: app[PRODUCER], admission=admission,
+                                on_rejected=metrics.reject).exchange.reader
     add_page_routes(app, settings)  # /, /config.json, /static/: the live page
     return app
 
@@ -217,7 +321,9 @@ async def check_health(
 
 async def serve(settings: Settings) -> None:
     """Run the gateway until cancelled."""
-    runner = web.AppRunner(create_app(settings), access_log=None)
+    # Handler cancellation: a drop-in client that disconnects cancels its waiting handler, which
+    # cancels its request (docs/drop-in.md); POST /infer shields its produce from it.
+    runner = web.AppRunner(create_app(settings), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, settings.gateway.host, settings.gateway.port)
     await site.start()

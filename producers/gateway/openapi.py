@@ -13,17 +13,19 @@ from typing import Any
 from aiohttp import web
 
 from nexus.settings import Settings
-from schemas import CACHE_POLICIES
+from schemas import CACHE_POLICIES, INTERACTIVE, PRIORITIES
 from schemas.limits import (
     MAX_ID_LENGTH,
     MAX_IMAGE_BYTES,
     MAX_RECORD_BYTES,
     MAX_SEED,
     MAX_SESSION_ID_LENGTH,
+    MAX_TENANT_LENGTH,
     MAX_TIMEOUT_MS,
     MAX_TOKENS,
     MIN_SEED,
 )
+from schemas.headers import PRIORITY_HEADER, TENANT_HEADER
 from schemas.validation import OPTION_FIELDS, ROLES, TOOL_CHOICES
 
 from producers.gateway.access import is_open
@@ -44,6 +46,20 @@ def _json(schema: str, description: str) -> dict[str, Any]:
 
 def _error(description: str) -> dict[str, Any]:
     return _json("Error", description)
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Whole seconds to wait before trying again.",
+                               "schema": {"type": "integer", "minimum": 1}}}
+
+
+def _rate_limited(schema: str, description: str) -> dict[str, Any]:
+    return {**_json(schema, description), "headers": RETRY_AFTER}
+
+
+def _request_id_parameter() -> dict[str, Any]:
+    return {"name": "id", "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+            "description": "The request's id (`POST /infer` answered it; the drop-in APIs' `X-Nexus-Request-Id`)."}
 
 
 def build_spec(settings: Settings) -> dict[str, Any]:
@@ -67,6 +83,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "post": {
                     "operationId": "submitInference",
                     "summary": "Submit one inference request",
+                    "parameters": [{"$ref": "#/components/parameters/NexusPriority"},
+                                   {"$ref": "#/components/parameters/NexusTenant"}],
                     "requestBody": {
                         "required": True,
                         "description": f"At most {max_body} bytes.",
@@ -80,10 +98,44 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                       f"total more than {MAX_IMAGE_BYTES} bytes (decoded), or the encoded request "
                                       f"is over {MAX_RECORD_BYTES} bytes: a request must fit one Kafka record. "
                                       "Nothing was written."),
+                        "429": _rate_limited("RateLimited", "Over one of the tenant's limits (requests or "
+                                             "tokens per minute, requests waiting or running), or `timeout_ms` is "
+                                             "shorter than the model queue's estimated wait. Nothing was written."),
                         "503": _error("Kafka did not acknowledge the request in time; it may not be written."),
                         "default": _error("Any other error, e.g. 405 for another method."),
                     },
                 }
+            },
+            "/infer/{id}": {
+                "get": {
+                    "operationId": "inferenceStatus",
+                    "parameters": [_request_id_parameter()],
+                    "summary": "Where a request stands: its position and estimated start, or that it runs",
+                    "description": "From the workers' latest queue reports (`nexus.queue`). A request answered "
+                                   "already, or not read by a worker yet, is 404 `unknown`: read its answer on "
+                                   "inference.responses. With API keys, a key sees only its own requests.",
+                    "responses": {
+                        "200": _json("QueueStatus", "It waits (`queued`) or its model call runs (`running`)."),
+                        "400": _error("The id is empty or too long."),
+                        "404": _json("QueueUnknown", "No worker reports it as waiting or running."),
+                        "default": _error("Any other error."),
+                    },
+                },
+                "delete": {
+                    "operationId": "cancelInference",
+                    "parameters": [_request_id_parameter()],
+                    "summary": "Cancel a request",
+                    "description": "Writes a cancel to `inference.cancels`: the worker holding the request drops "
+                                   "it if it still waits, or aborts its model call; it is answered with status "
+                                   "`cancelled`. A request answered already is not changed. With API keys, only "
+                                   "the key that submitted it can cancel it.",
+                    "responses": {
+                        "202": _json("Cancelling", "The cancel is written; the answer says `cancelled`."),
+                        "400": _error("The id is empty or too long."),
+                        "503": _error("Kafka did not acknowledge the cancel."),
+                        "default": _error("Any other error."),
+                    },
+                },
             },
             "/health": {
                 "get": {
@@ -133,7 +185,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         },
         "components": {
             "schemas": _merged(_schemas(models), dropin_schemas()),
-            "parameters": dropin_parameters(),
+            "parameters": {**dropin_parameters(), **scheduling_parameters()},
             "securitySchemes": {BEARER_SCHEME: {
                 "type": "http", "scheme": "bearer",
                 "description": "An API key's token, when the gateway has keys configured (docs/security.md); "
@@ -161,7 +213,7 @@ def _with_security(spec: dict[str, Any], required: bool) -> dict[str, Any]:
             responses = operation["responses"]
             responses["401"] = _json(error, "With API keys configured: no `Authorization: Bearer <token>`, or "
                                             "not a valid key's token. Comes with `WWW-Authenticate: Bearer`.")
-            if method == "post":
+            if method == "post" and path != "/infer/{id}":
                 responses["403"] = _json(error, "With API keys configured: the key may not use this model.")
     return spec
 
@@ -239,7 +291,14 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                           "keep this answer."},
                 "timeout_ms": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TIMEOUT_MS,
                                "description": "The request's deadline, from now; unanswered by then, it is "
-                               "answered as expired."},
+                               "answered as expired. Shorter than its model queue's estimated wait: 429."},
+                "priority": {"enum": [*PRIORITIES, None], "default": INTERACTIVE,
+                             "description": "The scheduling class: interactive requests are dispatched before "
+                             "batch ones. Wins over the `X-Nexus-Priority` header."},
+                "tenant": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_TENANT_LENGTH,
+                           "description": "Who the request counts against (fair share, limits). Wins over the "
+                           "`X-Nexus-Tenant` header; with API keys the key's name is the tenant and this is "
+                           "ignored; absent: the session."},
             },
         },
         "InferOptions": {
@@ -353,7 +412,12 @@ def _schemas(models: list[str]) -> dict[str, Any]:
             "properties": {
                 "id": {"type": "string"},
                 "model_id": {"type": "string"},
-                "status": {"enum": ["ok", "error"]},
+                "status": {"enum": ["ok", "error", "expired", "cancelled"],
+                           "description": "`expired`: its deadline passed while it waited; `cancelled`: the client "
+                           "cancelled it (`output` may hold what was streamed before)."},
+                "queue_ms": {"type": "integer", "description": "How long it waited in the worker's schedule."},
+                "priority": {"type": "string"},
+                "tenant": {"type": ["string", "null"]},
                 "context": {"type": "object"},
                 "output": {"type": "string", "description": "The answer's text (may be \"\" with tool calls)."},
                 "tool_calls": {"type": "array", "items": _ref("AnswerToolCall")},
@@ -376,6 +440,44 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "text": {"type": "string"},
                 "tool_calls": {"type": "array", "items": _ref("AnswerToolCall")},
             },
+        },
+        "RateLimited": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["error", "retry_after_s"],
+            "properties": {"error": {"type": "string", "description": "Which limit, and when to retry."},
+                           "retry_after_s": {"type": "integer", "minimum": 1,
+                                             "description": "As the `Retry-After` header."}},
+        },
+        "QueueStatus": {
+            "type": "object",
+            "required": ["id", "state", "model", "priority", "worker"],
+            "properties": {
+                "id": {"type": "string"},
+                "state": {"enum": ["queued", "running"]},
+                "model": {"type": "string"},
+                "priority": {"type": "string"},
+                "tenant": {"type": ["string", "null"]},
+                "position": {"type": "integer", "minimum": 0, "description": "Queued: 0 starts next."},
+                "eta_ms": {"type": "integer", "minimum": 0,
+                           "description": "Queued: estimated milliseconds from now until it starts, from the "
+                           "measured dispatch rate."},
+                "waited_ms": {"type": "integer", "minimum": 0, "description": "Queued: how long it has waited."},
+                "running_ms": {"type": "integer", "minimum": 0, "description": "Running: for how long."},
+                "worker": {"type": "string", "description": "The worker holding it."},
+            },
+        },
+        "QueueUnknown": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["id", "state", "error"],
+            "properties": {"id": {"type": "string"}, "state": {"const": "unknown"}, "error": {"type": "string"}},
+        },
+        "Cancelling": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["id", "status"],
+            "properties": {"id": {"type": "string"}, "status": {"const": "cancelling"}},
         },
         "Submitted": {
             "type": "object",
@@ -424,6 +526,20 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "timeout_s": {"type": "number", "exclusiveMinimum": 0},
                 "fallback": nullable_string,
                 "cache": {"type": "string"},
+                "queue": {
+                    "type": "object",
+                    "description": "The workers' schedules for this model, from their latest queue reports.",
+                    "required": ["waiting", "running", "rate_per_s"],
+                    "properties": {
+                        "waiting": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                                    "description": "Requests waiting, per priority."},
+                        "waiting_total": {"type": "integer", "minimum": 0},
+                        "running": {"type": "integer", "minimum": 0, "description": "Model calls running."},
+                        "rate_per_s": {"type": "number", "minimum": 0,
+                                       "description": "Measured dispatches per second (0: not known yet)."},
+                        "workers_reporting": {"type": "integer", "minimum": 0},
+                    },
+                },
             },
         },
         "Endpoint": {
@@ -435,6 +551,23 @@ def _schemas(models: list[str]) -> dict[str, Any]:
                 "max_concurrency": {"type": "integer"},
                 "max_rps": {"type": ["number", "null"]},
             },
+        },
+    }
+
+
+def scheduling_parameters() -> dict[str, Any]:
+    """The ``X-Nexus-Priority`` and ``X-Nexus-Tenant`` headers of ``POST /infer`` and the drop-in APIs."""
+    return {
+        "NexusPriority": {
+            "name": PRIORITY_HEADER, "in": "header", "required": False,
+            "schema": {"enum": list(PRIORITIES), "default": INTERACTIVE},
+            "description": "The scheduling class: interactive requests are dispatched before batch ones.",
+        },
+        "NexusTenant": {
+            "name": TENANT_HEADER, "in": "header", "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_TENANT_LENGTH},
+            "description": "Who the request counts against (fair share, limits); with API keys the key's name "
+                           "is the tenant and this header is ignored; absent: the session.",
         },
     }
 

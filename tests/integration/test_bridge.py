@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -29,7 +29,9 @@ from nexus.settings import BridgeSettings, KafkaSettings, Settings
 from nexus.tasks import Background
 from tests.eventually import eventually
 from tests.integration.bridge_support import Publisher, WsClient
-from tests.integration.support import REPO, Role, stack_env, start_gateway, start_simulator
+from tests.integration.support import CODEC, REPO, Role, stack_env, start_gateway, start_simulator
+from schemas import decode_cancel
+from schemas.queue_state import QueueReport
 
 SLOW_CLIENT_QUEUE = 64  # NEXUS_BRIDGE_MAX_QUEUE of the bridge under test
 
@@ -61,6 +63,9 @@ def live(bootstrap: str, logs_dir: Path) -> Iterator[Live]:
         NEXUS_KAFKA_RESPONSES_TOPIC=f"bridge-{run}.responses",
         NEXUS_KAFKA_TOKENS_TOPIC=f"bridge-{run}.tokens",
         NEXUS_KAFKA_DLQ_TOPIC=f"bridge-{run}.dlq",
+        NEXUS_KAFKA_QUEUE_TOPIC=f"bridge-{run}.queue",
+        NEXUS_KAFKA_CANCELS_TOPIC=f"bridge-{run}.cancels",
+        NEXUS_KAFKA_BATCH_REQUESTS_TOPIC=f"bridge-{run}.requests.batch",
         NEXUS_WORKER_APP_ID=f"nexus-bridge-test-{run}",
         NEXUS_BRIDGE_HOST="127.0.0.1",
         NEXUS_BRIDGE_PORT=str(port),
@@ -525,7 +530,8 @@ async def test_a_live_reader_that_dies_is_restarted_where_it_stopped_and_shown_o
     failures: list[Exception] = []
 
     async def fails_when_told(self: AIOKafkaConsumer, *args: object, **kwargs: object) -> object:
-        if failures:
+        # Only the live reader's fetch (the queue reports' reader fetches too).
+        if failures and any(tp.topic == kafka.responses_topic for tp in self.assignment()):
             raise failures.pop()
         return await fetch(self, *args, **kwargs)
 
@@ -577,3 +583,51 @@ async def test_a_live_reader_that_dies_is_restarted_where_it_stopped_and_shown_o
         if client is not None:
             await client.close()
         await bridge.stop()
+
+
+# -- scheduling: queued frames and cancel ----------------------------------------------
+
+
+async def test_queued_frames_follow_the_queue_reports_and_cancel_frames_are_written(live: Live) -> None:
+    run = _run()
+    session = f"{run}-s"
+    client = await WsClient.open(live.ws_url)
+    producer = AIOKafkaProducer(bootstrap_servers=live.bootstrap)
+    await producer.start()
+    queue_topic = live.env["NEXUS_KAFKA_QUEUE_TOPIC"]
+
+    async def publish(*positions: int) -> None:
+        report = QueueReport(worker=f"fake-{run}", model="llama3.1", at=time.time(), rate_per_s=1.0, waiting=[
+            {"id": f"{run}-r{i}", "session_id": session, "tenant": "t", "priority": "interactive",
+             "position": p, "eta_s": float(p), "waited_s": 0.0} for i, p in enumerate(positions)])
+        await producer.send_and_wait(queue_topic, key=report.key, value=report.to_bytes())
+
+    try:
+        await client.send({"type": "subscribe", "session_id": session})
+        await client.next_of("subscribed")
+        await publish(40, 41)
+        await client.wait_for(lambda frames: len([f for f in frames if f["type"] == "queued"]) == 2)
+        first = {f["id"]: f for f in client.of("queued")}
+        assert first[f"{run}-r0"]["position"] == 40 and first[f"{run}-r0"]["model"] == "llama3.1"
+        assert 38_000 <= first[f"{run}-r0"]["eta_ms"] <= 40_000
+        await publish(39, 40)  # one place: not worth a frame at position 40
+        await publish(20, 21)  # half-way: worth one each
+        await client.wait_for(lambda frames: len([f for f in frames if f["type"] == "queued"]) == 4)
+        assert [f["position"] for f in client.of("queued")[2:]] == [20, 21]
+
+        cancels = AIOKafkaConsumer(bootstrap_servers=live.bootstrap, group_id=None, auto_offset_reset="earliest")
+        await cancels.start()
+        try:
+            cancels.subscribe([live.env["NEXUS_KAFKA_CANCELS_TOPIC"]])
+            await client.send({"type": "cancel", "id": f"{run}-r0"})
+            assert await client.next_of("cancelling") == {"type": "cancelling", "id": f"{run}-r0"}
+            record = await asyncio.wait_for(cancels.getone(), 20)
+            cancel = decode_cancel(CODEC, record.value)
+            assert cancel.id == f"{run}-r0" and record.key == f"{run}-r0".encode() and "cancel frame" in cancel.reason
+        finally:
+            await cancels.stop()
+        await client.send({"type": "cancel"})
+        assert "'id' must be a non-empty string" in (await client.next_of("error"))["reason"]
+    finally:
+        await producer.stop()
+        await client.close()

@@ -13,6 +13,13 @@ answers, chunks and errors look; each describes that as a :class:`DropInApi` and
   or ``bad_request`` (the backend refused the request: tools for a model without tool support, a
   bad schema...): then 400 with the backend's own message;
 - no answer before the call's timeout: 504 (the request is still answered, into the audit log);
+- over one of its tenant's limits, or a deadline shorter than the model queue's estimated wait
+  (:mod:`producers.gateway.admission`): 429 with ``Retry-After``, in the API's shape;
+- the client disconnects before its answer (from a waiting call, or from a stream): the request
+  is cancelled (an ``InferenceCancel``, reason "client disconnected"), the worker drops it or
+  aborts its model call. The gateway runs with aiohttp's handler cancellation, so a disconnect
+  cancels the waiting handler; a failed write while streaming says the same;
+- an unstreamed answer carries ``X-Nexus-Queue-Ms``: how long it waited in the worker's schedule;
 - streamed: the status line waits for the first chunk, so an early failure keeps its status;
   a later failure ends the stream with the API's error chunk. Tool calls are streamed as they
   come (each whole); those the chunks did not bring are sent before the stream's end.
@@ -23,10 +30,12 @@ See ``docs/drop-in.md``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from aiohttp import web
@@ -35,14 +44,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
 from schemas import BAD_REQUEST, MODEL_NOT_FOUND, InferenceRequest, InferenceResponse, ToolCall
-from schemas.validation import RejectedRequest, parse_json
+from schemas.headers import QUEUE_MS_HEADER
+from schemas.validation import RejectedRequest, effective_tenant, parse_json
 
 from producers.client import RequestTooLarge, SubmitError
 from producers.gateway import access as access_http
+from producers.gateway.admission import Admission, Rejection
 from producers.gateway.dropin.conversation import CallContext, call_context
 from producers.replies import Exchange, ReplyError, ReplyIndex, ReplyReader, ReplyTimeoutError
 
 FAILED = "the request failed"  # a failed answer without an error text
+DISCONNECTED = "client disconnected"  # the reason of the cancel a disconnect produces
+CLIENT_CLOSED = 499  # the metrics' status of a call whose client went away (nginx's code)
+
+log = logging.getLogger(__name__)
 
 
 class DropInMetrics:
@@ -78,6 +93,12 @@ class DropInMetrics:
         )
         records.labels(outcome="mine").set_function(lambda: reader.mine)
         records.labels(outcome="skipped").set_function(lambda: reader.skipped)
+        self.disconnects = Counter(
+            "nexus_gateway_dropin_disconnects",
+            "Calls whose client went away before the answer: their requests were cancelled.",
+            ["api"],
+            registry=registry,
+        )
 
     def count(self, api: str, route: str, model: str, code: int) -> None:
         self.requests.labels(api=api, route=route, model=model, code=str(code)).inc()
@@ -88,16 +109,39 @@ class DropInMetrics:
     def timed_out(self, api: str) -> None:
         self.timeouts.labels(api=api).inc()
 
+    def disconnected(self, api: str) -> None:
+        self.disconnects.labels(api=api).inc()
+
 
 @dataclass
 class DropIn:
-    """What the drop-in handlers share: settings, the exchange, metrics, a clock."""
+    """What the drop-in handlers share: settings, the exchange, metrics, a clock, admission."""
 
     settings: Settings
     exchange: Exchange
     metrics: DropInMetrics
     version: str
     clock: Callable[[], float]
+    admission: Admission | None = None  # None: every call is taken
+    on_rejected: Callable[[InferenceRequest, Rejection], None] | None = None  # the gateway's metrics
+    _cancels: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+
+    def cancel_later(self, request: InferenceRequest, reason: str) -> None:
+        """Produce the request's cancel in the background: its handler is being cancelled."""
+        task = asyncio.get_running_loop().create_task(self._cancel(request, reason))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, request: InferenceRequest, reason: str) -> None:
+        try:
+            await self.exchange.cancel(request.id, reason, request.key_name)
+        except Exception as exc:  # noqa: BLE001 - the client is gone; the answer still lands in the audit log
+            log.warning("could not cancel request %s (%s): %s", request.id, reason, exc)
+
+    async def drain(self) -> None:
+        """Wait for the cancels still being produced (on shutdown, before the producer stops)."""
+        if self._cancels:
+            await asyncio.gather(*self._cancels, return_exceptions=True)
 
 
 class ParsedCall(Protocol):
@@ -142,6 +186,14 @@ class DropInApi(ABC, Generic[C]):
         """404: the pipeline found the call's model on none of its endpoints (``message`` says
         what they have); OpenAI's shape by default."""
         return self.error(404, message, param="model", code=MODEL_NOT_FOUND, headers=headers)
+
+    def rate_limited(self, rejection: Rejection, headers: dict[str, str]) -> web.Response:
+        """429 with ``Retry-After`` in the API's error shape (code ``rate_limit_exceeded``), or 413
+        without it for a request bigger than its tenant's whole tokens-per-minute budget."""
+        if rejection.retry_after_s is None:
+            return self.error(rejection.status, rejection.message, headers=headers)
+        return self.error(429, rejection.message, code="rate_limit_exceeded",
+                          headers={**headers, "Retry-After": str(rejection.retry_after_s)})
 
     def failure(self, call: C, response: InferenceResponse, headers: dict[str, str] | None = None) -> web.Response:
         """The answer to a call the pipeline answered ``status=error``."""
@@ -211,8 +263,23 @@ def call_handler(
         if call.request is None:
             dropin.metrics.count(api.name, route, "", 200)
             return web.json_response(api.whole(call, None), headers=headers)
-        request = dataclasses.replace(call.request, key_name=AccessPolicy.owner(access_http.key_of(http)))
-        answer = await _exchange(http, dropin, api, call, request, context.timeout_s, headers)
+        key_name = AccessPolicy.owner(access_http.key_of(http))
+        request = dataclasses.replace(
+            call.request, key_name=key_name,
+            tenant=effective_tenant(key_name, call.request.tenant, call.request.context.session_id))
+        if dropin.admission is not None:
+            rejection = dropin.admission.admit(request)
+            if rejection is not None:
+                if dropin.on_rejected is not None:
+                    dropin.on_rejected(request, rejection)
+                answer = api.rate_limited(rejection, headers)
+                dropin.metrics.count(api.name, route, request.model_id, answer.status)
+                return answer
+        try:
+            answer = await _exchange(http, dropin, api, call, request, context.timeout_s, headers)
+        except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
+            dropin.metrics.count(api.name, route, request.model_id, CLIENT_CLOSED)
+            raise
         dropin.metrics.count(api.name, route, request.model_id, answer.status)
         return answer
 
@@ -223,29 +290,49 @@ async def _exchange(
     http: web.Request, dropin: DropIn, api: DropInApi[C], call: C, request: InferenceRequest,
     timeout_s: float, headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Submit, wait, answer: one object, or the stream's chunks then its end."""
+    """Submit, wait, answer: one object, or the stream's chunks then its end.
+
+    Until the final answer arrives, a client that goes away cancels the request: the handler is
+    cancelled while it waits (aiohttp's handler cancellation), or a write to the stream fails.
+    """
     exchange, metrics, clock = dropin.exchange, dropin.metrics, dropin.clock
     try:
         waiter = await exchange.submit(request)
+    except asyncio.CancelledError:  # gone while Kafka was taking it: it may be written
+        metrics.disconnected(api.name)
+        dropin.cancel_later(request, DISCONNECTED)
+        raise
     except RequestTooLarge as exc:  # not produced: a request is one Kafka record
+        _refund(dropin, request)
         return api.error(413, str(exc), headers=headers)
     except (SubmitError, ReplyError) as exc:
+        _refund(dropin, request)
         return api.error(503, str(exc), headers=headers)
     t0 = clock()
     deadline = t0 + timeout_s
+    settled = False  # the final response came, or the wait timed out: nothing to cancel
+
+    def client_gone() -> None:
+        if not settled:
+            metrics.disconnected(api.name)
+            dropin.cancel_later(request, DISCONNECTED)
+
     try:
         if not call.stream:
             response = await exchange.response(waiter, deadline, timeout_s)
+            settled = True
             metrics.answered(api.name, clock() - t0)
+            waited = {**headers, QUEUE_MS_HEADER: str(response.queue_ms)}
             if response.status != "ok":
-                return api.failure(call, response, headers)
-            return web.json_response(api.whole(call, response), headers=headers)
+                return api.failure(call, response, waited)
+            return web.json_response(api.whole(call, response), headers=waited)
 
         # The status line waits for the first event, so an early failure still gets its status.
         event = await exchange.next_event(waiter, deadline, timeout_s)
         if isinstance(event, InferenceResponse) and event.status != "ok":
+            settled = True
             metrics.answered(api.name, clock() - t0)
-            return api.failure(call, event, headers)
+            return api.failure(call, event, {**headers, QUEUE_MS_HEADER: str(event.queue_ms)})
         stream = web.StreamResponse(headers={**api.stream_headers, **headers})
         await stream.prepare(http)
         try:
@@ -261,6 +348,7 @@ async def _exchange(
                         await stream.write(api.stream_tool_calls(call, event, calls_sent))
                         calls_sent += len(event)
                     else:
+                        settled = True
                         metrics.answered(api.name, clock() - t0)
                         if event.status != "ok":  # mid-stream: the API's error chunk
                             await stream.write(api.stream_error(failure_status(event), event.error or FAILED))
@@ -272,14 +360,18 @@ async def _exchange(
                         break
                     event = await exchange.next_event(waiter, deadline, timeout_s)
             except ReplyError as exc:
+                settled = True  # a timed-out request is still answered, into the audit log
                 timeout = isinstance(exc, ReplyTimeoutError)
                 if timeout:
                     metrics.timed_out(api.name)
                 await stream.write(api.stream_error(504 if timeout else 503, str(exc), "timeout" if timeout else None))
             await stream.write_eof()
         except ConnectionResetError:
-            pass  # the client went away; its answer still lands in the audit log
+            client_gone()  # the client went away mid-stream: stop its generation
         return stream
+    except asyncio.CancelledError:
+        client_gone()
+        raise
     except ReplyTimeoutError as exc:
         metrics.timed_out(api.name)
         return api.error(504, str(exc), code="timeout", headers=headers)
@@ -287,3 +379,9 @@ async def _exchange(
         return api.error(503, str(exc), headers=headers)
     finally:
         exchange.release(waiter)
+
+
+def _refund(dropin: DropIn, request: InferenceRequest) -> None:
+    """The request was not produced: it does not count against its tenant's limits."""
+    if dropin.admission is not None:
+        dropin.admission.refund(request)

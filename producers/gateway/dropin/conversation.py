@@ -15,15 +15,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import Message, ModelContext, Tool, new_id
+from schemas import INTERACTIVE, Message, ModelContext, Tool, new_id
 from schemas import validation
+from schemas.headers import PRIORITY_HEADER, QUEUE_MS_HEADER, TENANT_HEADER
 from schemas.limits import MAX_SEED, MAX_TIMEOUT_MS, MIN_SEED
 from schemas.validation import RejectedRequest, cache_policy, flag, number, session_id, timeout_ms
 from schemas.validation import integer as _integer
 
 __all__ = [
-    "CACHE_HEADER", "IGNORED_HEADER", "META_PREFIX", "MAX_TIMEOUT_MS", "REQUEST_ID_HEADER", "SESSION_HEADER",
-    "TIMEOUT_HEADER", "CallContext", "DropInError", "arguments_text", "base64_image", "call_context",
+    "CACHE_HEADER", "IGNORED_HEADER", "META_PREFIX", "MAX_TIMEOUT_MS", "PRIORITY_HEADER", "QUEUE_MS_HEADER",
+    "REQUEST_ID_HEADER", "SESSION_HEADER", "TENANT_HEADER", "TIMEOUT_HEADER", "CallContext", "DropInError", "arguments_text", "base64_image", "call_context",
     "canonical_model_name", "check_images", "data_url_image", "flag", "integer", "json_object", "json_text",
     "keep_alive", "last_user_text", "number", "require_model", "resolve_model", "stop_sequences", "tools",
     "unsupported",
@@ -50,19 +51,25 @@ class CallContext:
     context: ModelContext
     timeout_s: float  # how long the gateway waits for the answer
     cache: str
+    priority: str = INTERACTIVE  # X-Nexus-Priority
+    tenant: str | None = None  # X-Nexus-Tenant, as given (the edge applies effective_tenant)
 
 
 def call_context(headers: Iterable[tuple[str, str]], default_timeout_s: float) -> CallContext:
-    """Read ``X-Nexus-Session``, ``X-Nexus-Meta-<key>``, ``X-Nexus-Timeout-Ms`` and ``X-Nexus-Cache``.
+    """Read ``X-Nexus-Session``, ``X-Nexus-Meta-<key>``, ``X-Nexus-Timeout-Ms``, ``X-Nexus-Cache``,
+    ``X-Nexus-Priority`` and ``X-Nexus-Tenant``.
 
     Header names are case-insensitive, so metadata keys are lower-cased: ``X-Nexus-Meta-User: alice``
     gives ``{"user": "alice"}``. Without a session header every call gets a fresh session. The
-    values are checked as ``POST /infer`` checks ``context.session_id``, ``timeout_ms`` and ``cache``.
+    values are checked as ``POST /infer`` checks ``context.session_id``, ``timeout_ms``, ``cache``,
+    ``priority`` and ``tenant``.
     """
     session: str | None = None
     metadata: dict[str, str] = {}
     timeout_s = default_timeout_s
     cache = "default"
+    priority = INTERACTIVE
+    tenant: str | None = None
     prefix = META_PREFIX.lower()
     for name, value in headers:
         lower = name.lower()
@@ -79,7 +86,11 @@ def call_context(headers: Iterable[tuple[str, str]], default_timeout_s: float) -
             timeout_s = _header(timeout_ms, _int_or_zero(value), TIMEOUT_HEADER) / 1000
         elif lower == CACHE_HEADER.lower():
             cache = _header(cache_policy, value, CACHE_HEADER)
-    return CallContext(ModelContext(session or new_id(), metadata), timeout_s, cache)
+        elif lower == PRIORITY_HEADER.lower():
+            priority = _header(validation.priority, value, PRIORITY_HEADER)
+        elif lower == TENANT_HEADER.lower():
+            tenant = _header(validation.tenant, value, TENANT_HEADER)
+    return CallContext(ModelContext(session or new_id(), metadata), timeout_s, cache, priority, tenant)
 
 
 def _header(check: Callable[[Any, str], Any], value: Any, header: str) -> Any:

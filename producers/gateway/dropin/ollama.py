@@ -220,7 +220,7 @@ def _request(
 ) -> InferenceRequest:
     return InferenceRequest(
         id=new_id(), model_id=model_id, input=text, context=call.context, options=options,
-        stream=stream, cache=call.cache,  # type: ignore[arg-type]
+        stream=stream, cache=call.cache, priority=call.priority, tenant=call.tenant,  # type: ignore[arg-type]
         format=_format(body.get("format")), keep_alive=keep_alive(body.get("keep_alive")), **conversation,
     )
 

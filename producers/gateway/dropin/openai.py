@@ -60,7 +60,7 @@ _IGNORED = (
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _TOOL_CHOICES = ("auto", "none", "required")
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,8 @@ def _call(
             context = type(context)(context.session_id, {**context.metadata, "user": user})
     request = InferenceRequest(
         id=new_id(), model_id=model_id, input=text, context=context, options=options,
-        stream=stream, cache=call.cache, **conversation,  # type: ignore[arg-type]
+        stream=stream, cache=call.cache, priority=call.priority, tenant=call.tenant,
+        **conversation,  # type: ignore[arg-type]
     )
     ignored = tuple(k for k in _IGNORED if body.get(k) is not None)
     return OpenAICall(model, chat, stream, include_usage, request, ignored)

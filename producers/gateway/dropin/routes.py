@@ -19,9 +19,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from nexus.settings import Settings
-from schemas import Codec
+from schemas import Codec, InferenceRequest
 
 from producers.client import RequestProducer
+from producers.gateway.admission import Admission, Rejection
 from producers.gateway.dropin.call import DropIn, DropInMetrics
 from producers.gateway.dropin.ollama import add_ollama_routes
 from producers.gateway.dropin.openai import add_openai_routes, error_response
@@ -50,8 +51,13 @@ def add_dropin_routes(
     registry: CollectorRegistry,
     producer: Callable[[], RequestProducer],
     name: str | None = None,
+    admission: Admission | None = None,
+    on_rejected: Callable[[InferenceRequest, Rejection], None] | None = None,
 ) -> DropIn:
     """Register the Ollama and OpenAI routes and the reply reader's lifecycle on ``app``.
+
+    ``admission`` (the gateway's, shared with ``POST /infer``) decides 429s; ``on_rejected``
+    counts them.
 
     Call after the gateway's own cleanup context is appended, so the topics and the
     producer exist when the reader starts, and the reader stops before the producer.
@@ -64,6 +70,8 @@ def add_dropin_routes(
         metrics=DropInMetrics(registry, index, reader),
         version=nexus_version(),
         clock=lambda: asyncio.get_running_loop().time(),
+        admission=admission,
+        on_rejected=on_rejected,
     )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -71,6 +79,7 @@ def add_dropin_routes(
         log.info("reply reader %s follows %s and %s", reader.name, settings.kafka.responses_topic,
                  settings.kafka.tokens_topic)
         yield
+        await dropin.drain()  # the cancels of clients that went away, before the producer stops
         await reader.stop()
 
     @web.middleware

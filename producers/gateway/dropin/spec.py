@@ -14,6 +14,7 @@ from schemas.limits import MAX_IMAGE_BYTES, MAX_RECORD_BYTES, MAX_SESSION_ID_LEN
 from producers.gateway.dropin.conversation import (
     CACHE_HEADER,
     IGNORED_HEADER,
+    QUEUE_MS_HEADER,
     REQUEST_ID_HEADER,
     SESSION_HEADER,
     TIMEOUT_HEADER,
@@ -42,6 +43,8 @@ def _answers(ok: str, stream_type: str, stream_text: str, error: str) -> dict[st
                                     "schema": {"type": "string"}},
                 IGNORED_HEADER: {"description": "Fields and options accepted but not carried to the model.",
                                  "schema": {"type": "string"}},
+                QUEUE_MS_HEADER: {"description": "Unstreamed answers: how long the request waited in the worker's "
+                                  "schedule before its model call, in ms.", "schema": {"type": "integer"}},
             },
             "content": {JSON: {"schema": _ref(ok)}, stream_type: {"schema": {"type": "string"}}},
         },
@@ -52,6 +55,11 @@ def _answers(ok: str, stream_type: str, stream_text: str, error: str) -> dict[st
         "413": _json(error, "The body is larger than the gateway's limit, the request's images total more than "
                             f"{MAX_IMAGE_BYTES} bytes decoded, or the encoded request is over {MAX_RECORD_BYTES} "
                             "bytes: a request must fit one Kafka record."),
+        "429": {**_json(error, "Over one of the tenant's limits (requests or tokens per minute, requests waiting "
+                                "or running); OpenAI's shape has `type: rate_limit_error`, `code: "
+                                "rate_limit_exceeded`. Nothing was submitted."),
+                "headers": {"Retry-After": {"description": "Whole seconds to wait before trying again.",
+                                            "schema": {"type": "integer", "minimum": 1}}}},
         "500": _json(error, "The pipeline answered with an error (the endpoint failed, the deadline passed...)."),
         "503": _json(error, "Kafka did not acknowledge the request, or this gateway cannot read answers."),
         "504": _json(error, "No answer within the timeout; the request is still answered, into the audit log."),
@@ -60,7 +68,8 @@ def _answers(ok: str, stream_type: str, stream_text: str, error: str) -> dict[st
 
 
 def _headers() -> list[dict[str, str]]:
-    return [{"$ref": _PARAMS + name} for name in ("NexusSession", "NexusTimeout", "NexusCache")]
+    names = ("NexusSession", "NexusTimeout", "NexusCache", "NexusPriority", "NexusTenant")
+    return [{"$ref": _PARAMS + name} for name in names]
 
 
 def dropin_paths() -> dict[str, Any]:

@@ -119,7 +119,12 @@ function onFrame(frame) {
     case "accepted":
       if (page.current && frame.id === page.current.id) $("status").textContent = "accepted by Kafka";
       return;
-    default: return; // subscribed, unsubscribed, replayed
+    case "queued": // where the request waits in a worker's schedule
+      if (page.current && frame.id === page.current.id && !page.current.done) {
+        $("status").textContent = `queued: position ${frame.position}, starts in about ${Math.ceil(frame.eta_ms / 1000)} s`;
+      }
+      return;
+    default: return; // subscribed, unsubscribed, replayed, cancelling
   }
 }
 
