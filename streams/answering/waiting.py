@@ -252,7 +252,10 @@ class WaitingLine:
             seconds = e.seconds_per_request or prior
             capacity = e.capacity()
             rate += capacity / seconds
-            busy = sorted(s.chosen_at + seconds for s in running_on.get(e.url, ()))[:capacity]
+            # A call running longer than the endpoint's mean is not about to end for that: its
+            # remaining time is taken as half a mean call rather than none.
+            ends = (s.chosen_at + seconds for s in running_on.get(e.url, ()))
+            busy = sorted(end if end > now else now + seconds / 2 for end in ends)[:capacity]
             slots.extend((at, seconds) for at in busy)
             slots.extend((now, seconds) for _ in range(capacity - len(busy)))
         order = self.schedule.order(limit)
