@@ -131,6 +131,7 @@ class Worker:
         # Read-ahead: requests held (queued or running) per lane topic; a lane at its bound is paused.
         self._held: dict[str, int] = dict.fromkeys(self._kafka.request_topics, 0)
         self._paused: set[str] = set()
+        self._resuming: set[str] = set()
         self.cancels = CancelBook()
         # Request id: the call answering it, and every request that call answers.
         self._calls: dict[str, tuple[asyncio.Future[Answer], list[InferenceRequest]]] = {}
@@ -404,11 +405,33 @@ class Worker:
             if held >= bound and lane not in self._paused:
                 self._paused.add(lane)
                 log.info("holding %d requests of %s: pausing it until some are answered", held, lane)
-            elif held < bound * 3 // 4 and lane in self._paused:
-                self._paused.discard(lane)
-                consumer.resume_partitions([tp for tp in consumer.assignment() if tp.topic == lane])
+            elif held < bound * 3 // 4 and lane in self._paused and lane not in self._resuming:
+                self._resuming.add(lane)
+                asyncio.ensure_future(self._resume(lane))
         if self._paused:  # again after each batch: a rebalance may have assigned more of a paused lane
             consumer.pause_partitions([tp for tp in consumer.assignment() if tp.topic in self._paused])
+
+    async def _resume(self, lane: str) -> None:
+        """Read a paused lane again from where its run stopped.
+
+        Faust drops the records of a partition paused while it hands out a fetched batch (they are
+        not in its active partitions any more), and the fetch position is already past them: each
+        partition is sought back to the first offset not delivered, or they would be read only after
+        a restart. Offsets delivered twice are told apart by the ledger.
+        """
+        consumer = self._app.consumer
+        try:
+            for tp in [tp for tp in consumer.assignment() if tp.topic == lane]:
+                offset = self.ledger.read_up_to(tp)
+                if offset is not None:
+                    await consumer.seek(tp, offset)
+            if self._held.get(lane, 0) < self._config.max_in_flight:
+                self._paused.discard(lane)
+                consumer.resume_partitions([tp for tp in consumer.assignment() if tp.topic == lane])
+        except Exception:
+            log.exception("resuming %s failed; trying again at the next answer", lane)
+        finally:
+            self._resuming.discard(lane)
 
     def on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A task failed with no one awaiting it: count it and show it on /health, then log it as asyncio would."""
@@ -504,9 +527,10 @@ class Worker:
             del seen[tp]
 
     async def commit_and_fill_holes(self) -> None:
-        """The commit timer."""
+        """The commit timer (which also resumes a lane whose resumption failed before)."""
         await self.commit()
         await self.fill_holes()
+        self.regulate_read_ahead()
 
     async def cancel_waiting(self, partitions: set[TP] | None = None) -> None:
         """Cancel the answers (of ``partitions``) that have not called a model yet; the ledger

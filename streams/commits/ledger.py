@@ -211,6 +211,11 @@ class RequestLedger(Generic[P]):
         part = self._partitions.get(tp)
         return None if part is None else self._advance(part)
 
+    def read_up_to(self, tp: P) -> int | None:
+        """The first offset of ``tp`` not delivered yet (every one below was, or holds no record)."""
+        part = self._partitions.get(tp)
+        return None if part is None else part.frontier
+
     def describe(self) -> dict[P, dict[str, object]]:
         """Each owned partition's state, for ``/health``."""
         return {
