@@ -24,11 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from nexus.kafka.readers import known_partitions, reader
+from nexus.kafka.readers import CompactedTopicReader
 from nexus.settings import Settings
-from nexus.tasks import Background, TaskState
+from nexus.tasks import Background
 from schemas import INTERACTIVE, PRIORITIES, SchemaError
 from schemas.queue_state import QueueReport
 
@@ -253,7 +251,7 @@ def _ms(seconds: float) -> int:
     return int(round(seconds * 1000))
 
 
-class QueueReader:
+class QueueReader(CompactedTopicReader):
     """Follows ``nexus.queue`` in the background into :attr:`board`; ``on_report`` sees each report.
 
     Like :class:`producers.gateway.models.EndpointStateReader`: the loop runs under
@@ -272,41 +270,15 @@ class QueueReader:
         on_report: Callable[[QueueReport], None] | None = None,
         board: QueueBoard | None = None,
     ) -> None:
+        super().__init__(settings.kafka, background, client_id)
         self._settings = settings
-        self._background = background or Background()
-        self._client_id = client_id
         self._on_report = on_report
         self.board = board or QueueBoard()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._state: TaskState | None = None
-        self._following = False
         self.malformed = 0
-
-    @property
-    def state(self) -> TaskState | None:
-        """The reading task as ``/health`` reports it; ``None`` before :meth:`start`."""
-        return self._state
 
     @property
     def topic(self) -> str:
         return self._settings.kafka.queue_topic
-
-    async def start(self) -> None:
-        """Connect now if Kafka lets us, then follow in the background; a failure to connect is retried."""
-        try:
-            self._consumer = await self._connect()
-            self._following = True
-        except Exception as exc:  # noqa: BLE001 - retried, with the traceback, by the loop
-            log.warning("cannot read %s yet (%s); retrying in the background", self.topic, exc)
-        self._state = self._background.start(self.TASK, self._follow, ready=lambda: self._following)
-
-    async def stop(self) -> None:
-        self._following = False
-        await self._background.stop(self.TASK)
-        self._state = None
-        if self._consumer is not None:  # stopped before its loop ever ran
-            await self._consumer.stop()
-            self._consumer = None
 
     def now(self) -> float:
         return time.time()
@@ -328,33 +300,3 @@ class QueueReader:
 
     def ingest_all(self, values: Iterable[bytes | None]) -> int:
         return sum(self.ingest(v) for v in values)
-
-    async def _connect(self) -> AIOKafkaConsumer:
-        """A started consumer assigned every partition of the queue topic, at its beginning."""
-        consumer = reader(self._settings.kafka, client_id=self._client_id, fetch_max_wait_ms=200)
-        try:
-            await consumer.start()
-            tps = [TopicPartition(self.topic, p) for p in await known_partitions(consumer, self.topic)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
-
-    async def _follow(self) -> None:
-        """The supervised loop: read until cancelled; a failure propagates (logged, restarted)."""
-        try:
-            if self._consumer is None:  # a restart: from the beginning again
-                self._consumer = await self._connect()
-                self._following = True
-            consumer = self._consumer
-            while True:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    self.ingest_all(record.value for record in records)
-        finally:
-            self._following = False
-            consumer, self._consumer = self._consumer, None
-            if consumer is not None:
-                await consumer.stop()

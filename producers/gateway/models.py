@@ -18,11 +18,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from nexus.kafka.readers import known_partitions, reader
+from nexus.kafka.readers import CompactedTopicReader
 from nexus.settings import Settings
-from nexus.tasks import Background, TaskState
+from nexus.tasks import Background
 from schemas import SchemaError, WorkerReport
 
 log = logging.getLogger(__name__)
@@ -110,49 +108,25 @@ def _mean(values: Any) -> float | None:
     return sum(numbers) / len(numbers) if numbers else None
 
 
-class EndpointStateReader:
+class EndpointStateReader(CompactedTopicReader):
     """Follows the state topic in the background; ``reports`` maps worker id to its latest.
 
     The loop runs under ``background`` as the task :attr:`TASK`; when it fails it is
     started again, reading the compacted topic from the beginning again (the reports
-    read so far stay until newer ones replace them).
+    read so far stay until newer ones replace them). ``GET /models`` lacks live data
+    while it cannot read.
     """
 
     TASK = "endpoint-state"
 
     def __init__(self, settings: Settings, background: Background | None = None) -> None:
+        super().__init__(settings.kafka, background, "nexus-gateway-endpoint-state")
         self._settings = settings
-        self._background = background or Background()
         self.reports: dict[str, WorkerReport] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._state: TaskState | None = None
-        self._following = False
 
     @property
-    def state(self) -> TaskState | None:
-        """The reading task as ``/health`` reports it; ``None`` before :meth:`start`."""
-        return self._state
-
-    async def start(self) -> None:
-        """Connect now if Kafka lets us (so ``/health`` is green from the start), then follow in the background.
-
-        A failure to connect is not fatal: ``GET /models`` then lacks live data, the loop
-        keeps trying, and ``/health`` says so.
-        """
-        try:
-            self._consumer = await self._connect()
-            self._following = True
-        except Exception as exc:  # noqa: BLE001 - retried, with the traceback, by the loop
-            log.warning("cannot read %s yet (%s); retrying in the background", self._settings.kafka.state_topic, exc)
-        self._state = self._background.start(self.TASK, self._follow, ready=lambda: self._following)
-
-    async def stop(self) -> None:
-        self._following = False
-        await self._background.stop(self.TASK)
-        self._state = None
-        if self._consumer is not None:  # stopped before its loop ever ran
-            await self._consumer.stop()
-            self._consumer = None
+    def topic(self) -> str:
+        return self._settings.kafka.state_topic
 
     def models(self) -> list[dict[str, Any]]:
         return merge_states(self._settings, self.reports, time.time())
@@ -166,35 +140,3 @@ class EndpointStateReader:
             return False
         self.reports[report.worker] = report
         return True
-
-    async def _connect(self) -> AIOKafkaConsumer:
-        """A started consumer assigned every partition of the state topic, at its beginning."""
-        kafka = self._settings.kafka
-        consumer = reader(kafka, client_id="nexus-gateway-endpoint-state")
-        try:
-            await consumer.start()
-            tps = [TopicPartition(kafka.state_topic, p) for p in await known_partitions(consumer, kafka.state_topic)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
-
-    async def _follow(self) -> None:
-        """The supervised loop: read until cancelled; a failure propagates (logged, restarted)."""
-        try:
-            if self._consumer is None:  # a restart: from the beginning again
-                self._consumer = await self._connect()
-                self._following = True
-            consumer = self._consumer
-            while True:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    for record in records:
-                        self.ingest(record.value)
-        finally:
-            self._following = False
-            consumer, self._consumer = self._consumer, None
-            if consumer is not None:
-                await consumer.stop()

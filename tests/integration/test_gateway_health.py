@@ -20,10 +20,13 @@ from localdev.broker import free_port
 from nexus.kafka import readers
 from nexus.settings import KafkaSettings, load_settings
 from producers import replies
-from producers.gateway import create_app, models
+from producers.gateway import create_app
 from tests.eventually import eventually
 
 READERS = ("replies", "endpoint-state")
+
+
+REAL_READER = readers.reader
 
 
 class Faults:
@@ -38,7 +41,7 @@ class Faults:
 
     def factory(self, which: str) -> Callable[..., AIOKafkaConsumer]:
         def make(kafka: KafkaSettings, client_id: str = "nexus", **options: Any) -> AIOKafkaConsumer:
-            consumer = readers.reader(kafka, client_id, **options)
+            consumer = REAL_READER(kafka, client_id, **options)
             fetch, start = consumer.getmany, consumer.start
 
             async def faulty_fetch(*args: Any, **kwargs: Any) -> Any:
@@ -63,7 +66,14 @@ class Faults:
 async def gateway(stack: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, Faults]]:
     faults = Faults()
     monkeypatch.setattr(replies, "reader", faults.factory("replies"))
-    monkeypatch.setattr(models, "reader", faults.factory("endpoint-state"))
+    endpoint_state = faults.factory("endpoint-state")
+
+    def make(kafka: KafkaSettings, client_id: str = "nexus", **options: Any) -> AIOKafkaConsumer:
+        # The compacted-topic readers share one factory: only the endpoint-state one is faulty.
+        faulty = client_id == "nexus-gateway-endpoint-state"
+        return (endpoint_state if faulty else REAL_READER)(kafka, client_id, **options)
+
+    monkeypatch.setattr(readers, "reader", make)
     settings = load_settings(environ=stack)
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()

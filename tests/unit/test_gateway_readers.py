@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from nexus.kafka import readers
 from nexus.settings import KafkaSettings, Settings
 from nexus.tasks import Background, TaskState
 from producers import replies
@@ -87,8 +88,8 @@ def consumers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FakeConsumer]]:
 
     monkeypatch.setattr(replies, "reader", reader)
     monkeypatch.setattr(replies, "read_from_end", read_from_end)
-    monkeypatch.setattr(models, "reader", reader)
-    monkeypatch.setattr(models, "known_partitions", known_partitions)
+    monkeypatch.setattr(readers, "reader", reader)
+    monkeypatch.setattr(readers, "known_partitions", known_partitions)
     yield made
 
 
@@ -197,7 +198,7 @@ async def test_a_gateway_that_cannot_read_the_state_topic_at_start_still_starts(
         attempts.append(topic)
         raise ConnectionRefusedError("no broker")
 
-    monkeypatch.setattr(models, "known_partitions", unreachable)
+    monkeypatch.setattr(readers, "known_partitions", unreachable)
     pauses = Pauses()
     reader = EndpointStateReader(Settings(kafka=KAFKA), Background((0.5,), sleep=pauses.sleep))
     await reader.start()  # not fatal

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from nexus.kafka import readers
 from nexus.settings import Settings
 from nexus.tasks import Background
 from producers import queue as queue_module
@@ -178,8 +179,8 @@ def consumers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FakeConsumer]]:
     async def known_partitions(consumer: FakeConsumer, topic: str, timeout_s: float = 5.0) -> list[int]:
         return [0]
 
-    monkeypatch.setattr(queue_module, "reader", reader)
-    monkeypatch.setattr(queue_module, "known_partitions", known_partitions)
+    monkeypatch.setattr(readers, "reader", reader)
+    monkeypatch.setattr(readers, "known_partitions", known_partitions)
     yield made
 
 
@@ -218,7 +219,7 @@ async def test_the_reader_follows_the_topic_and_restarts_from_the_beginning(cons
 async def test_a_reader_that_cannot_connect_keeps_trying_in_the_background(monkeypatch: pytest.MonkeyPatch,
                                                                            consumers: list[FakeConsumer]) -> None:
     attempts = 0
-    real = queue_module.known_partitions
+    real = readers.known_partitions
 
     async def missing(consumer: Any, topic: str, timeout_s: float = 5.0) -> list[int]:
         nonlocal attempts
@@ -227,7 +228,7 @@ async def test_a_reader_that_cannot_connect_keeps_trying_in_the_background(monke
             raise RuntimeError("no topic yet")
         return await real(consumer, topic, timeout_s)
 
-    monkeypatch.setattr(queue_module, "known_partitions", missing)
+    monkeypatch.setattr(readers, "known_partitions", missing)
     reader = QueueReader(Settings(), Background((0.01,)))
     await reader.start()
     assert attempts == 1
