@@ -113,9 +113,10 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     )
     app.rewind_topics = frozenset({*kafka.request_topics, cache_updates_topic(config.app_id)})
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    # Both lanes, interactive and batch, in one stream; no Faust acks: the worker commits these
-    # topics itself, from its ledger, and bounds each lane's read-ahead (streams/worker.py).
-    requests = app.topic(*kafka.request_topics, acks=False, **raw)
+    # One agent per lane, interactive and batch; no Faust acks: the worker commits these topics
+    # itself, from its ledger, and bounds each lane's read-ahead (streams/worker.py).
+    interactive = app.topic(kafka.requests_topic, acks=False, **raw)
+    batch = app.topic(kafka.batch_requests_topic, acks=False, **raw)
     topics = WorkerTopics(
         responses=app.topic(kafka.responses_topic, **raw),
         tokens=app.topic(kafka.tokens_topic, **raw),
@@ -135,8 +136,12 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     app.on_partitions_revoked.connect(worker.on_revoked)
     app.on_partitions_assigned.connect(worker.on_assigned)
 
-    @app.agent(requests, name="nexus.infer")
+    @app.agent(interactive, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
+        await worker.answer(stream)
+
+    @app.agent(batch, name="nexus.infer-batch")
+    async def infer_batch(stream: faust.StreamT) -> None:
         await worker.answer(stream)
 
     @app.agent(topics.cache_updates, name="nexus.cache")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import aiohttp
 import faust
 from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
@@ -126,7 +127,8 @@ class Worker:
         self.ledger: RequestLedger[TP] = RequestLedger()
         self.exactly_once = self._kafka.processing_guarantee == "exactly_once"
         self._outbox: Outbox = InCommittedPrefix(app) if self.exactly_once else AtOnce(app, self.send)
-        self.inference: Inference | None = None  # while the requests agent runs
+        self.inference: Inference | None = None  # once a requests agent runs
+        self._http: aiohttp.ClientSession | None = None
         self._running: dict[asyncio.Task[None], Answering[EventT]] = {}
         # Read-ahead: requests held (queued or running) per lane topic; a lane at its bound is paused.
         self._held: dict[str, int] = dict.fromkeys(self._kafka.request_topics, 0)
@@ -210,22 +212,32 @@ class Worker:
     # -- answering ------------------------------------------------------------------------
 
     async def answer(self, stream: faust.StreamT) -> None:
-        """The requests agent: read batches from both lanes, answer each new request (or group of
-        identical ones) concurrently; each lane's read-ahead is bounded (:meth:`regulate_read_ahead`)."""
+        """One lane's agent (interactive or batch): read batches, answer each new request (or group
+        of identical ones) concurrently; the lane's read-ahead is bounded (:meth:`regulate_read_ahead`).
+
+        Each lane has its own agent, so a burst of one (a batch flood being read) is processed in
+        turns with the other instead of ahead of it.
+        """
+        self._start_answering()
+        # Batches overlap: a slow answer holds neither the next batch nor the commits of
+        # the answers before it; the ledger commits each partition's answered prefix.
+        async for events in stream.noack_take(self._config.max_batch, within=self._config.max_wait_ms / 1000):
+            await self.catch_up_generation()
+            await self._start(events)
+
+    def _start_answering(self) -> None:
+        """What every lane's agent needs, made by the first to run (no await: agents cannot race)."""
+        if self.inference is not None:
+            return
         asyncio.get_running_loop().set_exception_handler(self.on_loop_error)
-        async with new_session() as http:
-            self.inference = Inference(
-                self._settings, http, self.metrics,
-                TableCache(self._cache_table, lambda k, v: self.produce(self._topics.cache_updates, k, v)),
-            )
-            self.inference.watch()  # which endpoint has which model: known before the first request
-            self._background.start("cancels", lambda: follow_cancels(
-                self._kafka, self.codec, self.on_cancel, self._dead_letter_cancel, f"{self.worker_id}-cancels"))
-            # Batches overlap: a slow answer holds neither the next batch nor the commits of
-            # the answers before it; the ledger commits each partition's answered prefix.
-            async for events in stream.noack_take(self._config.max_batch, within=self._config.max_wait_ms / 1000):
-                await self.catch_up_generation()
-                await self._start(events)
+        self._http = new_session()
+        self.inference = Inference(
+            self._settings, self._http, self.metrics,
+            TableCache(self._cache_table, lambda k, v: self.produce(self._topics.cache_updates, k, v)),
+        )
+        self.inference.watch()  # which endpoint has which model: known before the first request
+        self._background.start("cancels", lambda: follow_cancels(
+            self._kafka, self.codec, self.on_cancel, self._dead_letter_cancel, f"{self.worker_id}-cancels"))
 
     async def _start(self, events: list[EventT]) -> None:
         fresh = []
@@ -573,6 +585,10 @@ class Worker:
                 await asyncio.gather(*late, return_exceptions=True)
         await self.commit()
         await self._background.aclose()
+        if self.inference is not None:
+            await self.inference.aclose()
+        if self._http is not None:
+            await self._http.close()
         await self._broker.close()
 
     # -- what the pages and metrics show --------------------------------------------------
