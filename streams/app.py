@@ -110,6 +110,11 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         web_host="0.0.0.0",
         datadir=str(data_dir),
         table_cleanup_interval=60.0,
+        # Small fetches per partition: a batch flood arrives in bites, so an interactive request
+        # fetched meanwhile is handed over within a bite, not after ~1 MB of batch records (a 2000-
+        # request flood delayed interactive requests 1.4 s; 0.17 s at most with 64 KiB). A record
+        # larger than this is still fetched whole.
+        consumer_max_fetch_size=64 * 1024,
     )
     app.rewind_topics = frozenset({*kafka.request_topics, cache_updates_topic(config.app_id)})
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
