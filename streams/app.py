@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 NEVER_S = 10.0**9
 NEVER_N = 2**62
 LAG_INTERVAL_S = 10.0
+FETCH_MAX_WAIT_MS = 100
 STATE_INTERVAL_S = 2.0
 QUEUE_INTERVAL_S = 0.5
 
@@ -68,6 +69,21 @@ class RewindingApp(faust.App):
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()
         seek_to_committed = consumer.seek_to_committed
+        thread = getattr(consumer, "_thread", None)
+        create = getattr(thread, "_create_worker_consumer", None)
+        if create is not None:
+
+            def create_with_short_polls(transport: Any) -> Any:
+                # Faust fixes the fetch long-poll at 1.5 s. aiokafka sends one fetch per broker at a
+                # time, and a partition with records not handed over yet is left out of it: a request
+                # arriving meanwhile waited for the long poll to end (1.4 s measured, behind a batch
+                # flood). A short poll bounds that wait; idle, it costs a fetch per partition leader
+                # every FETCH_MAX_WAIT_MS.
+                aiokafka_consumer = create(transport)
+                aiokafka_consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+                return aiokafka_consumer
+
+            thread._create_worker_consumer = create_with_short_polls
 
         async def seek_to_committed_or_start() -> Any:
             committed = await seek_to_committed()
