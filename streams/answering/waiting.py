@@ -130,6 +130,7 @@ class WaitingLine:
         self.schedule = Schedule(weight_of)
         self._waiters: dict[Ticket, _Waiter] = {}
         self._woken = 0  # waiters given their turn that have not taken it yet
+        self._poller: asyncio.Future[None] | None = None
         self.running: dict[Slot, None] = {}  # slots held now, oldest first
 
     def __len__(self) -> int:
@@ -192,13 +193,15 @@ class WaitingLine:
                     waiter = self._waiters[ticket] = _Waiter()
                     ticket.arrived = now
                     schedule.add(ticket)
+                    if self._poller is None:
+                        self._poller = asyncio.ensure_future(self._poll())
                 waiter.event.clear()
                 if not self._woken and router.has_room(now):
                     self.wake()  # a slot is free (a newcomer queued behind others, a rate window passed)
                     if waiter.woken:
                         continue
-                # Woken by a freed slot, or when the clock alone may change something.
-                await self.clock.wait_for(waiter.event, min(router.wait_hint(now), deadline - now))
+                # Woken in its turn (a freed slot, or the line's poll), or at its deadline.
+                await self.clock.wait_for(waiter.event, deadline - now)
         finally:
             if waiter is not None:
                 del self._waiters[ticket]
@@ -209,6 +212,23 @@ class WaitingLine:
                     schedule.giveback(ticket)
                     schedule.remove(ticket)
                     self.wake()
+
+    async def _poll(self) -> None:
+        """While requests wait, look at what the clock alone changes (a rate window passing, a
+        circuit's cool-down ending) every ``wait_hint``, and make good a lost wake-up.
+
+        One poll per line, not one per waiter: a thousand waiters each polling twice a second
+        cost the worker a third of a core.
+        """
+        try:
+            while self._waiters:
+                await self.clock.sleep(self.router.wait_hint(self.clock()))
+                now = self.clock()
+                self.probe_due(now)
+                if self.router.all_down() or (not self._woken and self.router.has_room(now)):
+                    self.wake()
+        finally:
+            self._poller = None
 
     def wake(self, slots: int = 1) -> None:
         """Give the next ``slots`` waiting requests their turn, in the schedule's order.
