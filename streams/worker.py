@@ -52,6 +52,8 @@ from streams.sinks import KafkaTokenSink, TableCache, read_cache_update
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE_S = (0.5, 2.0, 5.0)  # before answering again a request whose answering failed
+# A queue report is one record: under Kafka's default 1 MiB message limit, with room to spare.
+MAX_QUEUE_RECORD_BYTES = 900_000
 
 E = TypeVar("E")
 Group = list[tuple[EventT, InferenceRequest]]
@@ -205,9 +207,13 @@ class Worker:
                 self._reported.discard(model_id)
             else:
                 self._reported.add(model_id)
-            report = QueueReport(self.worker_id, model_id, at, rate, waiting, running,
-                                 max(len(waiting), len(line.schedule)))
-            await self.send(self._topics.queue, report.key, report.to_bytes())
+            total = max(len(waiting), len(line.schedule))
+            report = QueueReport(self.worker_id, model_id, at, rate, waiting, running, total)
+            value = report.to_bytes()
+            while len(value) > MAX_QUEUE_RECORD_BYTES and report.waiting:  # long ids: list fewer, count all
+                report = dataclasses.replace(report, waiting=report.waiting[: len(report.waiting) // 2])
+                value = report.to_bytes()
+            await self.send(self._topics.queue, report.key, value)
 
     # -- answering ------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ VERSION = "0.0.0-simulated"
 EMBEDDING_DIMS = 8
 KEEP_ALIVE = timedelta(minutes=5)
 MAX_ARRIVALS = 10_000
+MAX_STOPPED = 1_000  # the newest generations cut short by their client, kept for GET /simulator/stats
 RECORDED_BODIES = 32
 """Request bodies kept per endpoint path by default (GET /simulator/stats "received_bodies")."""
 DEFAULT_REGISTRY = "registry.ollama.ai"
@@ -531,9 +532,25 @@ class SimulatorStats:
     # Monotonic arrival times of generate/chat requests, newest last, so a benchmark or
     # test can check rate limits at the endpoint side; bounded to keep memory flat.
     arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_ARRIVALS))
+    # Generations the client gave up on after they started (it closed the stream, or hung up
+    # while a non-streamed answer was being generated): the generation stopped there, as
+    # Ollama stops generating when its client goes away. ``disconnects`` also counts clients
+    # that left while still queued for a slot; these are the ones that held a slot.
+    generations_stopped: int = 0
+    streams_closed_early: int = 0  # of which streamed: closed before the final chunk
+    # The newest stopped generations, oldest first: what a test needs to tell which call stopped.
+    stopped: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_STOPPED))
 
     def record_arrival(self, now: float) -> None:
         self.arrivals.append(now)
+
+    def record_stop(self, path: str, model: str, prompt: str, streamed: int, planned: int, stream: bool) -> None:
+        """A started generation was cut short by its client after ``streamed`` of ``planned`` tokens."""
+        self.generations_stopped += 1
+        if stream:
+            self.streams_closed_early += 1
+        self.stopped.append({"path": path, "model": model, "prompt": prompt[:200], "stream": stream,
+                             "tokens_streamed": streamed, "tokens_planned": planned})
 
     def record_body(self, path: str, body: Any) -> None:
         """Keep ``body`` (bounded per path) so a test can check what reached the "model server"."""
@@ -561,5 +578,8 @@ class SimulatorStats:
             "active": self.active,
             "max_concurrent": self.max_concurrent,
             "arrivals": list(self.arrivals),
+            "generations_stopped": self.generations_stopped,
+            "streams_closed_early": self.streams_closed_early,
+            "stopped": list(self.stopped),
             "received_bodies": {path: list(bodies) for path, bodies in self.received_bodies.items()},
         }

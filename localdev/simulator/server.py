@@ -45,6 +45,7 @@ from localdev.simulator.model import (
     generate_chunk,
     generate_final,
     generate_load,
+    last_user_content,
     not_found_error,
     prompt_token_count,
     ps_response,
@@ -226,11 +227,22 @@ async def _generate(
     started: int,
     chunk: ChunkFn,
     final: FinalFn,
+    model: str = "",
+    prompt: str = "",
 ) -> web.StreamResponse:
-    """Pace the answer by ttft/tokens_per_s inside a slot; NDJSON if streaming, else one object."""
+    """Pace the answer by ttft/tokens_per_s inside a slot; NDJSON if streaming, else one object.
+
+    A client that goes away stops the generation where it is (as Ollama does), counted in
+    the stats' ``generations_stopped`` with ``model`` and ``prompt`` to tell which it was.
+    """
     config = state.config
     loop = asyncio.get_running_loop()
     pieces = _pieces(answer)
+
+    def stopped(streamed: int) -> None:
+        state.stats.disconnects += 1
+        state.stats.record_stop(request.path, model, prompt, streamed, len(pieces), stream)
+
     async with _slot(state):
         t0 = loop.time()
         if not stream:
@@ -239,7 +251,7 @@ async def _generate(
                 try:
                     await asyncio.sleep(delay)
                 except asyncio.CancelledError:
-                    state.stats.disconnects += 1
+                    stopped(0)
                     raise
             stats = compute_stats(config, prompt_eval_count, answer.eval_count, _elapsed_ns(started))
             state.stats.tokens_generated += answer.eval_count
@@ -247,6 +259,7 @@ async def _generate(
 
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         response.enable_chunked_encoding()
+        streamed = 0
         try:
             await response.prepare(request)
             for i, (text, calls) in enumerate(pieces):
@@ -256,13 +269,14 @@ async def _generate(
                     await asyncio.sleep(delay)
                 await response.write(_line(chunk(_now(), text, calls)))
                 state.stats.tokens_generated += 1
+                streamed += 1
             stats = compute_stats(config, prompt_eval_count, answer.eval_count, _elapsed_ns(started))
             await response.write(_line(final(_now(), "", stats, [])))
             await response.write_eof()
         except ConnectionResetError:
-            state.stats.disconnects += 1  # client went away; the slot is freed by _slot
+            stopped(streamed)  # client went away; the slot is freed by _slot
         except asyncio.CancelledError:
-            state.stats.disconnects += 1
+            stopped(streamed)
             raise
         return response
 
@@ -323,6 +337,8 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         started=started,
         chunk=lambda created_at, text, _calls: generate_chunk(model, created_at, text),
         final=final,
+        model=model,
+        prompt=prompt,
     )
     state.stats.served_by_model[model] += 1
     return response
@@ -365,6 +381,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         final=lambda created_at, text, stats, calls: chat_final(
             model, created_at, text, answer.done_reason, stats, calls
         ),
+        model=model,
+        prompt=last_user_content(list(turns)),
     )
     state.stats.served_by_model[model] += 1
     return response

@@ -177,6 +177,10 @@ class Caller:
                     request.context.session_id, deadline, exclude, can_fall_back, frozenset(lacking),
                     ticket_of(request),
                 )
+            except Expired:
+                if attempts == 0 and called.models_tried == 1:
+                    called.queue_s = self._clock() - started  # it waited its turn until its deadline
+                raise
             except Unavailable:
                 if line.router.nowhere(self._clock()) or len(lacking) == endpoints:
                     # One reason says it all: what every endpoint has instead.
