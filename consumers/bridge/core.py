@@ -355,14 +355,16 @@ class BridgeCore:
         return self._send(peer, accepted_frame(request.id, request.context.session_id))
 
     def submit_failed(
-        self, peer: Peer, request: InferenceRequest, reason: str, status: int, *, written: bool = True
+        self, peer: Peer, request: InferenceRequest, reason: str, status: int, *, written: bool = True,
+        **detail: object,
     ) -> list[Action]:
-        """Kafka refused ``request`` (503), it did not encode (400) or it is too big for one record
-        (413, ``written=False``). The subscription stays when it may have been written (a request
-        that timed out may still be answered); it goes when it certainly was not."""
+        """Kafka refused ``request`` (503), it did not encode (400), it is too big for one record
+        (413, ``written=False``) or over its tenant's limits (429 with ``limit`` and
+        ``retry_after_s``, ``written=False``). The subscription stays when it may have been written
+        (a request that timed out may still be answered); it goes when it certainly was not."""
         if not written:
             self._index.remove(peer, Target(request_ids=(request.id,)))
-        return self._send(peer, error_frame(reason, status=status, id=request.id))
+        return self._send(peer, error_frame(reason, status=status, id=request.id, **detail))
 
     def cancel_sent(self, peer: Peer, request_id: str) -> list[Action]:
         """Kafka acknowledged the cancel of ``request_id``."""

@@ -43,6 +43,7 @@ from nexus.kafka.topics import KafkaUnavailableError, ensure_topics
 from nexus.settings import ApiKey, KafkaSettings, Settings
 from nexus.tasks import Background
 from producers.client import RequestProducer, RequestTooLarge, SubmitError
+from producers.admission import Admission
 from producers.queue import QueueReader
 from schemas import Codec, InferenceRequest, SchemaError
 from schemas.queue_state import QueueReport
@@ -104,6 +105,7 @@ class Bridge:
         self._background = background or Background()
         self._queue = QueueReader(settings, self._background, client_id="nexus-bridge-queue",
                                   on_report=self._on_queue_report)
+        self._admission = Admission(settings.tenant, self._queue.board)
         self._core = BridgeCore(
             self._codec,
             responses_topic=kafka.responses_topic,
@@ -347,14 +349,23 @@ class Bridge:
         assert self._producer is not None
         peer = client.peer
         try:
+            rejection = self._admission.admit(request)  # the tenant's limits, as at the gateway
+            if rejection is not None:
+                self._perform(self._core.submit_failed(
+                    peer, request, rejection.message, rejection.status, written=False,
+                    limit=rejection.limit, retry_after_s=rejection.retry_after_s))
+                return
             await self._producer.submit(request)
         except RequestTooLarge as exc:
             # Refused before producing: nothing was written, nothing will answer.
+            self._admission.refund(request)
             self._perform(self._core.submit_failed(peer, request, str(exc), 413, written=False))
         except SubmitError as exc:
             # It may still have been written: the subscription stays, a result may come.
+            self._admission.refund(request)
             self._perform(self._core.submit_failed(peer, request, str(exc), 503))
         except SchemaError as exc:
+            self._admission.refund(request)
             self._perform(self._core.submit_failed(peer, request, str(exc), 400, written=False))
         else:
             self._perform(self._core.submitted(peer, request))

@@ -1,7 +1,7 @@
 """The HTTP gateway: ``POST /infer`` onto Kafka, plus health, metrics and models.
 
 A thin aiohttp shell: validation lives in :mod:`schemas.validation`, writing
-to Kafka in :mod:`producers.client`, admission (429) in :mod:`producers.gateway.admission`.
+to Kafka in :mod:`producers.client`, admission (429) in :mod:`producers.admission`.
 Its three background readers (the endpoint state for ``GET /models``, the workers' queues
 for ``GET /infer/{id}``, admission and ``GET /models``, the replies of the drop-in calls) are
 restarted when they fail, and ``/health`` is red while one is down (:mod:`nexus.tasks`).
@@ -34,7 +34,7 @@ from schemas.headers import PRIORITY_HEADER, TENANT_HEADER
 
 from producers.gateway import access as access_http
 from producers.client import RequestProducer, RequestTooLarge, SubmitError
-from producers.gateway.admission import Admission, Rejection
+from producers.admission import Admission, Rejection
 from producers.gateway.dropin import add_dropin_routes
 from producers.gateway.models import EndpointStateReader
 from producers.gateway.page import add_page_routes

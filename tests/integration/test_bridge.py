@@ -70,6 +70,7 @@ def live(bootstrap: str, logs_dir: Path) -> Iterator[Live]:
         NEXUS_BRIDGE_HOST="127.0.0.1",
         NEXUS_BRIDGE_PORT=str(port),
         NEXUS_BRIDGE_MAX_QUEUE=str(SLOW_CLIENT_QUEUE),
+        NEXUS_TENANTS="bridge-limited:requests_per_minute=1",
     )
     bridge = Role("bridge", ["bridge"], env, logs_dir).start()
     health = f"http://127.0.0.1:{port}/health"
@@ -357,6 +358,25 @@ async def test_five_hundred_clients_each_get_exactly_their_own_results(live: Liv
 
 
 # -- through the worker ------------------------------------------------------------------
+
+
+async def test_submits_over_the_socket_count_against_the_tenants_limits(live: Live) -> None:
+    """The bridge admits as the gateway does: the tenant's second request of the minute is refused,
+    with when to come back, and nothing is produced for it."""
+    run = _run()
+    client = await WsClient.open(live.ws_url)
+    try:
+        for n in (1, 2):
+            await client.send({"type": "submit", "id": f"{run}-{n}", "model_id": "llama3.1", "input": "hi",
+                               "tenant": "bridge-limited"})
+        accepted = await client.next_of("accepted")
+        refused = await client.next_of("error")
+    finally:
+        await client.close()
+    assert accepted["id"] == f"{run}-1"
+    assert refused["id"] == f"{run}-2" and refused["status"] == 429, refused
+    assert refused["limit"] == "requests_per_minute" and 1 <= refused["retry_after_s"] <= 60, refused
+    assert "bridge-limited" in refused["reason"]
 
 
 async def test_submit_over_the_socket_is_accepted_then_answered(live: Live, worker: Role) -> None:

@@ -1,4 +1,4 @@
-"""Admission (producers.gateway.admission): per-tenant windows, concurrency from the queue reports,
+"""Admission (producers.admission): per-tenant windows, concurrency from the queue reports,
 deadlines against the estimated wait, and Retry-After from the window or the drain rate. A fake
 clock; no I/O, microseconds each."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from nexus.settings import Settings, TenantSettings
-from producers.gateway.admission import Admission, Rejection, estimate_tokens, retry_after
+from producers.admission import Admission, Rejection, estimate_tokens, retry_after
 from producers.queue import QueueBoard
 from schemas import InferenceOptions, InferenceRequest, Message, ModelContext
 from schemas.queue_state import QueueReport

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from nexus.access import AccessPolicy
 from nexus.settings import AccessSettings, Settings, TenantSettings
 from producers.gateway import access as access_http
-from producers.gateway.admission import Admission
+from producers.admission import Admission
 from producers.gateway.dropin import DropIn, DropInMetrics
 from producers.gateway.dropin.conversation import call_context
 from producers.gateway.dropin.ollama import add_ollama_routes

@@ -24,8 +24,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "nexus": {"schemas.*"},
     "streams": {"schemas.*", "nexus.*"},
     "producers": {"schemas.*", "nexus.*"},
-    # The producer API, and the reader of the workers' queue reports (the bridge's queued frames).
-    "consumers": {"schemas.*", "nexus.*", "producers", "producers.client", "producers.queue"},
+    # The producer API, the reader of the workers' queue reports (the bridge's queued frames) and
+    # admission (the bridge's submits count against the same limits as the gateway's).
+    "consumers": {"schemas.*", "nexus.*", "producers", "producers.client", "producers.queue", "producers.admission"},
     "localdev": {"schemas.*", "nexus.*"},
 }
 # The command line is where roles are put together: it may start any of them.
@@ -38,7 +39,7 @@ PURE = {
     "consumers.bridge.owners", "consumers.bridge.core", "consumers.bridge.frames", "consumers.replay.audit",
     "consumers.replay.join", "consumers.replay.render", "producers.gateway.dropin.conversation",
     "localdev.simulator.model", "nexus.access", "streams.answering.scheduling", "schemas.queue_state",
-    "producers.gateway.admission",
+    "producers.admission",
 }
 IO_MODULES = ("asyncio", "socket", "aiokafka", "aiohttp", "faust", "httpx", "websockets", "subprocess")
 

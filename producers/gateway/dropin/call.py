@@ -14,7 +14,7 @@ answers, chunks and errors look; each describes that as a :class:`DropInApi` and
   bad schema...): then 400 with the backend's own message;
 - no answer before the call's timeout: 504 (the request is still answered, into the audit log);
 - over one of its tenant's limits, or a deadline shorter than the model queue's estimated wait
-  (:mod:`producers.gateway.admission`): 429 with ``Retry-After``, in the API's shape;
+  (:mod:`producers.admission`): 429 with ``Retry-After``, in the API's shape;
 - the client disconnects before its answer (from a waiting call, or from a stream): the request
   is cancelled (an ``InferenceCancel``, reason "client disconnected"), the worker drops it or
   aborts its model call. The gateway runs with aiohttp's handler cancellation, so a disconnect
@@ -49,7 +49,7 @@ from schemas.validation import RejectedRequest, effective_tenant, parse_json
 
 from producers.client import RequestTooLarge, SubmitError
 from producers.gateway import access as access_http
-from producers.gateway.admission import Admission, Rejection
+from producers.admission import Admission, Rejection
 from producers.gateway.dropin.conversation import CallContext, call_context
 from producers.replies import Exchange, ReplyError, ReplyIndex, ReplyReader, ReplyTimeoutError
 

@@ -22,7 +22,7 @@ from nexus.settings import Settings
 from schemas import Codec, InferenceRequest
 
 from producers.client import RequestProducer
-from producers.gateway.admission import Admission, Rejection
+from producers.admission import Admission, Rejection
 from producers.gateway.dropin.call import DropIn, DropInMetrics
 from producers.gateway.dropin.ollama import add_ollama_routes
 from producers.gateway.dropin.openai import add_openai_routes, error_response
