@@ -165,6 +165,8 @@ class Inference:
         """Stop probing and asking (before the HTTP client they use is closed)."""
         await self._probes.aclose()
         await self.residency.aclose()
+        for line in self.lines.values():
+            await line.aclose()
 
     # -- steps --------------------------------------------------------------------------
 

@@ -230,6 +230,12 @@ class WaitingLine:
         finally:
             self._poller = None
 
+    async def aclose(self) -> None:
+        """Stop the line's poll (the worker is stopping)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+
     def wake(self, slots: int = 1) -> None:
         """Give the next ``slots`` waiting requests their turn, in the schedule's order.
 
