@@ -11,7 +11,9 @@
 # Settings come from NEXUS_<SECTION>_<KEY> environment variables (see
 # nexus/settings.py) and OLLAMA_HOST; docker-compose.yml wires up a full stack.
 
-FROM python:3.11-slim
+# An exact tag (Python 3.11.14 on Debian 12): a rebuild gets the same interpreter and OS, not whatever
+# 3.11-slim points at that day. Update it on purpose.
+FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -26,18 +28,21 @@ WORKDIR /app
 
 # Dependencies first, in their own layer: read from pyproject.toml alone, so
 # editing the sources does not reinstall them. All of them ship wheels, so the
-# slim image needs no compiler.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# slim image needs no compiler. constraints.txt pins them to the versions the
+# suite passed with, as `make` and CI install them.
+COPY pyproject.toml constraints.txt ./
+# The `otel` extra is included, so setting OTEL_EXPORTER_OTLP_ENDPOINT exports traces (docs/observability.md).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" \
         > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt -c constraints.txt \
  && rm /tmp/requirements.txt
 
 # Then the project itself (no test extras; .dockerignore keeps .venv, .cache,
 # .git, tests and bytecode out of the context). The check after it fails the
 # build, not the first request, if the Avro schemas were not packaged into
 # site-packages (it runs from / so the sources in /app cannot stand in for them).
-# The worker keeps its Faust state under ./.cache, so that must be writable.
+# The worker keeps its Faust state in the Nexus home (nexus/home.py), /app/.cache here: writable.
+ENV NEXUS_HOME=/app/.cache
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
  && cd / \

@@ -12,11 +12,18 @@ export NEXUS_HOME ?= $(CURDIR)/.cache
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Nexus needs Python 3.11+ (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
 
-$(STAMP): pyproject.toml | check-python
+# constraints.txt: the exact versions the suite was tested with (pyproject.toml has the ranges).
+$(STAMP): pyproject.toml constraints.txt | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# Rewrite constraints.txt from what .venv has now (after a dependency change; then `make test`).
+.PHONY: constraints
+constraints: $(STAMP)
+	{ sed -n '/^#/p;/^#/!q' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 kafka-jars: $(STAMP)
 	$(BIN)/python -c 'from localdev.broker import fetch_kafka; print("Kafka jars in", fetch_kafka())'
@@ -31,6 +38,13 @@ run: $(STAMP) kafka-jars
 
 test: $(STAMP) kafka-jars
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (bug-finding rules) over the code, tests and benchmarks; mypy over the six packages.
+# Both read their settings from pyproject.toml.
+.PHONY: lint
+lint: $(STAMP)
+	$(BIN)/ruff check nexus schemas streams producers consumers localdev tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

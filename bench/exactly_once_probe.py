@@ -130,7 +130,7 @@ def _route_every_send_into_a_transaction() -> None:
 
 
 def start_worker(
-    env: dict[str, str], logs: Path, n: int, scenario: "Scenario"
+    env: dict[str, str], logs: Path, n: int, scenario: Scenario
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """This file with --run-worker, its output in ``logs``: a worker that can be SIGKILLed."""
     path = logs / f"worker-{n}.log"
@@ -224,7 +224,7 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
                     alone = InferenceRequest(f"{run}-alone-{i}", models[i % len(models)], f"a{i}", ModelContext("a"))
                     asked = time.monotonic()
                     await producer.submit(alone)
-                    await poll_until(lambda: alone.id in committed.ids, timeout)
+                    await poll_until(lambda: alone.id in committed.ids, timeout)  # noqa: B023 (awaited here)
                     one_by_one.append((alone.model_id, committed.first_seen[alone.id] - asked))
             started = time.monotonic()
             if worker.poll() is not None:
@@ -238,7 +238,7 @@ async def probe(bootstrap: str, scenario: Scenario, timeout: float, logs: Path) 
 
         for k in range(kills):
             threshold = int(n * (0.2 + 0.25 * k))
-            if not await poll_until(lambda: uncommitted.answered(wanted) >= threshold, timeout):
+            if not await poll_until(lambda: uncommitted.answered(wanted) >= threshold, timeout):  # noqa: B023
                 events.append(f"stalled before kill {k + 1}: {seen()}")
                 break
             worker.kill()

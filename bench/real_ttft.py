@@ -89,7 +89,7 @@ async def measure(bootstrap: str, n: int, tokens: int) -> None:
             order = list(paths)
             for block in (order, order[::-1]):
                 for name in block:
-                    for i, prompt in enumerate(prompts[: (n + 1) // 2] if block is order else prompts[(n + 1) // 2:]):
+                    for prompt in prompts[: (n + 1) // 2] if block is order else prompts[(n + 1) // 2:]:
                         results[name].append(await call(name, prompt, f"session-{uuid.uuid4().hex[:8]}"))
     finally:
         stop_all(procs)
@@ -116,7 +116,7 @@ class Topics:
         self._consumer = reader(kafka, client_id="bench-real-ttft", fetch_max_wait_ms=5)
         self._codec = Codec.from_directory()
 
-    async def __aenter__(self) -> "Topics":
+    async def __aenter__(self) -> Topics:
         await self._consumer.start()
         await read_from_end(self._consumer, [self._kafka.tokens_topic, self._kafka.responses_topic], timeout_s=30)
         return self

@@ -28,7 +28,7 @@ from common import REPO, run_on_broker
 
 sys.path.insert(0, str(REPO))  # tests/ is not an installed package
 
-from tests.integration.torture import KINDS, TortureReport, torture  # noqa: E402
+from tests.integration.torture import KINDS, TortureReport, torture
 
 LOGS_DIR = REPO / ".cache" / "bench-logs" / "restarts"
 

@@ -174,7 +174,7 @@ class WeightedRoundRobin:
                         await reply.read()
                         if reply.status == 200:
                             return endpoint.name
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
             index = (index + 1) % len(self._endpoints)
         return None
@@ -228,7 +228,7 @@ class Nexus:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
         self.producer = RequestProducer(self.kafka)
 
-    async def __aenter__(self) -> "Nexus":
+    async def __aenter__(self) -> Nexus:
         await ensure_topics(self.kafka)
         self.worker = role(["worker"], self.env)
         await self.consumer.start()

@@ -201,7 +201,7 @@ async def run_one(bootstrap: str, broker_pids: list[int], sim_url: str, sim_pid:
         machine.start()
         try:
             rate, cpu = await asyncio.wait_for(drive(kafka, n, pids, models), timeout=STALL_S + n / 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             behind = await uncommitted(kafka, env["NEXUS_WORKER_APP_ID"])
             raise StalledRun(
                 f"{workers} workers did not answer {n} requests in {STALL_S + n / 10:.0f}s; requests partitions "

@@ -36,6 +36,7 @@ from types import FrameType, TracebackType
 
 from localdev import home
 from localdev.metadata import broker_ids
+from localdev.progress import Progress, run_reporting
 from nexus.errors import NexusError
 
 KAFKA_VERSION = "3.9.1"
@@ -44,6 +45,8 @@ MIN_JAVA_MAJOR = 11  # Kafka 3.9 brokers need Java 11+
 POM_RESOURCE = "kafka_pom.xml"  # package data of ``localdev``: found in a checkout and in a wheel
 _MARKER_NAME = ".fetch-complete"
 _LOG_TAIL_LINES = 40
+_PROGRESS_EVERY_S = 10.0
+
 
 _LOG4J_PROPERTIES = """\
 # Written by localdev.broker: quiet console, WARN+ plus the broker lifecycle lines.
@@ -65,6 +68,10 @@ class LocalKafkaError(NexusError):
 
 
 KafkaError = LocalKafkaError  # the old name, kept for callers that catch it
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -201,12 +208,34 @@ def _has_marker(libs_dir: Path) -> bool:
         return False
 
 
-def fetch_kafka(cache_dir: Path | None = None) -> Path:
+def maven_download(line: str) -> str | None:
+    """The file a Maven ``Downloaded from <repo>: <url> (<size>...)`` output line names, else None."""
+    match = re.match(r"(?:\[INFO\]\s+)?Downloaded from [^:]+: (\S+)", line.strip())
+    return match.group(1).rsplit("/", 1)[-1] if match else None
+
+
+def fetch_progress_line(elapsed_s: float, downloads: int, last: str | None) -> str:
+    """The periodic line while ``mvn`` runs: how long so far and what it downloaded."""
+    doing = (f"{downloads} files downloaded so far (last: {last})" if downloads
+             else "resolving (nothing downloaded yet; files already in ~/.m2 are copied, not downloaded)")
+    return f"nexus: fetching Kafka {KAFKA_VERSION} jars: {elapsed_s:.0f}s, {doing}"
+
+
+def fetch_done_line(libs_dir: Path, elapsed_s: float, jars: int, size_bytes: int, downloads: int) -> str:
+    """The closing line of a fetch: where the jars are, how many, and how long it took."""
+    source = f"{downloads} files downloaded" if downloads else "all from the local Maven repository ~/.m2"
+    return (f"nexus: Kafka {KAFKA_VERSION} jars ready in {libs_dir}: {jars} jars, "
+            f"{size_bytes / 1e6:.0f} MB, fetched in {elapsed_s:.0f}s ({source})")
+
+
+def fetch_kafka(cache_dir: Path | None = None, progress: Progress = _stderr) -> Path:
     """Ensure the broker jars are cached and return the libs dir (idempotent, atomic).
 
     Runs Maven into a sibling staging dir and renames it into place only after a
     successful fetch, so an interrupted download is never picked up as a classpath.
     The POM is copied into a scratch dir first: the installed package may be read-only.
+    A fetch says so on ``progress`` when it starts, every few seconds while ``mvn`` runs
+    (the first one downloads ~50 MB) and when it is done; a cached libs dir says nothing.
     """
     libs_dir = Path(cache_dir) if cache_dir is not None else default_libs_dir()
     if _has_marker(libs_dir):
@@ -224,28 +253,23 @@ def fetch_kafka(cache_dir: Path | None = None) -> Path:
         pom = project / "pom.xml"
         pom.write_text(kafka_pom(), encoding="utf-8")
         cmd = [
-            mvn, "-q", "-B", "-f", str(pom),
+            mvn, "-B", "-f", str(pom),
             "dependency:copy-dependencies",
             f"-DoutputDirectory={staging}",
             "-DincludeScope=runtime",
         ]
-        try:
-            proc = subprocess.run(
-                cmd, cwd=project, capture_output=True, text=True, timeout=900, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise LocalKafkaError(
-                "mvn timed out fetching Kafka jars: check access to Maven Central "
-                "(https://repo.maven.apache.org) or the proxy/mirror in ~/.m2/settings.xml"
-            ) from exc
+        progress(f"nexus: fetching the Kafka {KAFKA_VERSION} broker jars (~50 MB) from Maven Central with mvn "
+                 f"into {libs_dir} (first run only)...")
+        started = time.monotonic()
+        code, downloads = _run_mvn(cmd, project, project / "mvn.log", progress, started)
         jars = sorted(p.name for p in staging.glob("*.jar"))
-        if proc.returncode != 0 or not any(j.startswith("kafka_") for j in jars):
-            output = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_LOG_TAIL_LINES:])
+        if code != 0 or not any(j.startswith("kafka_") for j in jars):
             raise LocalKafkaError(
-                f"mvn failed (exit {proc.returncode}) fetching Kafka {KAFKA_VERSION} jars: check "
+                f"mvn failed (exit {code}) fetching Kafka {KAFKA_VERSION} jars: check "
                 "network access to Maven Central (https://repo.maven.apache.org) or the proxy/"
-                f"mirror in ~/.m2/settings.xml. Command: {' '.join(cmd)}\n{output}"
+                f"mirror in ~/.m2/settings.xml. Command: {' '.join(cmd)}\n{_tail(project / 'mvn.log')}"
             )
+        size = sum(p.stat().st_size for p in staging.glob("*.jar"))
         staging.chmod(0o755)  # mkdtemp makes it 0700; the cache is shared like any install
         (staging / _MARKER_NAME).write_text(f"{KAFKA_VERSION}\n" + "\n".join(jars) + "\n")
         if libs_dir.exists() and not _has_marker(libs_dir):
@@ -255,10 +279,37 @@ def fetch_kafka(cache_dir: Path | None = None) -> Path:
         except OSError:
             if not _has_marker(libs_dir):  # lost a race only counts if the winner is complete
                 raise
+        progress(fetch_done_line(libs_dir, time.monotonic() - started, len(jars), size, downloads))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(project, ignore_errors=True)
     return libs_dir
+
+
+def _run_mvn(cmd: list[str], cwd: Path, log_path: Path, progress: Progress, started: float,
+             timeout: float = 900) -> tuple[int, int]:
+    """Run ``mvn`` with its output in ``log_path`` and a progress line every few seconds.
+
+    Returns its exit code and how many files it downloaded. Ctrl-C (or the timeout) kills it.
+    """
+    downloads = [0]
+    last: list[str | None] = [None]
+
+    def on_line(line: str) -> None:
+        name = maven_download(line)
+        if name is not None:
+            downloads[0] += 1
+            last[0] = name
+
+    with log_path.open("w") as log:
+        code = run_reporting(
+            cmd, log, progress=progress, report=lambda elapsed: fetch_progress_line(elapsed, downloads[0], last[0]),
+            every_s=_PROGRESS_EVERY_S, timeout_s=timeout, on_line=on_line, started=started, cwd=cwd,
+            timed_out=lambda: LocalKafkaError(
+                f"mvn took over {timeout:.0f}s fetching Kafka jars: check access to Maven Central "
+                "(https://repo.maven.apache.org) or the proxy/mirror in ~/.m2/settings.xml"),
+        )
+    return code, downloads[0]
 
 
 def _read_properties(path: Path) -> dict[str, str]:
@@ -456,11 +507,11 @@ class LocalKafka:
     def start(self, timeout: float = 60) -> None:
         """Fetch jars if needed, format storage on first use, launch, and wait until it serves.
 
-        Readiness is a Metadata request that lists this broker, not a fixed sleep.
+        Readiness is a Metadata request that lists this broker, not a fixed sleep. ``timeout``
+        starts at the launch: a first run's jar download (minutes, with progress lines) is not in it.
         """
         if self.is_running():
             raise LocalKafkaError(f"broker on {self.bootstrap} is already running (pid {self.pid})")
-        deadline = time.monotonic() + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         controller_port = self._resolve_controller_port()
         if self._secured:
@@ -494,6 +545,7 @@ class LocalKafka:
             "-cp", classpath, "kafka.Kafka", str(self.server_properties_path),
         ]
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        deadline = time.monotonic() + timeout  # after the fetch and the format: only the launch counts
         with self.log_path.open("ab") as log:
             # Own session: a terminal Ctrl-C reaches only us, and we shut the broker down cleanly.
             self._proc = subprocess.Popen(
@@ -545,6 +597,7 @@ class LocalKafka:
                 )
             # A secured broker answers plain Metadata requests only on its internal listener.
             ready_port = self._internal_port if self._secured else self.port
+            assert ready_port is not None  # start() picked the internal port above
             if broker_ids(self.host, ready_port, timeout=min(2.0, max(remaining, 0.1))):
                 return  # it lists a live broker: itself, registered and unfenced
             time.sleep(0.1)  # poll interval between readiness checks

@@ -24,16 +24,17 @@ import asyncio
 import atexit
 import base64
 import signal
-import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from localdev.broker import KafkaError, LocalKafka, LocalKafkaError, free_port  # KafkaError: the old name
+from localdev.broker import KafkaError as KafkaError  # re-exported: the old name
+from localdev.broker import LocalKafka, LocalKafkaError, fetch_kafka, free_port
 from localdev.metadata import broker_ids  # re-exported: it used to live here
 
 
@@ -156,7 +157,8 @@ class LocalKafkaCluster:
 
     def start(self, timeout: float = 120) -> None:
         """Launch every node at once (a lone voter cannot elect a controller), then wait
-        until all brokers are registered and unfenced."""
+        until all brokers are registered and unfenced. ``timeout`` starts after the jars are fetched."""
+        fetch_kafka(self.nodes[0].libs_dir)  # once, not by every node at once; a first fetch takes a while
         deadline = time.monotonic() + timeout
         atexit.register(self.stop)
         try:
@@ -209,7 +211,7 @@ class LocalKafkaCluster:
         """The node id leading ``topic``/``partition`` now, from the cluster's metadata."""
         return (await self.describe(topic, partition, timeout))["leader"]
 
-    async def describe(self, topic: str, partition: int, timeout: float = 15) -> dict:  # type: ignore[type-arg]
+    async def describe(self, topic: str, partition: int, timeout: float = 15) -> dict[str, Any]:
         """Leader, replicas and ISR of one partition (aiokafka's metadata dict).
 
         Waits up to ``timeout`` while the partition is unknown to the broker asked (a new

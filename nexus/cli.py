@@ -9,18 +9,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
+import re
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from nexus import logs
 from nexus.settings import ConfigError, Settings, load_settings
+from nexus.startup import StartError
+
+DISTRIBUTION = "nexus-inference"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config).with_bootstrap(args.bootstrap)
+
+
+def package_version() -> str:
+    """The installed distribution's version; a checkout that was never installed says so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "0+unknown (not installed: run from a source checkout)"
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
@@ -38,14 +53,22 @@ def cmd_ollama(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import run_worker
 
-    run_worker(_settings(args), loglevel=args.loglevel)
+    try:
+        run_worker(_settings(args))
+    except StartError as exc:
+        logs.fail(f"nexus worker: {exc}")
+        return 1
     return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from producers.gateway.app import serve
 
-    asyncio.run(_until_signalled(serve(_settings(args))))
+    try:
+        asyncio.run(_until_signalled(serve(_settings(args))))
+    except StartError as exc:
+        logs.fail(f"nexus gateway: {exc}")
+        return 1
     return 0
 
 
@@ -67,7 +90,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_until_signalled(serve_bridge(_settings(args))))
     except BridgeStartError as exc:
-        print(f"nexus bridge: {exc}", file=sys.stderr)
+        logs.fail(f"nexus bridge: {exc}")
         return 1
     return 0
 
@@ -112,6 +135,18 @@ def cmd_new_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print every effective setting and where it came from; a bad setting fails as in any role."""
+    from nexus.config_report import describe, render_json, render_text
+    from nexus.settings import read_config_file
+
+    path, raw = read_config_file(args.config, os.environ)
+    rows = describe(_settings(args), raw, os.environ, str(path), args.bootstrap, args.log)
+    render = render_json if args.json else render_text
+    sys.stdout.write(render(rows, str(path), path.exists()))
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from localdev.broker import LocalKafkaError
     from localdev.stack import run_stack
@@ -130,7 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nexus", description="LLM inference orchestration on Kafka."
     )
-    common = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--version", action="version", version=f"nexus {package_version()}")
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument(
+        "--log-level", type=str.lower, choices=logs.LEVEL_CHOICES, metavar="LEVEL",
+        help=f"debug, info, warning, error or critical (default: ${logs.LEVEL_ENV} or {logs.DEFAULT_LEVEL}); "
+             "aiokafka and Faust log at warning unless debug",
+    )
+    logging_options.add_argument(
+        "--log-format", type=str.lower, choices=logs.FORMATS,
+        help=f"text, or json: one object per line (default: ${logs.FORMAT_ENV} or {logs.DEFAULT_FORMAT})",
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[logging_options])
     common.add_argument(
         "--bootstrap",
         help="Kafka bootstrap servers, host:port[,host:port] (default: settings, localhost:9092)",
@@ -156,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_kafka)
 
     p = sub.add_parser(
-        "ollama", help="run a real local Ollama with the embedded model smollm2:135m (built once from source)"
+        "ollama", parents=[logging_options], help="run a real local Ollama with the embedded model smollm2:135m (built once from source)"
     )
     p.add_argument("--port", type=int, default=11434)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -167,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ollama)
 
     p = sub.add_parser("worker", parents=[common], help="run the Faust worker that answers requests")
-    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    p.add_argument("--loglevel", dest="log_level", type=str.lower, choices=logs.LEVEL_CHOICES, metavar="LEVEL",
+                   help="the same as --log-level (Faust's spelling: crit, error, warn, info, debug)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("gateway", parents=[common], help="run the HTTP gateway (POST /infer)")
@@ -199,20 +246,74 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(p)
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("new-key", help="make an API key: a random token and the config lines with its SHA-256")
+    p = sub.add_parser("config", parents=[common],
+                       help="print the effective settings and where each came from (secrets hidden)")
+    p.add_argument("--json", action="store_true", help="one JSON object: each key's value and source")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("new-key", parents=[logging_options], help="make an API key: a random token and the config lines with its SHA-256")
     p.add_argument("name", help="the key's public name (logs, audit, the records' key_name)")
     p.add_argument("--models", help="comma-separated model ids the key may use (default: all)")
     p.set_defaults(func=cmd_new_key)
     return parser
 
 
+# A value that starts with '-' and a digit: a relative time (-15m) or a negative number.
+_DASHED_VALUE = re.compile(r"^-\.?\d")
+
+
+def values_as_written(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--since -15m`` as ``--since=-15m``: argparse takes a value starting with '-' for an option
+    and refuses it ("expected one argument"), though the docs give that form.
+
+    Only for options that take exactly one value, and only for a value that starts with '-' and a
+    digit (no ``nexus`` option does), so nothing else changes meaning.
+    """
+    takes_value = _options_taking_one_value(parser)
+    subcommands = _subparsers(parser)
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + list(argv[i:])
+        if token in subcommands and not takes_value.get(out[-1] if out else ""):
+            takes_value = {**takes_value, **_options_taking_one_value(subcommands[token])}
+        previous = out[-1] if out else ""
+        if takes_value.get(previous) and _DASHED_VALUE.match(token):
+            out[-1] = f"{previous}={token}"
+            continue
+        out.append(token)
+    return out
+
+
+def _options_taking_one_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    return {
+        option: action.nargs is None
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(values_as_written(parser, sys.argv[1:] if argv is None else argv))
+    try:
+        args.log = logs.resolve(getattr(args, "log_level", None), getattr(args, "log_format", None), os.environ)
+    except ConfigError as exc:
+        print(f"nexus: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log, role=args.command)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"nexus: configuration error: {exc}", file=sys.stderr)
+        logs.fail(f"nexus: configuration error: {exc}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,8 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     ├── KafkaUnavailableError (also RuntimeError)  nexus.kafka.topics: no broker answered in time
     ├── TopicCreationError (also RuntimeError)     nexus.kafka.topics: the cluster refused to create a topic
     ├── TopicMissingError                          nexus.kafka.readers: a topic Nexus reads does not exist
+    ├── OllamaHostError (also ValueError)          nexus.ollama_host: an OLLAMA_HOST no Ollama client accepts
+    ├── StartError                                 nexus.startup: the gateway or worker cannot start (port, Kafka)
     ├── AccessError                                nexus.access: an API key was refused
     │   ├── Unauthenticated                        no key, or an unknown one (401)
     │   └── Forbidden                              a key used beyond its models or sessions (403)
@@ -23,6 +25,7 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     ├── Unsendable (also ValueError)               streams.backends.wire: a request's JSON text cannot go in a body
     ├── Expired                                    streams.answering: a request's deadline passed
     ├── Unavailable                                streams.answering: no endpoint of the model can answer
+    ├── Undeliverable                              streams.commits.outbox: Kafka refused a record for good
     ├── ProducerError (also RuntimeError)          producers.client: the producer API
     │   ├── SubmitError                            Kafka did not accept a request
     │   │   └── RequestTooLarge                    over schemas.limits.MAX_RECORD_BYTES, not produced (413)

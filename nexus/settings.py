@@ -12,12 +12,15 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from nexus.errors import NexusError
+from nexus.ollama_host import DEFAULT_URL, OllamaHostError, parse_ollama_host
 
 DEFAULT_CONFIG_PATH = Path("configs/nexus.toml")
-DEFAULT_OLLAMA_HOST = "http://localhost:11434"
+# What Ollama's own clients use when OLLAMA_HOST is unset (nexus/ollama_host.py).
+DEFAULT_OLLAMA_HOST = DEFAULT_URL
 # Served when no [models] section and no NEXUS_MODELS say otherwise, each at the Ollama host.
 DEFAULT_MODEL_IDS = ("llama3.1", "mistral")
 # Stable text first, per-request values last, no session id: requests of a model share their
@@ -55,6 +58,9 @@ class KafkaSettings:
     session_timeout_ms: int = 10_000
     # How long a producer waits for the broker to acknowledge before giving up.
     produce_timeout_s: float = 10.0
+    # How long a starting role (worker, gateway, bridge) waits for a broker to answer before it
+    # exits with an error; a broker starting alongside has this long to come up.
+    connect_timeout_s: float = 60.0
     # How long the topics keep records (their retention.ms): the audit window. -1 keeps them forever.
     retention_ms: int = 7 * 24 * 3600 * 1000
     # How clients reach the brokers (docs/security.md): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
@@ -119,6 +125,11 @@ class WorkerSettings:
     # On SIGINT/SIGTERM, how long answers already running may take to finish (and be committed)
     # before the worker leaves; the rest are answered by the partition's next owner.
     stop_grace_s: float = 10.0
+    # The response cache this worker holds in memory, at most (entries of its partitions): past it
+    # the entries closest to expiry are deleted first. Expired entries are deleted (with a
+    # tombstone on the changelog) every cache_sweep_interval_s, and as new entries are written.
+    cache_max_entries: int = 100_000
+    cache_sweep_interval_s: float = 30.0
 
 
 # The APIs an endpoint may speak: Ollama's native /api/*, or OpenAI's /v1/* (vLLM, llama.cpp's server,
@@ -231,7 +242,7 @@ class Settings:
     def model_ids(self) -> tuple[str, ...]:
         return tuple(m.id for m in self.models)
 
-    def with_bootstrap(self, bootstrap: str | None) -> "Settings":
+    def with_bootstrap(self, bootstrap: str | None) -> Settings:
         if not bootstrap:
             return self
         return dataclasses.replace(self, kafka=dataclasses.replace(self.kafka, bootstrap=bootstrap))
@@ -255,9 +266,10 @@ _SECTIONS: dict[str, type] = {
 
 # Zero would not mean "no limit" for these: it would stall or refuse everything.
 _POSITIVE = {
-    "kafka": ("partitions", "replication_factor", "session_timeout_ms", "produce_timeout_s"),
+    "kafka": ("partitions", "replication_factor", "session_timeout_ms", "produce_timeout_s", "connect_timeout_s"),
     "gateway": ("max_body_bytes", "health_timeout_s", "reply_timeout_s"),
-    "worker": ("max_batch", "max_wait_ms", "max_in_flight", "commit_interval_s"),
+    "worker": ("max_batch", "max_wait_ms", "max_in_flight", "commit_interval_s", "cache_max_entries",
+               "cache_sweep_interval_s"),
     "bridge": ("port", "max_queue"),
 }
 
@@ -271,24 +283,14 @@ def load_settings(
     default file is fine, a missing explicit one is an error.
     """
     env = os.environ if environ is None else environ
-    explicit = path is not None or "NEXUS_CONFIG" in env
-    config_path = Path(path if path is not None else env.get("NEXUS_CONFIG", DEFAULT_CONFIG_PATH))
-    raw: dict[str, Any] = {}
-    if config_path.exists():
-        try:
-            raw = tomllib.loads(config_path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
-    elif explicit:
-        raise ConfigError(f"{config_path}: config file not found")
+    config_path, raw = read_config_file(path, env)
     where = str(config_path)
 
     unknown = set(raw) - set(_SECTIONS) - {"models", "ollama_host", "access", "tenants"}
     if unknown:
         raise ConfigError(f"{where}: unknown section or key {sorted(unknown)[0]!r}")
 
-    ollama_host = env.get("OLLAMA_HOST") or raw.get("ollama_host") or field_defaults(Settings)["ollama_host"]
-    ollama_host = _normalise_host(str(ollama_host))
+    ollama_host = _ollama_host(env, raw, where)
 
     sections = {}
     for name, cls in _SECTIONS.items():
@@ -319,6 +321,37 @@ def load_settings(
     access = _access(raw.get("access"), env.get("NEXUS_API_KEYS"), {m.id for m in models}, where)
     tenants = _tenants(raw.get("tenants"), env.get("NEXUS_TENANTS"), where)
     return Settings(models=models, ollama_host=ollama_host, access=access, tenants=tenants, **sections)
+
+
+def read_config_file(path: Path | str | None, env: Mapping[str, str]) -> tuple[Path, dict[str, Any]]:
+    """The settings file ``load_settings`` reads and its TOML tables (empty when it is absent)."""
+    explicit = path is not None or "NEXUS_CONFIG" in env
+    config_path = Path(path if path is not None else env.get("NEXUS_CONFIG", DEFAULT_CONFIG_PATH))
+    raw: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            raw = tomllib.loads(config_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"{config_path}: config file not found")
+    return config_path, raw
+
+
+def _ollama_host(env: Mapping[str, str], raw: Mapping[str, Any], where: str) -> str:
+    """``OLLAMA_HOST`` (when set and not empty), else the file's ``ollama_host``, read as Ollama reads it."""
+    if env.get("OLLAMA_HOST", "").strip():
+        value, origin = env["OLLAMA_HOST"], "environment variable OLLAMA_HOST"
+    elif "ollama_host" in raw:
+        value, origin = raw["ollama_host"], f"{where}: ollama_host"
+    else:
+        return DEFAULT_OLLAMA_HOST
+    if not isinstance(value, str):
+        raise ConfigError(f"{origin}: expected a host[:port] or URL string, got {value!r}")
+    try:
+        return parse_ollama_host(value)
+    except OllamaHostError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- tenants
@@ -632,7 +665,7 @@ def _model(model_id: str, spec: Any, ollama_host: str, here: str) -> ModelSettin
 
 def _endpoint(spec: Any, here: str) -> EndpointSettings:
     if isinstance(spec, str):
-        return EndpointSettings(_normalise_host(spec))
+        return EndpointSettings(_ollama_url(spec, here))
     if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
         raise ConfigError(f"{here}: expected a URL or a table with a url")
     unknown = set(spec) - _ENDPOINT_KEYS
@@ -651,8 +684,16 @@ def _endpoint(spec: Any, here: str) -> EndpointSettings:
         raise ConfigError(
             f"{here} ({spec['url']}) kind: expected one of {', '.join(map(repr, ENDPOINT_KINDS))}, got {kind!r}"
         )
-    url = _normalise_host(spec["url"])
     if kind == "openai":
         # The server's base: "http://h:8000" and "http://h:8000/v1" are the same endpoint.
-        url = url.removesuffix("/v1").rstrip("/")
+        url = _normalise_host(spec["url"]).removesuffix("/v1").rstrip("/")
+    else:  # an Ollama's address means what it means in OLLAMA_HOST: "gpu1" is gpu1:11434
+        url = _ollama_url(spec["url"], here)
     return EndpointSettings(url, weight, slots, max_rps, kind)
+
+
+def _ollama_url(value: str, here: str) -> str:
+    try:
+        return parse_ollama_host(value)
+    except OllamaHostError as exc:
+        raise ConfigError(f"{here}: {exc}") from None

@@ -15,6 +15,8 @@ the worker holding the request drops it or aborts its model call, and answers it
 ``submit_and_wait`` addresses the request to this producer (``reply_to``) and reads its
 answer from ``inference.responses`` with the reader the drop-in gateways use
 (:mod:`producers.replies`), which skips everyone else's answers without decoding them.
+Every request record carries a W3C ``traceparent`` header (``traceparent=`` given, else the
+current OpenTelemetry span's, else a new trace: :mod:`nexus.tracing`).
 
 This module needs only :mod:`schemas`, :mod:`nexus` and aiokafka, so other systems can
 use it without the worker, the gateway or their dependencies. ``import producers`` gives
@@ -35,6 +37,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from nexus import tracing
 from nexus.errors import NexusError
 from nexus.kafka.clients import client_options, refusal
 from nexus.settings import KafkaSettings
@@ -156,10 +159,10 @@ class RequestProducer:
             # Unacknowledged records are flushed for at most one produce timeout: with the
             # brokers gone, stopping must not hang (their senders were already told 503).
             await asyncio.wait_for(self._producer.stop(), self._kafka.produce_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("stopped the producer with records Kafka never acknowledged")
 
-    async def __aenter__(self) -> "RequestProducer":
+    async def __aenter__(self) -> RequestProducer:
         await self.start()
         return self
 
@@ -171,8 +174,15 @@ class RequestProducer:
     ) -> None:
         await self.stop()
 
-    async def submit(self, request: InferenceRequest) -> str:
+    async def submit(
+        self, request: InferenceRequest, *, traceparent: str | None = None, tracestate: str | None = None
+    ) -> str:
         """Write ``request`` to its priority's lane; return its id once Kafka acknowledged it.
+
+        The record carries a W3C ``traceparent`` header (:mod:`nexus.tracing`), which the worker
+        copies onto the request's token chunks and response: ``traceparent``/``tracestate`` when
+        given (an invalid one is ignored), else the current OpenTelemetry span's when there is one,
+        else a new trace. With OpenTelemetry set up, the produce is a span of its own.
 
         Raises :class:`SubmitError` if no acknowledgement arrives within the
         produce timeout, :class:`RequestTooLarge` (a ``SubmitError``, nothing written) for
@@ -187,7 +197,16 @@ class RequestProducer:
         value = encode_request(self._codec, request)
         if len(value) > MAX_RECORD_BYTES:
             raise RequestTooLarge(request.id, len(value))
-        await self._produce(self._kafka.lane_topic(request.priority), value, request.model_id, f"request {request.id}")
+        topic, what = self._kafka.lane_topic(request.priority), f"request {request.id}"
+        # The record carries the trace context: the caller's, else the current span's, else a new one.
+        parent = tracing.parent_for(traceparent, tracestate)
+        spans = tracing.library()
+        if not spans.enabled:  # no span objects: the header alone
+            await self._produce(topic, value, request.model_id, what, (parent or tracing.new_trace()).kafka_headers())
+            return request.id
+        with spans.sending(topic, parent, request.id, request.model_id) as sending:
+            sent = await self._produce(topic, value, request.model_id, what, sending.headers)
+            sending.sent(sent.partition, sent.offset)
         return request.id
 
     async def cancel(self, request_id: str, reason: str = "", key_name: str | None = None) -> InferenceCancel:
@@ -203,22 +222,28 @@ class RequestProducer:
                             f"the cancel of request {request_id}")
         return cancel
 
-    async def _produce(self, topic: str, value: bytes, key: str, what: str) -> None:
+    async def _produce(
+        self, topic: str, value: bytes, key: str, what: str, headers: list[tuple[str, bytes]] | None = None
+    ) -> Any:
+        """Send one record and wait for Kafka's acknowledgement; return its metadata (partition, offset)."""
         try:
-            await asyncio.wait_for(
-                self._producer.send_and_wait(topic, value=value, key=key.encode()),
-                timeout=self._kafka.produce_timeout_s,
-            )
-        except (KafkaError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self._kafka.produce_timeout_s):  # no task of its own, as wait_for makes
+                return await self._producer.send_and_wait(topic, value=value, key=key.encode(), headers=headers)
+        except (TimeoutError, KafkaError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             raise SubmitError(f"Kafka at {self._kafka.bootstrap} did not acknowledge {what}: {reason}") from None
 
-    async def submit_many(self, requests: Sequence[InferenceRequest]) -> list[str]:
-        """Write several requests concurrently (they share producer batches)."""
-        return list(await asyncio.gather(*(self.submit(r) for r in requests)))
+    async def submit_many(
+        self, requests: Sequence[InferenceRequest], *, traceparent: str | None = None, tracestate: str | None = None
+    ) -> list[str]:
+        """Write several requests concurrently (they share producer batches); ``traceparent`` as in
+        :meth:`submit`, for each (without one and outside a span, each request is a trace of its own)."""
+        return list(await asyncio.gather(
+            *(self.submit(r, traceparent=traceparent, tracestate=tracestate) for r in requests)))
 
     async def submit_and_wait(
-        self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S
+        self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S, *,
+        traceparent: str | None = None, tracestate: str | None = None,
     ) -> InferenceResponse:
         """Submit ``request`` and return its response, read from the responses topic.
 
@@ -230,10 +255,12 @@ class RequestProducer:
         answered twice; the first answer is returned. The request is written with
         ``reply_to`` set to this producer's :attr:`name` (leave it unset).
         """
-        return (await self.submit_many_and_wait([request], timeout_s))[0]
+        return (await self.submit_many_and_wait([request], timeout_s, traceparent=traceparent,
+                                                tracestate=tracestate))[0]
 
     async def submit_many_and_wait(
-        self, requests: Sequence[InferenceRequest], timeout_s: float = DEFAULT_WAIT_S
+        self, requests: Sequence[InferenceRequest], timeout_s: float = DEFAULT_WAIT_S, *,
+        traceparent: str | None = None, tracestate: str | None = None,
     ) -> list[InferenceResponse]:
         """Submit several requests and return their responses in the same order.
 
@@ -252,7 +279,7 @@ class RequestProducer:
             for r in addressed:
                 if r.id not in futures:
                     futures[r.id] = self._replies.expect(r.id, stream=False).done
-            await self.submit_many(addressed)
+            await self.submit_many(addressed, traceparent=traceparent, tracestate=tracestate)
             pending = (await asyncio.wait(futures.values(), timeout=timeout_s))[1] if futures else set()
             if pending:
                 first = next(r.id for r in addressed if futures[r.id] in pending)
@@ -292,7 +319,7 @@ class RequestProducer:
         """Raise if the cluster does not answer a metadata request within ``timeout_s``."""
         try:
             ok = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout_s)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError) as exc:
             raise SubmitError(f"Kafka at {self._kafka.bootstrap} does not answer: {exc!r}") from None
         if not ok.brokers():
             raise SubmitError(f"Kafka at {self._kafka.bootstrap} reports no brokers")
@@ -342,29 +369,35 @@ class SyncRequestProducer:
             self._thread.join()
             self._loop.close()
 
-    def __enter__(self) -> "SyncRequestProducer":
+    def __enter__(self) -> SyncRequestProducer:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, request: InferenceRequest) -> str:
-        return self._call(self._started().submit(request))
+    def submit(self, request: InferenceRequest, *, traceparent: str | None = None,
+               tracestate: str | None = None) -> str:
+        return self._call(self._started().submit(request, **_caller_trace(traceparent, tracestate)))
 
-    def submit_many(self, requests: Sequence[InferenceRequest]) -> list[str]:
-        return self._call(self._started().submit_many(requests))
+    def submit_many(self, requests: Sequence[InferenceRequest], *, traceparent: str | None = None,
+                    tracestate: str | None = None) -> list[str]:
+        return self._call(self._started().submit_many(requests, **_caller_trace(traceparent, tracestate)))
 
     def cancel(self, request_id: str, reason: str = "", key_name: str | None = None) -> InferenceCancel:
         return self._call(self._started().cancel(request_id, reason, key_name))
 
-    def submit_and_wait(self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S) -> InferenceResponse:
-        return self._call(self._started().submit_and_wait(request, timeout_s))
+    def submit_and_wait(self, request: InferenceRequest, timeout_s: float = DEFAULT_WAIT_S, *,
+                        traceparent: str | None = None, tracestate: str | None = None) -> InferenceResponse:
+        return self._call(self._started().submit_and_wait(
+            request, timeout_s, **_caller_trace(traceparent, tracestate)))
 
     def submit_many_and_wait(
-        self, requests: Sequence[InferenceRequest], timeout_s: float = DEFAULT_WAIT_S
+        self, requests: Sequence[InferenceRequest], timeout_s: float = DEFAULT_WAIT_S, *,
+        traceparent: str | None = None, tracestate: str | None = None,
     ) -> list[InferenceResponse]:
-        return self._call(self._started().submit_many_and_wait(requests, timeout_s))
+        return self._call(self._started().submit_many_and_wait(
+            requests, timeout_s, **_caller_trace(traceparent, tracestate)))
 
     def _started(self) -> RequestProducer:
         if self._producer is None or self._closed:
@@ -377,3 +410,10 @@ class SyncRequestProducer:
             raise ProducerClosedError("this SyncRequestProducer is closed")
         future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result()
+
+
+def _caller_trace(traceparent: str | None, tracestate: str | None) -> dict[str, str | None]:
+    """The trace context in the calling thread (its current span's, unless one is given): the
+    private loop's thread has no current span of its own."""
+    parent = tracing.parent_for(traceparent, tracestate)
+    return {} if parent is None else {"traceparent": str(parent.parent), "tracestate": parent.state}

@@ -26,7 +26,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 REPLY_HEADER = REPLY_TO  # the old name, still used by tests and benches
 
 # A streamed call's events: a chunk's text, the tool calls a chunk brought, the final response.
-Event = Union[str, tuple[ToolCall, ...], InferenceResponse]
+Event = str | tuple[ToolCall, ...] | InferenceResponse
 
 
 def instance_name(
@@ -351,12 +351,16 @@ class Exchange:
     def name(self) -> str:
         return self.reader.name
 
-    async def submit(self, request: InferenceRequest) -> Waiter:
-        """Register, then produce (acks=all); raises SubmitError like ``POST /infer``."""
+    async def submit(
+        self, request: InferenceRequest, traceparent: str | None = None, tracestate: str | None = None
+    ) -> Waiter:
+        """Register, then produce (acks=all); raises SubmitError like ``POST /infer``. The trace
+        context is the call's (its ``traceparent`` header), as :meth:`RequestProducer.submit` takes it."""
         self.reader.check()
         waiter = self.index.expect(request.id, request.stream)
         try:
-            await self._producer().submit(dataclasses.replace(request, reply_to=self.name))
+            await self._producer().submit(dataclasses.replace(request, reply_to=self.name),
+                                          traceparent=traceparent, tracestate=tracestate)
         except BaseException:
             self.index.forget(request.id)
             raise
@@ -367,7 +371,7 @@ class Exchange:
         left = deadline - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.done), max(left, 0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ReplyTimeoutError(waiter.request_id, timeout_s) from None
 
     async def next_event(self, waiter: Waiter, deadline: float, timeout_s: float) -> Event:
@@ -376,7 +380,7 @@ class Exchange:
             left = deadline - asyncio.get_running_loop().time()
             try:
                 event = await asyncio.wait_for(waiter.events.get(), max(left, 0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ReplyTimeoutError(waiter.request_id, timeout_s) from None
         else:
             event = waiter.events.get_nowait()

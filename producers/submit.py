@@ -9,8 +9,10 @@ Every request is validated exactly as ``POST /infer`` validates its body
 (:func:`schemas.validation.request_from_json`): a line may be a prompt (``input``) or a
 conversation (``messages``, ``tools``, ``tool_choice``, ``format``, ``keep_alive``, ``options``).
 With ``-``, nothing is submitted unless every line is valid and fits one Kafka record
-(:data:`schemas.limits.MAX_RECORD_BYTES`). An answer's tool calls are printed after its text,
-one ``[tool call] name({...arguments...})`` line each.
+(:data:`schemas.limits.MAX_RECORD_BYTES`), and no two lines share an id. Answers are printed as
+they arrive, not in input order; ``--timeout`` bounds each request's wait, and one that times
+out is reported on stderr while the others still print. An answer's tool calls are printed
+after its text, one ``[tool call] name({...arguments...})`` line each.
 
 ``--priority`` and ``--tenant`` set a request's scheduling class and tenant; with ``-`` they are the
 defaults of the lines that do not give ``priority`` or ``tenant`` themselves. Without a tenant, a
@@ -26,7 +28,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Collection, Iterable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nexus.settings import Settings
 from schemas import PRIORITIES, Codec, InferenceRequest, InferenceResponse, encode_request
@@ -34,6 +36,9 @@ from schemas.limits import MAX_RECORD_BYTES
 
 from schemas.validation import RejectedRequest, effective_tenant, request_from_json
 from nexus.errors import NexusError
+
+if TYPE_CHECKING:  # Kafka is loaded when the command runs, not when `nexus` parses
+    from producers.client import RequestProducer
 
 DEFAULT_WAIT_S = 120.0
 EXIT_ERROR = 1  # an answer with status error, a timeout, Kafka unavailable
@@ -61,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: its session; with -, for lines without 'tenant')")
     p.add_argument("--no-wait", action="store_true", help="print the ids once Kafka acknowledged, do not wait")
     p.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
-                   help=f"how long to wait for the answers (default: {DEFAULT_WAIT_S:g})")
+                   help=f"how long to wait for each answer, from its submission (default: {DEFAULT_WAIT_S:g}); "
+                   "one that times out is reported on stderr, the others still print, and the exit code is 1")
     p.add_argument("--json", action="store_true", help="print whole responses as JSON lines (default for -)")
 
 
@@ -111,6 +117,7 @@ def requests_from_lines(
     With ``args``, its ``--priority`` and ``--tenant`` are the defaults of the lines.
     """
     requests = []
+    lines_of: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -124,6 +131,10 @@ def requests_from_lines(
             raise InvalidInputError(f"line {number}: {exc.message}") from None
         if codec is not None:
             check_size(codec, request, f"line {number}: ")
+        if request.id in lines_of:
+            raise InvalidInputError(f"line {number}: request id {request.id!r} is also on line "
+                                    f"{lines_of[request.id]}; each request needs its own id")
+        lines_of[request.id] = number
         requests.append(request)
     if not requests:
         raise InvalidInputError("no requests on stdin (expected one JSON object per line)")
@@ -185,16 +196,51 @@ async def _submit(settings: Settings, requests: list[InferenceRequest], args: ar
             for request_id in await producer.submit_many(requests):
                 out.write(request_id + "\n")
             return 0
-        responses = await producer.submit_many_and_wait(requests, args.timeout)
+        return await print_as_answered(producer, requests, args.timeout, as_json, out, err)
+
+
+async def print_as_answered(producer: RequestProducer, requests: list[InferenceRequest], timeout_s: float,
+                            as_json: bool, out: TextIO, err: TextIO) -> int:
+    """Submit every request and print each answer as it arrives, in the order they arrive.
+
+    Each request waits ``timeout_s`` from its submission; one unanswered by then is reported on
+    ``err`` (it stays submitted) while the others still print. Returns the exit code: 1 if any
+    request timed out, could not be submitted, or was answered with another status than ok.
+    """
+    from producers.client import ProducerError, ResponseTimeoutError
+
+    async def answer(request: InferenceRequest) -> tuple[InferenceRequest, InferenceResponse | ProducerError]:
+        try:
+            return request, await producer.submit_and_wait(request, timeout_s)
+        except ProducerError as exc:
+            return request, exc
+
     failed = 0
-    for response in responses:
-        failed += response.status != "ok"
-        if as_json:
-            out.write(json.dumps(response.to_json(), ensure_ascii=False) + "\n")
-        elif response.status == "ok":
-            out.write("".join(line + "\n" for line in answer_lines(response)))
-        elif response.status == "error":
-            print(f"nexus submit: {response.model_id} answered with an error: {response.error}", file=err)
-        else:  # expired or cancelled
-            print(f"nexus submit: {response.model_id} answered {response.status}: {response.error}", file=err)
+    # Started in input order, so the requests are produced in that order.
+    for next_answer in asyncio.as_completed([asyncio.ensure_future(answer(r)) for r in requests]):
+        request, outcome = await next_answer
+        if isinstance(outcome, ResponseTimeoutError):
+            failed += 1
+            print(f"nexus submit: request {request.id} ({request.model_id}): no answer within {timeout_s:g}s "
+                  "(--timeout); it stays submitted", file=err, flush=True)
+        elif isinstance(outcome, ProducerError):
+            failed += 1
+            print(f"nexus submit: request {request.id} ({request.model_id}): {outcome}", file=err, flush=True)
+        else:
+            failed += outcome.status != "ok"
+            print_answer(outcome, as_json, out, err)
     return EXIT_ERROR if failed else 0
+
+
+def print_answer(response: InferenceResponse, as_json: bool, out: TextIO, err: TextIO) -> None:
+    """One answer: its JSON line, or its text and tool calls; an answer that is not ok on ``err``."""
+    if as_json:
+        out.write(json.dumps(response.to_json(), ensure_ascii=False) + "\n")
+    elif response.status == "ok":
+        out.write("".join(line + "\n" for line in answer_lines(response)))
+    elif response.status == "error":
+        print(f"nexus submit: {response.model_id} answered with an error: {response.error}", file=err)
+    else:  # expired or cancelled
+        print(f"nexus submit: {response.model_id} answered {response.status}: {response.error}", file=err)
+    out.flush()  # a pipe reader sees each answer when it arrives, not at exit
+    err.flush()

@@ -17,7 +17,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, cast
+from collections.abc import Mapping
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
@@ -78,7 +79,7 @@ class Codec:
             self._current[name] = pinned[0]
 
     @classmethod
-    def from_directory(cls, directory: Path = SCHEMA_DIR, pin: Mapping[str, int] | None = None) -> "Codec":
+    def from_directory(cls, directory: Path = SCHEMA_DIR, pin: Mapping[str, int] | None = None) -> Codec:
         return cls(load_versions(directory), pin)
 
     @property
@@ -172,7 +173,7 @@ def load_versions(directory: Path = SCHEMA_DIR) -> list[SchemaVersion]:
         fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
         versions.append(
             # Parsed once, with fastavro's marker: without it every encode and decode parses again.
-            SchemaVersion(name, version, fp, parse_schema(expanded), canonical)
+            SchemaVersion(name, version, fp, cast(dict[str, Any], parse_schema(expanded)), canonical)  # a record: a dict
         )
     return versions
 

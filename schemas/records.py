@@ -7,7 +7,7 @@ import json
 import uuid
 from dataclasses import dataclass, field, fields
 from functools import cache
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any, Literal
 
 from schemas.codec import Codec
@@ -49,7 +49,8 @@ def _plain(record: Any) -> dict[str, Any]:
     ``dataclasses.asdict`` deep-copies every value: it cost more CPU than the encoding.
     """
     out = {}
-    for name in _names(type(record)):
+    kind: type = type(record)
+    for name in _names(kind):
         value = getattr(record, name)
         if hasattr(value, "__dataclass_fields__"):
             value = _plain(value)
@@ -69,7 +70,7 @@ def _json_value(text: str) -> Any:
 
 def utcnow() -> datetime:
     """Now, at the millisecond precision Avro's timestamp-millis keeps."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
@@ -83,7 +84,7 @@ class ModelContext:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def fresh(cls) -> "ModelContext":
+    def fresh(cls) -> ModelContext:
         return cls(session_id=new_id())
 
 
@@ -108,7 +109,7 @@ class InferenceOptions:
     extra: str | None = None  # a JSON object, as text (v4)
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "InferenceOptions":
+    def from_avro(cls, value: dict[str, Any]) -> InferenceOptions:
         known = _known(cls, value)
         known["stop"] = tuple(known.get("stop") or ())
         return cls(**known)
@@ -123,7 +124,7 @@ class ToolCall:
     id: str | None = None  # the backend's id (OpenAI); None from Ollama
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "ToolCall":
+    def from_avro(cls, value: dict[str, Any]) -> ToolCall:
         return cls(**_known(cls, value))
 
     def to_json(self) -> dict[str, Any]:
@@ -143,7 +144,7 @@ class Message:
     tool_call_id: str | None = None  # a tool turn: the call it answers (OpenAI)
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "Message":
+    def from_avro(cls, value: dict[str, Any]) -> Message:
         known = _known(cls, value)
         known["images"] = tuple(known.get("images") or ())
         known["tool_calls"] = tuple(ToolCall.from_avro(c) for c in known.get("tool_calls") or ())
@@ -172,7 +173,7 @@ class Tool:
     parameters: str = "{}"
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "Tool":
+    def from_avro(cls, value: dict[str, Any]) -> Tool:
         return cls(**_known(cls, value))
 
     def to_json(self) -> dict[str, Any]:
@@ -213,7 +214,7 @@ class InferenceRequest:
         return self.tenant or self.key_name or self.context.session_id
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "InferenceRequest":
+    def from_avro(cls, value: dict[str, Any]) -> InferenceRequest:
         known = _known(cls, value)
         known["context"] = ModelContext(**_known(ModelContext, known["context"]))
         known["options"] = InferenceOptions.from_avro(known["options"])
@@ -272,7 +273,7 @@ class InferenceResponse:
         return _plain(self)
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "InferenceResponse":
+    def from_avro(cls, value: dict[str, Any]) -> InferenceResponse:
         known = _known(cls, value)
         known["context"] = ModelContext(**_known(ModelContext, known["context"]))
         known["tool_calls"] = tuple(ToolCall.from_avro(c) for c in known.get("tool_calls") or ())
@@ -310,7 +311,7 @@ class InferenceToken:
         return _plain(self)
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "InferenceToken":
+    def from_avro(cls, value: dict[str, Any]) -> InferenceToken:
         known = _known(cls, value)
         known["tool_calls"] = tuple(ToolCall.from_avro(c) for c in known.get("tool_calls") or ())
         return cls(**known)
@@ -338,7 +339,7 @@ class InferenceCancel:
         return _plain(self)
 
     @classmethod
-    def from_avro(cls, value: dict[str, Any]) -> "InferenceCancel":
+    def from_avro(cls, value: dict[str, Any]) -> InferenceCancel:
         return cls(**_known(cls, value))
 
     def to_json(self) -> dict[str, Any]:

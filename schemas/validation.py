@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Collection, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from nexus.errors import NexusError
 from schemas.limits import (
@@ -41,6 +41,7 @@ from schemas.limits import (
 )
 from schemas.records import (
     CACHE_POLICIES,
+    CachePolicy,
     INTERACTIVE,
     PRIORITIES,
     InferenceOptions,
@@ -174,11 +175,11 @@ def timeout_ms(value: Any, name: str = "timeout_ms") -> int:
     return value
 
 
-def cache_policy(value: Any, name: str = "cache") -> str:
+def cache_policy(value: Any, name: str = "cache") -> CachePolicy:
     """One of :data:`~schemas.records.CACHE_POLICIES`."""
     if value not in CACHE_POLICIES:
         raise RejectedRequest(400, f"'{name}' must be one of {list(CACHE_POLICIES)}", param=name)
-    return str(value)
+    return cast(CachePolicy, str(value))
 
 
 def priority(value: Any, name: str = "priority") -> str:
@@ -296,7 +297,7 @@ def request_from_json(data: Any, known_models: Collection[str]) -> InferenceRequ
         options=options(data.get("options")),
         stream=stream,
         created_at=created_at,
-        cache=cache,  # type: ignore[arg-type]
+        cache=cache,
         deadline=None if timeout is None else created_at + timedelta(milliseconds=timeout_ms(timeout)),
         messages=turns,
         tools=functions,

@@ -2,7 +2,7 @@
 
 The worker answers ``inference.requests`` and its batch lane ``inference.requests.batch`` in batches (streams/worker.py says how, and how it
 commits). This module only wires it into Faust: the requests agent (``nexus.infer``), the cache
-agent (``nexus.cache``), the commit, endpoint-state and lag timers, the rebalance signals, the
+agent (``nexus.cache``), the commit, endpoint-state, lag and cache-sweep timers, the rebalance signals, the
 ``/health``, ``/metrics`` and ``/models`` pages, and the topics created before Faust starts.
 
 The response cache is a Faust table. Tables cannot be written from inside a ``take()`` batch
@@ -10,7 +10,9 @@ The response cache is a Faust table. Tables cannot be written from inside a ``ta
 ``<app_id>-cache-updates``, keyed by model like the requests (so co-partitioned with them), and
 a second agent writes the table one event at a time. The entry lands on the changelog partition
 of the requests partition it serves, so the worker that owns a model's partition owns its cache
-entries, and a restarted worker recovers them from the changelog.
+entries, and a restarted worker recovers them from the changelog. Expired entries (and those over
+``worker.cache_max_entries``) are deleted with a tombstone each, from the cache agent and a timer
+(streams/sinks.py, ``CacheKeeper``).
 """
 
 from __future__ import annotations
@@ -18,16 +20,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.types.auth import CredentialsT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nexus.access import AccessPolicy, Unauthenticated
+from nexus.home import worker_data_dir
 from nexus.kafka.clients import ssl_context
-from nexus.kafka.topics import TopicSpec, ensure_topics, replication_config
+from nexus.kafka.topics import (
+    KafkaUnavailableError,
+    TopicCreationError,
+    TopicSpec,
+    ensure_topics,
+    replication_config,
+)
 from nexus.settings import KafkaSettings, Settings
+from nexus.startup import StartError, ensure_can_listen
 from streams.answering.prompt import PromptTemplate
 from streams.worker import Worker, WorkerTopics
 
@@ -38,6 +48,7 @@ NEVER_S = 10.0**9
 NEVER_N = 2**62
 LAG_INTERVAL_S = 10.0
 FETCH_MAX_WAIT_MS = 100
+WEB_HOST = "0.0.0.0"  # the worker's /health, /metrics and /models
 STATE_INTERVAL_S = 2.0
 QUEUE_INTERVAL_S = 0.5
 
@@ -55,6 +66,9 @@ class RewindingApp(faust.App):
     """
 
     rewind_topics: frozenset[str] = frozenset()
+    # Faust's own lines ("Starting...", "Flush producer buffer...") under its name, not this module's:
+    # they follow the faust logger's level (WARNING unless --log-level debug, nexus/logs.py).
+    logger = logging.getLogger("faust.app")
     # Run first when the app stops, while the consumer is still in its group (Worker.drain).
     before_stop: Any = None
 
@@ -67,9 +81,9 @@ class RewindingApp(faust.App):
         await super().on_stop()
 
     def _new_consumer(self) -> Any:
-        consumer = super()._new_consumer()
+        consumer: Any = super()._new_consumer()  # Faust internals, patched below
         seek_to_committed = consumer.seek_to_committed
-        thread = getattr(consumer, "_thread", None)
+        thread: Any = getattr(consumer, "_thread", None)
         create = getattr(thread, "_create_worker_consumer", None)
         if create is not None:
 
@@ -89,7 +103,7 @@ class RewindingApp(faust.App):
             committed = await seek_to_committed()
             for tp, offset in committed.items():
                 if tp.topic in self.rewind_topics and not (offset and offset > 0):
-                    log.info("nothing committed on %s/%s: rereading it from the start", tp.topic, tp.partition)
+                    log.debug("nothing committed on %s/%s: rereading it from the start", tp.topic, tp.partition)
                     await consumer.seek(tp, 0)  # past the log start: reset to "earliest"
             return committed
 
@@ -101,10 +115,10 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     """Build the Faust app for ``settings``; run it with :func:`run_worker`."""
     kafka = settings.kafka
     config = settings.worker
-    data_dir = (data_dir or Path(".cache") / "faust" / config.app_id).resolve()
+    data_dir = (data_dir or worker_data_dir(config.app_id)).resolve()  # in the Nexus home, never the cwd
     data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     exactly_once = kafka.processing_guarantee == "exactly_once"
-    commits = (  # under exactly once the worker commits itself, between answers (streams/commits/outbox.py)
+    commits: dict[str, Any] = (  # under exactly once the worker commits itself, between answers (streams/commits/outbox.py)
         {"broker_commit_interval": NEVER_S, "broker_commit_every": NEVER_N}
         if exactly_once
         else {"broker_commit_interval": config.commit_interval_s}
@@ -123,7 +137,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         processing_guarantee=kafka.processing_guarantee,
         consumer_auto_offset_reset="earliest",
         web_port=config.web_port,
-        web_host="0.0.0.0",
+        web_host=WEB_HOST,
         datadir=str(data_dir),
         table_cleanup_interval=60.0,
         # Small fetches per partition: a batch flood arrives in bites, so an interactive request
@@ -133,7 +147,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         consumer_max_fetch_size=64 * 1024,
     )
     app.rewind_topics = frozenset({*kafka.request_topics, cache_updates_topic(config.app_id)})
-    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     # One agent per lane, interactive and batch; no Faust acks: the worker commits these topics
     # itself, from its ledger, and bounds each lane's read-ahead (streams/worker.py).
     interactive = app.topic(kafka.requests_topic, acks=False, **raw)
@@ -147,15 +161,18 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         queue=app.topic(kafka.queue_topic, **raw),
     )
     cache_table = app.Table("cache", default=None, partitions=kafka.partitions, key_type=bytes, value_type=bytes,
-                            extra_topic_configs=replication_config(kafka))
+                            extra_topic_configs=replication_config(kafka),
+                            # Recovered entries join the sweep's index (streams/sinks.py, CacheKeeper).
+                            on_changelog_event=lambda event: worker.cache.on_changelog(event))
     access = AccessPolicy(settings.access)
     advice = PromptTemplate(config.prompt_template).prefix_advice()  # a bad template fails the start
     if advice:
         log.warning("%s", advice)
-    worker = Worker(app, settings, topics, cache_table)
+    worker: Worker = Worker(app, settings, topics, cast(faust.Table, cache_table))  # app.Table makes a Table; typed TableT
     app.before_stop = worker.drain
-    app.on_partitions_revoked.connect(worker.on_revoked)
-    app.on_partitions_assigned.connect(worker.on_assigned)
+    # Faust types receivers as taking *args; it calls them with (sender, partitions, signal=...).
+    app.on_partitions_revoked.connect(worker.on_revoked)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(worker.on_assigned)  # type: ignore[arg-type]
 
     @app.agent(interactive, name="nexus.infer")
     async def infer(stream: faust.StreamT) -> None:
@@ -167,8 +184,12 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
 
     @app.agent(topics.cache_updates, name="nexus.cache")
     async def store_cache(stream: faust.StreamT) -> None:
-        async for value in stream:  # one event at a time: table writes need their event
-            worker.store_cache_update(value)
+        async for event in stream.events():  # one event at a time: table writes need their event
+            worker.store_cache_update(event.value, event.message.partition)
+
+    @app.timer(config.cache_sweep_interval_s)
+    async def sweep_cache() -> None:  # expired entries deleted, tombstoned, while no entry is written too
+        worker.sweep_cache()
 
     @app.timer(config.commit_interval_s)
     async def commit_answered() -> None:
@@ -258,13 +279,35 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-def run_worker(settings: Settings, loglevel: str = "warn") -> None:
-    """Run the worker in this process until SIGINT/SIGTERM."""
+def run_worker(settings: Settings) -> None:
+    """Run the worker in this process until SIGINT/SIGTERM.
+
+    Logging is the caller's (:func:`nexus.logs.configure`): Faust is told not to set up its own,
+    so its records take the same handler, level and format as every role's. Raises
+    :class:`~nexus.startup.StartError` when the web port is taken or no broker answers within
+    ``kafka.connect_timeout_s``.
+    """
     from faust.worker import Worker as FaustWorker
 
-    asyncio.run(ensure_topics(settings.kafka, extra=internal_topics(settings)))
+    config = settings.worker
+    ensure_can_listen(WEB_HOST, config.web_port, "worker.web_port")
+    try:
+        asyncio.run(ensure_topics(settings.kafka, extra=internal_topics(settings)))
+    except (KafkaUnavailableError, TopicCreationError) as exc:
+        raise StartError(str(exc)) from None
     app = create_app(settings)
-    worker = FaustWorker(app, loglevel=loglevel)
+
+    class Worker(FaustWorker):
+        logger = logging.getLogger("faust.worker")
+
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            log.info("worker %s started: answering %s; web on http://%s:%d (/health, /metrics, /models)",
+                     config.app_id, ", ".join(settings.kafka.request_topics), WEB_HOST, config.web_port)
+
+    # Not Faust's logging: it would replace the root handler with its own (on stdout, its format).
+    # quiet: no "-INT- -INT-" or spinner text on the terminal, which a JSON log reader would choke on.
+    worker = Worker(app, override_logging=False, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that it spins on every
     # record: every library's debug record would be built, then dropped by the handler.
     worker.spinner = None

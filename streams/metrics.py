@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any, TypeVar, cast
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from nexus.metrics import role_registry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -12,79 +16,112 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 OTHER_TENANT = "other"
 
 
+M = TypeVar("M")
+
+
+class _Children:
+    """A labelled metric whose child of each label values is looked up once: prometheus_client's
+    ``labels()`` costs ~4 µs a call (a tuple of ``str()``s under a lock), and the worker asks for
+    a dozen per request. Label values are bounded (models, endpoints, known tenants), so is this."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        key = values or tuple(named.items())  # one call site names them in one order
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._metric.labels(*values, **named)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metric, name)
+
+
+def cached(metric: M) -> M:
+    """``metric`` with its children looked up once (:class:`_Children`)."""
+    return cast(M, _Children(metric))
+
+
 class WorkerMetrics:
     """``known_tenants`` are the tenants labelled by name (configured ones, API keys' names)."""
 
     def __init__(self, known_tenants: frozenset[str] = frozenset()) -> None:
         self.known_tenants = known_tenants
         self._queued_labels: set[tuple[str, str, str]] = set()
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter(
+        r = self.registry = role_registry()  # with process_* and python_*
+        self.requests = cached(Counter(
             "nexus_worker_requests", "Requests answered, by model and response status.",
-            ["model", "status"], registry=r)
-        self.latency_seconds = Histogram(
+            ["model", "status"], registry=r))
+        self.latency_seconds = cached(Histogram(
             "nexus_worker_latency_seconds", "End to end: request created_at to response completed_at.",
-            ["model"], registry=r, buckets=_LATENCY_BUCKETS)
-        self.backend_seconds = Histogram(
+            ["model"], registry=r, buckets=_LATENCY_BUCKETS))
+        self.backend_seconds = cached(Histogram(
             "nexus_worker_backend_latency_seconds", "Time an endpoint took to answer a successful call.",
-            ["model", "endpoint"], registry=r, buckets=_LATENCY_BUCKETS)
-        self.ttft_seconds = Histogram(
+            ["model", "endpoint"], registry=r, buckets=_LATENCY_BUCKETS))
+        self.ttft_seconds = cached(Histogram(
             "nexus_worker_time_to_first_token_seconds", "Time to the first chunk of streamed answers.",
-            ["model", "endpoint"], registry=r, buckets=_LATENCY_BUCKETS)
-        self.tokens_per_second = Gauge(
+            ["model", "endpoint"], registry=r, buckets=_LATENCY_BUCKETS))
+        self.tokens_per_second = cached(Gauge(
             "nexus_worker_tokens_per_second", "EWMA of output tokens per second while generating.",
-            ["model", "endpoint"], registry=r)
-        self.backend_requests = Counter(
+            ["model", "endpoint"], registry=r))
+        self.backend_requests = cached(Counter(
             "nexus_worker_backend_requests", "Calls to model endpoints by outcome.",
-            ["model", "endpoint", "outcome"], registry=r)
-        self.in_flight = Gauge(
+            ["model", "endpoint", "outcome"], registry=r))
+        self.in_flight = cached(Gauge(
             "nexus_worker_in_flight_requests", "Requests sent to an endpoint and not yet answered.",
-            ["model", "endpoint"], registry=r)
-        self.queue_wait = Histogram(
+            ["model", "endpoint"], registry=r))
+        self.queue_wait = cached(Histogram(
             "nexus_worker_queue_wait_seconds", "Time a request waited for a free endpoint slot.",
-            ["model"], registry=r, buckets=_LATENCY_BUCKETS)
-        self.retries = Counter(
+            ["model"], registry=r, buckets=_LATENCY_BUCKETS))
+        self.retries = cached(Counter(
             "nexus_worker_retries", "Attempts repeated on another endpoint after a failure.",
-            ["model"], registry=r)
-        self.circuit_state = Gauge(
+            ["model"], registry=r))
+        self.circuit_state = cached(Gauge(
             "nexus_worker_circuit_state", "Endpoint circuit: 0 closed, 1 half-open (probing), 2 open.",
-            ["model", "endpoint"], registry=r)
-        self.cache = Counter(
+            ["model", "endpoint"], registry=r))
+        self.cache = cached(Counter(
             "nexus_worker_cache_lookups", "Response cache lookups by result (hit or miss).",
-            ["model", "result"], registry=r)
+            ["model", "result"], registry=r))
         self.cache_entries = Gauge(
             "nexus_worker_cache_entries", "Entries in this worker's part of the response cache.",
             registry=r)
+        self.cache_deletions = cached(Counter(
+            "nexus_worker_cache_deletions", "Response cache entries deleted: expired, or evicted over worker.cache_max_entries.",
+            ["reason"], registry=r))
         self.batch_size = Histogram(
             "nexus_worker_batch_size", "Requests per batch window.",
             registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.shared = Counter(
+        self.shared = cached(Counter(
             "nexus_worker_shared_requests", "Requests answered by another identical request's call in the same batch.",
-            ["model"], registry=r)
-        self.dead_letters = Counter(
+            ["model"], registry=r))
+        self.dead_letters = cached(Counter(
             "nexus_worker_dead_letters", "Records written to the dead-letter topic, by kind of failure.",
-            ["kind"], registry=r)
+            ["kind"], registry=r))
+        for kind in ("failed", "undecodable", "undeliverable"):  # exported at 0, so the first one shows in rate()/increase()
+            self.dead_letters.labels(kind=kind)
         self.consumer_lag = Gauge(
             "nexus_worker_consumer_lag_records",
             "Requests not yet consumed, per lane (interactive: inference.requests, batch: inference.requests.batch) "
             "and partition.",
             ["lane", "partition"], registry=r)
         scheduled = ["model", "priority", "tenant"]
-        self.queued = Gauge(
+        self.queued = cached(Gauge(
             "nexus_worker_queued_requests", "Requests waiting for their turn on a model, by priority and tenant.",
-            scheduled, registry=r)
-        self.schedule_wait = Histogram(
+            scheduled, registry=r))
+        self.schedule_wait = cached(Histogram(
             "nexus_worker_schedule_wait_seconds", "Time a request waited for its turn before its model call started.",
-            scheduled, registry=r, buckets=_LATENCY_BUCKETS)
-        self.dispatched = Counter(
+            scheduled, registry=r, buckets=_LATENCY_BUCKETS))
+        self.dispatched = cached(Counter(
             "nexus_worker_dispatched_requests", "Requests whose model call started, by priority and tenant.",
-            scheduled, registry=r)
-        self.expired = Counter(
+            scheduled, registry=r))
+        self.expired = cached(Counter(
             "nexus_worker_expired_requests", "Requests answered `expired`: their deadline passed first.",
-            scheduled, registry=r)
-        self.cancelled = Counter(
+            scheduled, registry=r))
+        self.cancelled = cached(Counter(
             "nexus_worker_cancelled_requests", "Requests answered `cancelled` by their sender's cancel.",
-            scheduled, registry=r)
+            scheduled, registry=r))
         self.task_failures = Counter(
             "nexus_worker_task_failures", "Failures while answering a request (each retried, then answered with an error).",
             registry=r)

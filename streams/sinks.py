@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,12 +26,15 @@ SendRecord = Callable[[bytes | None, bytes, Any], Awaitable[Any]]
 class KafkaTokenSink:
     """Publishes a streamed answer's chunks in order: the first at once (it is the time to first
     token the client sees), the rest batched over ``TOKEN_FLUSH_S``; a batch is one token, its texts
-    joined and its tool calls in the order they came."""
+    joined and its tool calls in the order they came. Each carries ``trace_headers``: the request's
+    trace context (nexus/tracing.py)."""
 
-    def __init__(self, send: SendRecord, codec: Codec, request: InferenceRequest) -> None:
+    def __init__(self, send: SendRecord, codec: Codec, request: InferenceRequest,
+                 trace_headers: list[tuple[str, bytes]] | None = None) -> None:
         self._send = send
         self._codec = codec
         self._request = request
+        self._trace_headers = trace_headers or []
         self._buffer: list[str] = []
         self._calls: list[ToolCall] = []
         self._lock = asyncio.Lock()
@@ -84,7 +88,8 @@ class KafkaTokenSink:
             self._calls.clear()
             self.sent += 1
             # The waiting gateway skips everyone else's chunks by this header, without decoding them.
-            record_headers = [(headers.REPLY_TO, token.reply_to.encode())] if token.reply_to else None
+            reply = [(headers.REPLY_TO, token.reply_to.encode())] if token.reply_to else []
+            record_headers = (reply + self._trace_headers) or None
             self._acks.append(
                 await self._send(token.session_id.encode(), encode_token(self._codec, token), record_headers)
             )
@@ -128,3 +133,86 @@ def read_cache_update(value: bytes) -> tuple[bytes, bytes]:
     """The table key and value of an updates-topic record."""
     update = json.loads(value)
     return update["key"].encode(), update["entry"].encode()
+
+
+class CacheKeeper:
+    """The cache table's memory and changelog kept bounded: entries are written through it, and
+    the expired ones (and, past ``max_entries``, those closest to expiry) are deleted, each with
+    a tombstone on its changelog partition, so compaction drops them from Kafka too.
+
+    The decisions are :class:`~streams.answering.cache.CacheIndex`'s. A deletion needs no current
+    event: its tombstone names its changelog partition, which the index knows (Faust's own delete
+    asks the current event for it, so it cannot run from a timer or a ``take()`` batch). Entries
+    of partitions this worker does not own (a standby's copy, a partition revoked) leave memory
+    without a tombstone: their owner writes it. Entries recovered from the changelog join the
+    index through :meth:`on_changelog` (the table's ``on_changelog_event``).
+    """
+
+    def __init__(
+        self,
+        table: faust.Table,
+        max_entries: int,
+        owned: Callable[[], set[int]],
+        clock: Callable[[], float] = time.time,
+        deleted: Callable[[cache.Doomed], None] | None = None,
+    ) -> None:
+        self._table = table
+        self._max = max_entries
+        self._owned = owned
+        self._clock = clock
+        self._deleted = deleted
+        self.index = cache.CacheIndex()
+        table.on_recover(self._recovered)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def store(self, key: bytes, value: bytes, partition: int) -> None:
+        """Write an entry (from the cache agent: a table write needs its event), then sweep."""
+        self._table[key] = value
+        self.index.add(key, partition, _expires_at(value))
+        self.sweep()
+
+    async def on_changelog(self, event: Any) -> None:
+        """A changelog record read while recovering (or following as a standby): index it."""
+        key = event.key
+        if not isinstance(key, bytes):
+            return
+        if event.message.value is None:
+            self.index.remove(key)
+        else:
+            self.index.add(key, event.message.partition, _expires_at(event.value))
+
+    def sweep(self) -> list[cache.Doomed]:
+        """Delete what is due now: from memory, and with a tombstone when this worker owns its partition."""
+        doomed = self.index.due(self._clock(), self._max)
+        if not doomed:
+            return doomed
+        owned = self._owned()
+        store = self._table.data
+        for entry in doomed:
+            store.pop(entry.key, None)
+            if entry.partition in owned:
+                # What Faust's on_key_del sends, with the partition named instead of asked of an event.
+                self._table.send_changelog(entry.partition, entry.key, None, value_serializer="raw")
+            if self._deleted is not None:
+                self._deleted(entry)
+        return doomed
+
+    async def _recovered(self) -> None:
+        """After each recovery (a table ``on_recover`` callback): drop from the index what Faust
+        dropped from memory itself (the partitions this worker no longer owns), so it counts
+        against no bound; then delete what expired meanwhile."""
+        store = self._table.data
+        for key in self.index:
+            if key not in store:
+                self.index.remove(key)
+        self.sweep()
+
+
+def _expires_at(value: Any) -> float:
+    """When a stored entry expires; an entry that cannot be read is due at once (0)."""
+    try:
+        return float(cache.CacheEntry.from_bytes(value).expires_at)
+    except (ValueError, TypeError, KeyError):
+        return 0.0

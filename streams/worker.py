@@ -30,6 +30,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 from faust.types import TP, EventT
 
+from nexus import tracing
 from nexus.settings import Settings
 from nexus.tasks import Background
 from schemas import (
@@ -43,15 +44,20 @@ from streams.backends.ollama import new_session
 from streams.cancels import CancelBook, follow_cancels
 from streams.commits.ledger import RequestLedger, Verdict
 from streams.commits.offsets import PartitionOffsets
-from streams.commits.outbox import AtOnce, InCommittedPrefix, Outbox, until_sent
+from streams.commits.outbox import AtOnce, InCommittedPrefix, Outbox, Undeliverable, undeliverable_reason, until_sent
+from streams.batching import BatchWindow
 from streams.health import WorkerHealth
+from streams.intake import ReadyBatches
 from streams.lag import consumer_lag
 from streams.metrics import WorkerMetrics
-from streams.sinks import KafkaTokenSink, TableCache, read_cache_update
+from streams.sinks import CacheKeeper, KafkaTokenSink, TableCache, read_cache_update
 
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE_S = (0.5, 2.0, 5.0)  # before answering again a request whose answering failed
+# A dead letter Kafka refuses for good is tried again after these pauses (doubling), never dropped.
+FIRST_HOLD_S = 1.0
+LONGEST_HOLD_S = 60.0
 # A queue report is one record: under Kafka's default 1 MiB message limit, with room to spare.
 MAX_QUEUE_RECORD_BYTES = 900_000
 
@@ -76,13 +82,25 @@ def share_groups(decoded: Iterable[tuple[E, InferenceRequest | None]]) -> list[l
 @dataclass
 class Answering(Generic[E]):
     """A running answer: its requests' events, and whether it called a model yet (until then
-    it can be cancelled and read again by its partition's next owner at no cost)."""
+    it can be cancelled and read again by its partition's next owner at no cost); with the
+    wall-clock times of its way through the worker (the response's ``nexus-stages`` header)."""
 
     events: list[E]
     called: bool = False
+    fetched: float | None = None
+    batched: float | None = None
+    dispatched: float | None = None
 
     def calls(self) -> None:
+        if not self.called:
+            self.dispatched = time.time()
         self.called = True
+
+    def stages(self, appended: float | None, answered: float) -> dict[str, float]:
+        """The stage times so far (epoch seconds), ``appended`` being the request record's broker timestamp."""
+        times = {"appended": appended, "fetched": self.fetched, "batched": self.batched,
+                 "dispatched": self.dispatched, "answered": answered}
+        return {name: at for name, at in times.items() if at is not None}
 
 
 def waiting(running: Iterable[tuple[Any, Answering[E]]], in_partitions: Callable[[E], bool] | None = None) -> list[Any]:
@@ -104,6 +122,21 @@ class WorkerTopics:
     queue: faust.TopicT
 
 
+async def read_into(stream: faust.StreamT, batches: ReadyBatches[EventT]) -> None:
+    """Put every event of a lane's stream into ``batches``, unacked (the worker commits these
+    topics itself, from its ledger); the stream's failure ends the batches with it."""
+    stream.enable_acks = False
+    try:
+        async for event in stream.events():
+            await batches.put(event)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        batches.fail(exc)
+        return
+    batches.close()
+
+
 class Worker:
     """Answers the requests of the partitions this worker owns; commits what is answered."""
 
@@ -123,6 +156,9 @@ class Worker:
         self._topics = topics
         self._cache_table = cache_table
         self.metrics = metrics or WorkerMetrics()
+        self.cache = CacheKeeper(cache_table, self._config.cache_max_entries, self._owned_cache_partitions,
+                                 deleted=lambda d: self.metrics.cache_deletions.labels(reason=d.reason).inc())
+        self.metrics.cache_entries.set_function(lambda: len(self.cache))  # read at each scrape
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.codec = Codec.from_directory()
         self.health = WorkerHealth()
@@ -145,6 +181,9 @@ class Worker:
         self._commit_gate = asyncio.Lock()
         self._generation_gate = asyncio.Lock()
         self._broker = PartitionOffsets(self._kafka, self._config.app_id)
+        # Spans only with an OTLP endpoint configured; the traceparent headers travel regardless.
+        self.tracing = tracing.setup("nexus-worker")
+        self._systems = {e.url: e.kind for m in settings.models for e in m.endpoints}  # gen_ai.system
         self._seen_holes: dict[TP, tuple[int, int]] = {}  # at the last look
 
     # -- writing records ------------------------------------------------------------------
@@ -170,19 +209,71 @@ class Worker:
             (headers.ERROR_KIND, kind.encode()),
             (headers.SOURCE, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ]
-        await self._outbox.write(event, self._topics.dead_letters, message.key, message.value, record_headers)
+        pause = FIRST_HOLD_S
+        while True:
+            try:
+                await self._outbox.write(event, self._topics.dead_letters, message.key,
+                                         message.value, record_headers)  # type: ignore[arg-type]  # None: a tombstone, as it came
+                return
+            except Undeliverable as exc:
+                # Nothing else records this request: it stays unanswered (its partition's commit waits
+                # below it) until the dead-letter topic takes it, e.g. once an operator fixed its ACLs.
+                self.health.failed(f"dead letter of {message.topic}/{message.partition}/{message.offset}", exc)
+                log.error("the dead letter of %s/%s/%s was refused (%s); its partition's commits wait; "
+                          "trying again in %.0fs", message.topic, message.partition, message.offset, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, LONGEST_HOLD_S)
 
-    async def publish(self, answer: Answer, event: EventT, request: InferenceRequest) -> None:
-        """The response (and, for a failed answer, the dead letter) of one request."""
+    async def publish(
+        self, answer: Answer, event: EventT, request: InferenceRequest, parent: tracing.TraceContext | None = None,
+        stages: dict[str, float] | None = None,
+    ) -> None:
+        """The response (and, for a failed answer, the dead letter) of one request.
+
+        The response carries the request's trace context (``parent``: its process span's, else its
+        record's); with spans on, that of the span of its own produce; and, with ``stages``, the
+        times of the request's way through the worker (header ``nexus-stages``)."""
         reply_to = answer.response.reply_to
         # The waiting gateway skips everyone else's responses by this header, without decoding them.
-        record_headers = [(headers.REPLY_TO, reply_to.encode())] if reply_to else None
-        await self._outbox.write(
-            event, self._topics.responses, request.context.session_id.encode(),
-            encode_response(self.codec, answer.response), record_headers,
-        )
+        record_headers = [(headers.REPLY_TO, reply_to.encode())] if reply_to else []
+        if stages is not None:
+            stages["sent"] = time.time()
+            record_headers.append((headers.STAGES, headers.stages_value(stages)))
+        parent = parent or tracing.record_trace(event.message.headers, request.id)
+        topic = self._topics.responses
+        key, value = request.context.session_id.encode(), encode_response(self.codec, answer.response)
+        try:
+            if not self.tracing.enabled:
+                await self._outbox.write(event, topic, key, value, record_headers + parent.kafka_headers())
+            else:
+                with self.tracing.sending(topic.get_topic_name(), parent, request.id) as sending:
+                    await self._outbox.write(event, topic, key, value, record_headers + sending.headers)
+        except Undeliverable as refused:  # retrying cannot help: answer with why, dead-letter the request
+            await self.publish_undeliverable(answer, event, request, refused, record_headers + parent.kafka_headers())
+            return
         if answer.dead_letter_reason is not None:
             await self.dead_letter(event, answer.dead_letter_reason, "failed")
+
+    async def publish_undeliverable(
+        self, answer: Answer, event: EventT, request: InferenceRequest, refused: Undeliverable, record_headers: Any
+    ) -> None:
+        """Kafka refused the response for good: the requester gets an error response instead when
+        one can still go (the answer was too large: the error is small), and the request goes to
+        the dead-letter topic with the reason. Then it counts as answered, and its partition's
+        commit passes it; if even its dead letter cannot be written, it is held (:meth:`dead_letter`)."""
+        size = len(encode_response(self.codec, answer.response))
+        reason = undeliverable_reason(refused, size)
+        log.error("request %s: %s", request.id, reason)
+        if refused.too_large:
+            error = dataclasses.replace(answer.response, status="error", output="", tool_calls=(), error=reason)
+            try:
+                await self._outbox.write(event, self._topics.responses, request.context.session_id.encode(),
+                                         encode_response(self.codec, error), record_headers)
+            except Undeliverable as again:
+                reason += f"; the error response was refused too: {again}"
+        if answer.dead_letter_reason is not None:
+            reason = f"{reason}; the answer was an error already: {answer.dead_letter_reason}"
+        await self.dead_letter(event, reason, "undeliverable")
 
     async def publish_state(self) -> None:
         """Share the routing state so gateways can show it (GET /models): a compacted topic."""
@@ -226,10 +317,18 @@ class Worker:
         """
         self._start_answering()
         # Batches overlap: a slow answer holds neither the next batch nor the commits of
-        # the answers before it; the ledger commits each partition's answered prefix.
-        async for events in stream.noack_take(self._config.max_batch, within=self._config.max_wait_ms / 1000):
-            await self.catch_up_generation()
-            await self._start(events)
+        # the answers before it; the ledger commits each partition's answered prefix. A batch
+        # goes as soon as the stream has nothing more ready (streams/batching.py): a lone
+        # request is not held for worker.max_wait_ms, which only bounds a steady trickle.
+        batches: ReadyBatches[EventT] = ReadyBatches(
+            BatchWindow(self._config.max_batch, self._config.max_wait_ms / 1000))
+        reading = asyncio.ensure_future(read_into(stream, batches))
+        try:
+            async for batch in batches:
+                await self.catch_up_generation()
+                await self._start(batch)
+        finally:
+            reading.cancel()
 
     def _start_answering(self) -> None:
         """What every lane's agent needs, made by the first to run (no await: agents cannot race)."""
@@ -239,32 +338,39 @@ class Worker:
         self._http = new_session()
         self.inference = Inference(
             self._settings, self._http, self.metrics,
-            TableCache(self._cache_table, lambda k, v: self.produce(self._topics.cache_updates, k, v)),
+            TableCache(self._cache_table, self.send_cache_update),
         )
         self.inference.watch()  # which endpoint has which model: known before the first request
         self._background.start("cancels", lambda: follow_cancels(
             self._kafka, self.codec, self.on_cancel, self._dead_letter_cancel, f"{self.worker_id}-cancels"))
 
-    async def _start(self, events: list[EventT]) -> None:
+    async def _start(self, batch: list[tuple[EventT, float]]) -> None:
+        """Answer the new requests of a batch (events with the wall-clock time each was read)."""
+        batched = time.time()
         fresh = []
-        for event in events:
+        fetched: dict[int, float] = {}
+        for event, at in batch:
             message = event.message
-            verdict = self.ledger.deliver(message.tp, message.offset, message.generation_id)
+            # Faust sets generation_id on every consumed message; its type allows None.
+            verdict = self.ledger.deliver(message.tp, message.offset, message.generation_id)  # type: ignore[arg-type]
             if verdict is Verdict.NEW:
                 fresh.append(event)
+                fetched[id(event)] = at
             else:
                 self.metrics.redeliveries.labels(verdict=verdict.value).inc()
         if not fresh:
             return
         self.metrics.batch_size.observe(len(fresh))
-        decoded = await asyncio.gather(*(self.decode(event) for event in fresh))
-        for group in share_groups(zip(fresh, decoded)):
+        decoded = [self.decode_now(event) for event in fresh]  # no task per request: most decode
+        if undecodable := [(event, exc) for event, exc in zip(fresh, decoded) if isinstance(exc, SchemaError)]:
+            await asyncio.gather(*(self.undecodable(event, exc) for event, exc in undecodable))
+        for group in share_groups((e, r if isinstance(r, InferenceRequest) else None) for e, r in zip(fresh, decoded)):
             # Not started if revoked meanwhile (its next owner reads it again) or stopping.
             group = [(e, r) for e, r in group
                      if not self._stopping.is_set() and self.ledger.start(e.message.tp, e.message.offset)]
             if not group:
                 continue
-            answering = Answering([e for e, _ in group])
+            answering = Answering([e for e, _ in group], fetched=fetched[id(group[0][0])], batched=batched)
             for e in answering.events:
                 self._held[e.message.topic] = self._held.get(e.message.topic, 0) + 1
             task = asyncio.ensure_future(self.run(group, answering))
@@ -272,16 +378,19 @@ class Worker:
             task.add_done_callback(self._finished)
         self.regulate_read_ahead()
 
-    async def decode(self, event: EventT) -> InferenceRequest | None:
-        """The request in ``event``, or None once an undecodable record is dead-lettered."""
+    def decode_now(self, event: EventT) -> InferenceRequest | SchemaError:
+        """The request in ``event``, or why it cannot be read (:meth:`undecodable` dead-letters it)."""
         try:
-            return decode_request(self.codec, event.message.value)
+            # A tombstone (None) is refused by the codec with a SchemaError, and dead-lettered below.
+            return decode_request(self.codec, event.message.value)  # type: ignore[arg-type]
         except SchemaError as exc:
-            log.warning("dead-lettering undecodable record %s/%s: %s",
-                        event.message.partition, event.message.offset, exc)
-            await self.dead_letter(event, str(exc), "undecodable")
-            self.ledger.answered(event.message.tp, event.message.offset)
-            return None
+            return exc
+
+    async def undecodable(self, event: EventT, exc: SchemaError) -> None:
+        """Dead-letter a record that is no request; then it counts as answered."""
+        log.warning("dead-lettering undecodable record %s/%s: %s", event.message.partition, event.message.offset, exc)
+        await self.dead_letter(event, str(exc), "undecodable")
+        self.ledger.answered(event.message.tp, event.message.offset)
 
     async def run(self, group: Group, answering: Answering[EventT]) -> None:
         """Answer a group, whatever it takes: a failure is logged, counted, shown on /health and
@@ -291,7 +400,7 @@ class Worker:
         failures = 0
         while True:
             try:
-                await self.handle(group, done, answering.calls)
+                await self.handle(group, done, answering.calls, answering)
                 return
             except Exception as exc:
                 failures += 1
@@ -306,35 +415,69 @@ class Worker:
                     return
                 await asyncio.sleep(RETRY_PAUSE_S[failures - 1])
 
-    async def handle(self, group: Group, done: set[int], calling: Callable[[], None] | None = None) -> None:
+    async def handle(self, group: Group, done: set[int], calling: Callable[[], None] | None = None,
+                     answering: Answering[EventT] | None = None) -> None:
         """Answer the first request of a group; identical others get the same answer.
 
         Each request counts as answered (``done``, the ledger) once its records are written, so
         answering the group again after a failure skips those already out.
+
+        Its records carry its trace context (nexus/tracing.py); with spans on, the answer is a
+        ``process`` span holding the wait for dispatch and the model call.
         """
+        event, request = group[0]
+        trace = tracing.record_trace(event.message.headers, request.id)
+        if not self.tracing.enabled:
+            return await self._handle(group, done, calling, trace, answering=answering)
+        message = event.message
+        spans = self.tracing.answering(trace, request, message.topic, message.partition, message.offset,
+                                       self._config.app_id)
+
+        def dispatched() -> None:
+            spans.dispatched()
+            if calling is not None:
+                calling()
+
+        try:
+            await self._handle(group, done, dispatched, spans.context, spans, answering)
+        except BaseException as exc:
+            spans.end(exc)
+            raise
+        spans.end()
+
+    async def _handle(self, group: Group, done: set[int], calling: Callable[[], None] | None,
+                      trace: tracing.TraceContext, spans: tracing.AnswerSpans | None = None,
+                      answering: Answering[EventT] | None = None) -> None:
         assert self.inference is not None
         event, request = group[0]
         sink = None
         if request.stream:
-            sink = KafkaTokenSink(lambda k, v, h: self.send(self._topics.tokens, k, v, h), self.codec, request)
+            sink = KafkaTokenSink(lambda k, v, h: self.send(self._topics.tokens, k, v, h), self.codec, request,
+                                  trace.kafka_headers())
         reasons = [self.cancels.reason(r) for _, r in group]
         if all(reasons):  # cancelled before it started: no model call at all
             answer = self.inference.cancelled(request, reasons[0] or "")
         else:
             answer = await self._call(group, sink, calling)
+        answered = time.time()
+        if spans is not None:
+            spans.answered(answer.response, self._systems.get(answer.response.endpoint or "", tracing.DEFAULT_SYSTEM))
         if sink is not None:
             await sink.close()  # every chunk is acknowledged before the response goes out
         for i, (other_event, other) in enumerate(group):
             if other_event.message.offset in done:
                 continue
+            stages = None
+            if answering is not None:  # the request record's timestamp: its append (LogAppendTime topics)
+                stages = answering.stages(other_event.message.timestamp or None, answered)
             if i == 0:
-                await self.publish(answer, other_event, other)
+                await self.publish(answer, other_event, other, trace, stages)
             else:
                 self.metrics.shared.labels(model=request.model_id).inc()
                 response = dataclasses.replace(
                     answer.response, id=other.id, reply_to=other.reply_to, key_name=other.key_name
                 )
-                await self.publish(Answer(response, answer.dead_letter_reason), other_event, other)
+                await self.publish(Answer(response, answer.dead_letter_reason), other_event, other, stages=stages)
             done.add(other_event.message.offset)
             self.ledger.answered(other_event.message.tp, other_event.message.offset)
 
@@ -379,8 +522,12 @@ class Worker:
             (headers.SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
         self.metrics.dead_letters.labels(kind="undecodable").inc()
-        await until_sent(self._topics.dead_letters.get_topic_name(), lambda: self.send(
-            self._topics.dead_letters, record.key, record.value, record_headers))
+        try:
+            await until_sent(self._topics.dead_letters.get_topic_name(), lambda: self.send(
+                self._topics.dead_letters, record.key, record.value, record_headers))
+        except Undeliverable as exc:  # a cancel is no request: nothing waits on it
+            log.error("an undecodable cancel record (%s/%s/%s) was dropped: %s",
+                      record.topic, record.partition, record.offset, exc)
 
     async def answer_with(self, group: Group, answer: Answer, done: set[int]) -> None:
         """Publish ``answer`` (an error) for every request of ``group`` not answered yet, retrying
@@ -466,12 +613,27 @@ class Worker:
 
     # -- the response cache ---------------------------------------------------------------
 
-    def store_cache_update(self, value: bytes) -> None:
-        """Write one updates-topic record into the cache table (from its agent: table writes
-        need their event)."""
+    def store_cache_update(self, value: bytes, partition: int) -> None:
+        """Write one updates-topic record (of ``partition``) into the cache table (from its agent:
+        table writes need their event), deleting what is due meanwhile."""
         key, entry = read_cache_update(value)
-        self._cache_table[key] = entry
-        self.metrics.cache_entries.set(len(self._cache_table))
+        self.cache.store(key, entry, partition)
+
+    def sweep_cache(self) -> None:
+        """The cache timer: delete the expired entries (and those over the bound), tombstoned."""
+        self.cache.sweep()
+
+    async def send_cache_update(self, key: bytes, value: bytes) -> None:
+        """A new entry to the updates topic; one Kafka refuses for good (too large) is not cached."""
+        try:
+            await self.produce(self._topics.cache_updates, key, value)
+        except Undeliverable as exc:
+            log.warning("an answer was not cached: %s", exc)
+
+    def _owned_cache_partitions(self) -> set[int]:
+        """The cache partitions this worker owns (actively): it writes their tombstones."""
+        topics = {self._topics.cache_updates.get_topic_name(), self._cache_table.changelog_topic_name}
+        return {tp.partition for tp in self._app.assignor.assigned_actives() if tp.topic in topics}
 
     # -- ownership and commits ------------------------------------------------------------
 

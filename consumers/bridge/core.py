@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import ApiKey
+from nexus.tracing import trace_id_of
 from producers.queue import QueueBoard, Whereabouts
 from schemas import Codec, InferenceRequest, SchemaError, decode_response, decode_token
 from schemas.queue_state import QueueReport
@@ -273,7 +274,9 @@ class BridgeCore:
             if record.topic == self._responses:
                 response = decode_response(self._codec, record.value)  # type: ignore[arg-type]
                 wanted = results(response.context.session_id, response.id, response.key_name)
-                return (wanted, result_frame(response)) if wanted else None
+                # Its trace id, for the client to find its trace (read only for a wanted one).
+                return (wanted, result_frame(response, trace_id_of(getattr(record, "headers", None)))
+                        ) if wanted else None
             token = decode_token(self._codec, record.value)  # type: ignore[arg-type]
             wanted = tokens(token.session_id, token.id, token.key_name)
             return (wanted, token_frame(token)) if wanted else None

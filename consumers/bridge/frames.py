@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from schemas import InferenceResponse, InferenceToken
@@ -137,7 +137,7 @@ def parse_since(value: Any) -> int:
                 f"'since' {value!r} is neither ISO-8601 (e.g. 2024-05-01T12:00:00Z) nor epoch ms"
             ) from None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         ms = int(when.timestamp() * 1000)
     else:
         raise FrameError("'since' must be an ISO-8601 time or epoch milliseconds")
@@ -194,10 +194,14 @@ def token_frame(token: InferenceToken) -> str:
     return _dump(frame)
 
 
-def result_frame(response: InferenceResponse) -> str:
+def result_frame(response: InferenceResponse, trace_id: str | None = None) -> str:
     """The response's JSON form: ``output``, ``tool_calls`` and ``message`` (the assistant turn,
-    ``{"role": "assistant", "content", "tool_calls"?}``, ready to append to the conversation)."""
-    return _dump({"type": "result", **response.to_json()})
+    ``{"role": "assistant", "content", "tool_calls"?}``, ready to append to the conversation);
+    ``trace_id`` when the response record names its trace (its ``traceparent`` header)."""
+    frame = {"type": "result", **response.to_json()}
+    if trace_id is not None:
+        frame["trace_id"] = trace_id
+    return _dump(frame)
 
 
 def error_frame(reason: str, **detail: Any) -> str:

@@ -37,6 +37,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from nexus import tracing
 from nexus.access import AccessPolicy, Unauthenticated
 from nexus.kafka.readers import TopicMissingError, read_from_end, read_from_time, reader
 from nexus.kafka.topics import KafkaUnavailableError, ensure_topics
@@ -61,6 +62,7 @@ from consumers.bridge.core import (
 )
 from consumers.bridge.delivery import OutboxClosed, RecordKey
 from consumers.bridge.errors import BridgeStartError, HistoryError
+from consumers.bridge.metrics import CONTENT_TYPE_LATEST, BridgeMetrics
 
 __all__ = ["Bridge", "BridgeStartError", "HistoryError", "read_history", "serve_bridge"]
 
@@ -122,6 +124,7 @@ class Bridge:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: RequestProducer | None = None
         self._server: Server | None = None
+        self._metrics = BridgeMetrics(self._core.status)  # GET /metrics
 
     @property
     def port(self) -> int:
@@ -182,7 +185,7 @@ class Bridge:
             raise BridgeStartError(f"cannot listen on {bridge.host}:{bridge.port}: {exc}") from None
         self._background.start(LIVE_READER, self._read_live)
         await self._queue.start()
-        log.warning(
+        log.info(
             "bridge listening on ws://%s:%d%s (%d partitions, from the end)",
             bridge.host, self.port, bridge.path, len(self._core.positions),
         )
@@ -279,7 +282,7 @@ class Bridge:
         # never reads never answers it, so the TCP connection is dropped after a while.
         try:
             await asyncio.wait_for(client.ws.close(code, reason), CLOSE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             client.ws.transport.abort()
 
     # -- clients -> bridge -----------------------------------------------------------------
@@ -294,6 +297,8 @@ class Bridge:
                 "tasks": self._background.report(),
             }
             return connection.respond(200 if healthy else 503, json.dumps(body) + "\n")
+        if path == "/metrics":
+            return self._metrics_page(connection, request)
         if path != self._settings.bridge.path:
             return connection.respond(404, f"no websocket here; connect to {self._settings.bridge.path}\n")
         try:
@@ -305,6 +310,19 @@ class Bridge:
         if key is not None:
             self._handshake_keys[connection] = key
         return None
+
+    def _metrics_page(self, connection: ServerConnection, request: Request) -> Response:
+        """Prometheus text; with API keys configured it needs one, as the gateway's and worker's do."""
+        try:
+            self._core.authenticate(request.path, request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            refused = connection.respond(401, exc.reason + "\n")
+            refused.headers["WWW-Authenticate"] = exc.challenge
+            return refused
+        response = connection.respond(200, self._metrics.page())
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
 
     async def _handle(self, ws: ServerConnection) -> None:
         key = self._handshake_keys.pop(ws, None)
@@ -471,6 +489,7 @@ async def read_history(
 
 async def serve_bridge(settings: Settings) -> None:
     """Run a bridge until cancelled; a failing live reader is restarted, not fatal."""
+    tracing.setup("nexus-bridge")  # its submits' produce spans, with an OTLP endpoint configured
     bridge = Bridge(settings)
     await bridge.start()
     try:

@@ -11,8 +11,8 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Literal, Union
+from datetime import datetime, UTC
+from typing import Literal
 
 from nexus.settings import KafkaSettings
 from schemas import headers
@@ -30,10 +30,11 @@ from schemas import (
     utcnow,
 )
 
-from consumers.replay.errors import ReplayArgumentError, ReplayError  # ReplayError: re-exported, as before
+from consumers.replay.errors import ReplayArgumentError
+from consumers.replay.errors import ReplayError as ReplayError  # re-exported, as before
 
 Kind = Literal["request", "response", "token", "dead_letter", "cancel"]
-Value = Union[InferenceRequest, InferenceResponse, InferenceToken, InferenceCancel]
+Value = InferenceRequest | InferenceResponse | InferenceToken | InferenceCancel
 # "requests" is both lanes: kafka.requests_topic (interactive) and kafka.batch_requests_topic.
 TOPIC_CHOICES: tuple[str, ...] = ("requests", "responses", "tokens", "dlq", "cancels")
 #: The statuses of a response (``--status``); a dead letter counts as an error.
@@ -67,7 +68,7 @@ def parse_time(text: str, now: datetime | None = None) -> int:
             "(1738332000000) or a time before now (-90s, -15m, -1h, -2d)"
         ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return _ms(when)
 
 
@@ -77,7 +78,7 @@ def _ms(when: datetime) -> int:
 
 def iso(ms: int) -> str:
     """Epoch milliseconds as ISO-8601 UTC with milliseconds."""
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def topic_kinds(kafka: KafkaSettings, names: Iterable[str] = ("requests", "responses")) -> dict[str, Kind]:

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def options_from_args(args: argparse.Namespace) -> "ReplayOptions":
+def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     """Validate the arguments; raises :class:`ReplayArgumentError` with what to change."""
     from consumers.replay.reader import ReplayOptions
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout, 
 async def _run(
     args: argparse.Namespace,
     settings: Settings,
-    options: "ReplayOptions",
+    options: ReplayOptions,
     table: bool,
     out: TextIO,
     bar: ProgressBar | None,

@@ -13,8 +13,9 @@ import random
 import re
 import zlib
 from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any, Generic, TypeVar
 
 from nexus.errors import NexusError
@@ -186,7 +187,7 @@ def prompt_token_count(*texts: str | None) -> int:
     return sum(len(tokenize(t)) for t in texts if t)
 
 
-def last_user_content(messages: list[dict[str, Any]]) -> str:
+def last_user_content(messages: Sequence[Mapping[str, Any]]) -> str:
     """Chat replies echo the last user message, like a prompt."""
     for message in reversed(messages):
         if message.get("role") == "user":
@@ -269,7 +270,7 @@ def compute_stats(
 
 def rfc3339(moment: datetime) -> str:
     """Ollama's created_at format: UTC, microseconds, trailing Z."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # --------------------------------------------------------------------------- bodies

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from nexus.errors import NexusError
 
@@ -319,5 +319,5 @@ def _bounds(schema: Mapping[str, Any], *, integer: bool) -> tuple[float | None, 
     return low, high
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from aiohttp import web
@@ -86,7 +86,7 @@ STATS_KEY = web.AppKey("simulator_stats", SimulatorStats)
 
 
 def _now() -> str:
-    return rfc3339(datetime.now(timezone.utc))
+    return rfc3339(datetime.now(UTC))
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -426,12 +426,12 @@ async def handle_embeddings_legacy(request: web.Request) -> web.Response:
 
 async def handle_tags(request: web.Request) -> web.Response:
     config = request.app[STATE_KEY].config
-    return _json(tags_response(config, datetime.now(timezone.utc)))
+    return _json(tags_response(config, datetime.now(UTC)))
 
 
 async def handle_ps(request: web.Request) -> web.Response:
     config = request.app[STATE_KEY].config
-    return _json(ps_response(config, datetime.now(timezone.utc)))
+    return _json(ps_response(config, datetime.now(UTC)))
 
 
 async def handle_version(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from nexus.errors import NexusError
 from nexus.kafka.clients import client_options, refusal
+from nexus.logs import muted
 from nexus.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,17 @@ def nexus_topics(kafka: KafkaSettings) -> list[TopicSpec]:
     return [*audit, state, queue]
 
 
-async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0, *, extra: Iterable[TopicSpec] = ()) -> list[str]:
+async def ensure_topics(
+    kafka: KafkaSettings, timeout_s: float | None = None, *, extra: Iterable[TopicSpec] = ()
+) -> list[str]:
     """Create the missing topics; return the names created. Safe to call concurrently.
 
+    Waits up to ``timeout_s`` (default: ``kafka.connect_timeout_s``) for a broker to answer.
     ``extra`` adds topics of one role's own (the worker's cache topics), created the same way,
     with their own partitions and configs, on the same wait for the broker.
     """
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
-    await _start_with_retry(admin, kafka, timeout_s)
+    await _start_with_retry(admin, kafka, kafka.connect_timeout_s if timeout_s is None else timeout_s)
     try:
         existing = set(await admin.list_topics())
         new = [
@@ -114,18 +118,23 @@ async def ensure_topics(kafka: KafkaSettings, timeout_s: float = 60.0, *, extra:
 async def _start_with_retry(admin: AIOKafkaAdminClient, kafka: KafkaSettings, timeout_s: float) -> None:
     """Wait for a broker that is not up yet; fail at once if one is up but refuses us."""
     deadline = asyncio.get_running_loop().time() + timeout_s
+    waiting = False
     while True:
         try:
-            await admin.start()
+            with muted("aiokafka"):  # its error line per failed attempt; this loop reports the outcome
+                await admin.start()
             return
         except KafkaConnectionError as exc:
             refused = await refusal(kafka)
             if refused is not None:
                 await admin.close()
                 raise refused from None
+            if not waiting:
+                waiting = True
+                log.info("waiting up to %gs for a Kafka broker at %s", timeout_s, kafka.bootstrap)
             if asyncio.get_running_loop().time() >= deadline:
                 raise KafkaUnavailableError(
-                    f"no Kafka broker answered at {kafka.bootstrap} within {timeout_s:.0f}s ({exc}); "
+                    f"no Kafka broker answered at {kafka.bootstrap} within {timeout_s:g}s (kafka.connect_timeout_s; {exc}); "
                     "start one with `nexus kafka` or pass --bootstrap; if one runs there, check that "
                     f"kafka.security_protocol ({kafka.security_protocol}) matches its listener"
                 ) from None

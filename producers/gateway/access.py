@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from nexus.access import AccessError, AccessPolicy, Forbidden, Unauthenticated
 from nexus.settings import ApiKey
@@ -61,7 +62,7 @@ def access_response(path: str, exc: AccessError) -> web.Response:
     return web.json_response(error_body(path, exc), status=exc.status, headers=headers)
 
 
-def access_middleware(policy: AccessPolicy) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def access_middleware(policy: AccessPolicy) -> Middleware:
     """Authenticate every call to a protected path; a :class:`Forbidden` raised by a handler becomes 403."""
 
     @web.middleware

@@ -18,16 +18,20 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from aiokafka.errors import KafkaError
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from nexus import tracing
 from nexus.access import AccessPolicy, Forbidden
-from nexus.kafka.topics import ensure_topics
+from nexus.metrics import role_registry
+from nexus.kafka.topics import KafkaUnavailableError, TopicCreationError, ensure_topics
 from nexus.settings import Settings
+from nexus.startup import StartError, ensure_can_listen
 from nexus.tasks import Background, TaskState
 from schemas import InferenceRequest
 from schemas.headers import PRIORITY_HEADER, TENANT_HEADER
@@ -55,7 +59,7 @@ class GatewayMetrics:
     """The gateway's Prometheus metrics, in a registry of its own."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = role_registry()  # with process_* and python_*
         self.requests = Counter(
             "nexus_gateway_requests",
             "POST /infer requests by model and HTTP status.",
@@ -130,6 +134,7 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
 def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web.Application:
     """Build the gateway application; Kafka is connected on startup."""
     metrics = metrics or GatewayMetrics()
+    tracing.setup("nexus-gateway")  # spans exported only with an OTLP endpoint (docs/observability.md)
     app = web.Application(client_max_size=settings.gateway.max_body_bytes, middlewares=[_json_errors])
     app[MAX_BODY] = settings.gateway.max_body_bytes
     access_http.install(app, AccessPolicy(settings.access))  # API keys: docs/security.md
@@ -139,7 +144,7 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
     queue = QueueReader(settings, background)
     admission = Admission(settings.tenant, queue.board)
 
-    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await ensure_topics(settings.kafka)
         producer = RequestProducer(settings.kafka)
         await producer.start()
@@ -178,7 +183,8 @@ def create_app(settings: Settings, metrics: GatewayMetrics | None = None) -> web
         started = time.perf_counter()
         try:
             # Shielded: a client that disconnects meanwhile does not leave it half-produced.
-            await asyncio.shield(app[PRODUCER].submit(infer_request))
+            # The call's traceparent goes with the record (a new trace without one): nexus/tracing.py.
+            await asyncio.shield(app[PRODUCER].submit(infer_request, **tracing.call_trace(request.headers)))
         except RequestTooLarge as exc:  # refused before producing: nothing was written
             admission.refund(infer_request)
             metrics.requests.labels(model=infer_request.model_id, code="413").inc()
@@ -320,14 +326,29 @@ async def check_health(
 
 
 async def serve(settings: Settings) -> None:
-    """Run the gateway until cancelled."""
+    """Run the gateway until cancelled.
+
+    Raises :class:`~nexus.startup.StartError` when its port is taken (checked first, before any
+    wait for Kafka) or no broker answers within ``kafka.connect_timeout_s``.
+    """
+    host, port = settings.gateway.host, settings.gateway.port
+    ensure_can_listen(host, port, "gateway.port")
     # Handler cancellation: a drop-in client that disconnects cancels its waiting handler, which
     # cancels its request (docs/drop-in.md); POST /infer shields its produce from it.
     runner = web.AppRunner(create_app(settings), access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.gateway.host, settings.gateway.port)
-    await site.start()
-    log.warning("gateway listening on http://%s:%d", settings.gateway.host, settings.gateway.port)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+    except (KafkaUnavailableError, TopicCreationError, SubmitError) as exc:
+        await runner.cleanup()
+        raise StartError(str(exc)) from None
+    except KafkaError as exc:
+        await runner.cleanup()
+        raise StartError(f"Kafka at {settings.kafka.bootstrap}: {exc}") from None
+    except OSError as exc:  # taken since ensure_can_listen looked
+        await runner.cleanup()
+        raise StartError(f"cannot listen on {host}:{port} (gateway.port): {exc.strerror or exc}") from None
+    log.info("gateway listening on http://%s:%d", host, port)
     try:
         await asyncio.Event().wait()
     finally:

@@ -25,7 +25,7 @@ from schemas.limits import (
     MAX_TOKENS,
     MIN_SEED,
 )
-from schemas.headers import PRIORITY_HEADER, TENANT_HEADER
+from schemas.headers import PRIORITY_HEADER, TENANT_HEADER, TRACEPARENT, TRACESTATE
 from schemas.validation import OPTION_FIELDS, ROLES, TOOL_CHOICES
 
 from producers.gateway.access import is_open
@@ -84,7 +84,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "operationId": "submitInference",
                     "summary": "Submit one inference request",
                     "parameters": [{"$ref": "#/components/parameters/NexusPriority"},
-                                   {"$ref": "#/components/parameters/NexusTenant"}],
+                                   {"$ref": "#/components/parameters/NexusTenant"},
+                                   {"$ref": "#/components/parameters/TraceParent"},
+                                   {"$ref": "#/components/parameters/TraceState"}],
                     "requestBody": {
                         "required": True,
                         "description": f"At most {max_body} bytes.",
@@ -556,7 +558,8 @@ def _schemas(models: list[str]) -> dict[str, Any]:
 
 
 def scheduling_parameters() -> dict[str, Any]:
-    """The ``X-Nexus-Priority`` and ``X-Nexus-Tenant`` headers of ``POST /infer`` and the drop-in APIs."""
+    """The ``X-Nexus-Priority``, ``X-Nexus-Tenant`` and W3C trace-context headers of ``POST /infer``
+    and the drop-in APIs."""
     return {
         "NexusPriority": {
             "name": PRIORITY_HEADER, "in": "header", "required": False,
@@ -568,6 +571,15 @@ def scheduling_parameters() -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_TENANT_LENGTH},
             "description": "Who the request counts against (fair share, limits); with API keys the key's name "
                            "is the tenant and this header is ignored; absent: the session.",
+        },
+        "TraceParent": {
+            "name": TRACEPARENT, "in": "header", "required": False, "schema": {"type": "string"},
+            "description": "W3C trace context: the request, its token chunks and its response are in this trace "
+                           "(a new one when absent or invalid); docs/observability.md, Traces.",
+        },
+        "TraceState": {
+            "name": TRACESTATE, "in": "header", "required": False, "schema": {"type": "string"},
+            "description": "W3C trace context: vendors' entries, passed on unchanged with `traceparent`.",
         },
     }
 

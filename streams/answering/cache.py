@@ -1,4 +1,5 @@
-"""Response cache policy: what is cached, under which key, until when. No I/O.
+"""Response cache policy: what is cached, under which key, until when, and which entries to
+delete now (:class:`CacheIndex`). No I/O.
 
 The entries live in a Faust table (see :mod:`streams.app`), so they survive
 restarts through its changelog; this module only decides.
@@ -7,7 +8,10 @@ restarts through its changelog; this module only decides.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,7 +39,7 @@ class CacheEntry:
         return json.dumps(value, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CacheEntry":
+    def from_bytes(cls, data: bytes) -> CacheEntry:
         """An entry as any worker wrote it: without ``tool_calls`` (older ones), or with fields a
         newer one added (left out)."""
         value = json.loads(data)
@@ -126,3 +130,69 @@ def chunks_of(text: str, words_per_chunk: int = 4) -> list[str]:
     words = text.split(" ")
     pieces = [" ".join(words[i : i + words_per_chunk]) for i in range(0, len(words), words_per_chunk)]
     return [p if i == 0 else " " + p for i, p in enumerate(pieces)] or [""]
+
+
+@dataclass(frozen=True)
+class Doomed:
+    """An entry to delete now: its key, its changelog partition, and why (``expired`` or ``evicted``)."""
+
+    key: bytes
+    partition: int
+    reason: str
+
+
+class CacheIndex:
+    """Where each cache entry lives (its changelog partition) and when it expires; which entries
+    to delete now. No I/O.
+
+    A table only grows: its entries expire for lookups (:meth:`CacheEntry.fresh`) but stay in
+    memory and on the changelog. The index orders them by expiry (a heap), so the worker deletes
+    the expired ones, and past ``max_entries`` the ones closest to expiry, without scanning the
+    table. Closest to expiry first, because with one TTL per model that is the oldest written,
+    and an entry about to expire is worth least.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[int, float, int]] = {}  # key -> (partition, expires_at, seq)
+        self._heap: list[tuple[float, int, bytes]] = []  # (expires_at, seq, key); stale items skipped
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._entries))
+
+    def add(self, key: bytes, partition: int, expires_at: float) -> None:
+        """An entry written (or rewritten: the last write counts) on ``partition``."""
+        seq = next(self._seq)
+        self._entries[key] = (partition, expires_at, seq)
+        heapq.heappush(self._heap, (expires_at, seq, key))
+        if len(self._heap) > 2 * len(self._entries) + 64:  # rewritten keys leave stale items behind
+            self._heap = [(e, s, k) for k, (_, e, s) in self._entries.items()]
+            heapq.heapify(self._heap)
+
+    def remove(self, key: bytes) -> None:
+        """An entry deleted by someone else (a tombstone read from the changelog), or gone from memory."""
+        self._entries.pop(key, None)
+
+    def due(self, now: float, max_entries: int) -> list[Doomed]:
+        """The entries to delete now, each once, closest to expiry first: every expired one
+        (``expires_at <= now``: :meth:`CacheEntry.fresh` no longer serves it), then as many as it
+        takes to keep ``max_entries``. They leave the index."""
+        doomed = []
+        while self._heap:
+            expires_at, seq, key = self._heap[0]
+            expired = expires_at <= now
+            if not expired and len(self._entries) <= max_entries:
+                break
+            heapq.heappop(self._heap)
+            current = self._entries.get(key)
+            if current is None or current[2] != seq:
+                continue  # deleted, or rewritten since: its newer item decides
+            del self._entries[key]
+            doomed.append(Doomed(key, current[0], "expired" if expired else "evicted"))
+        return doomed

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -44,7 +44,7 @@ class SystemClock:
     async def wait_for(self, event: asyncio.Event, timeout: float) -> bool:
         try:
             await asyncio.wait_for(event.wait(), timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -90,7 +90,8 @@ class ManualClock:
         timer = self._timer(timeout)
         waiting = asyncio.ensure_future(event.wait())
         try:
-            await asyncio.wait({waiting, timer}, return_when=asyncio.FIRST_COMPLETED)
+            both: set[asyncio.Future[Any]] = {waiting, timer}
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiting.cancel()
             timer.cancel()

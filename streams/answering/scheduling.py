@@ -231,9 +231,9 @@ class Schedule:
         for name, tenant in klass.tenants.items():
             if tenant.live == 0:
                 continue
-            tickets = sorted((t for t in tenant.tickets if t[2].queued), key=lambda t: (t[0], t[1]))
-            lines[name] = (tenant.weight, [t[2] for t in tickets], [0])
-            heapq.heappush(heap, (tenant.vtime, tickets[0][1], name))
+            queued = sorted((t for t in tenant.tickets if t[2].queued), key=lambda t: (t[0], t[1]))
+            lines[name] = (tenant.weight, [t[2] for t in queued], [0])
+            heapq.heappush(heap, (tenant.vtime, queued[0][1], name))
         while heap:
             vtime, _, name = heapq.heappop(heap)
             weight, tickets, at = lines[name]

@@ -165,7 +165,7 @@ class WaitingLine:
                 if router.nowhere(now) or avoid.issuperset(router.endpoints):
                     raise Unavailable()
                 turn = waiter is not None and waiter.woken
-                if turn:
+                if turn and waiter is not None:
                     waiter.woken = False
                     self._woken -= 1
                 if turn or (not self._waiters and not self._woken):
@@ -286,7 +286,7 @@ class WaitingLine:
             slots.extend((now, seconds) for _ in range(capacity - len(busy)))
         order = self.schedule.order(limit)
         etas = start_estimates(now, slots, len(order))
-        waiting = [
+        waiting: list[dict[str, object]] = [
             {"id": t.id, "session_id": t.session_id, "tenant": t.tenant, "priority": t.priority,
              "position": i, "eta_s": round(eta, 3) if eta != float("inf") else None, "waited_s": round(now - t.arrived, 3)}
             for i, (t, eta) in enumerate(zip(order, etas))

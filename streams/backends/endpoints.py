@@ -42,7 +42,7 @@ class EndpointsBackend:
         self._default = default
 
     @classmethod
-    def from_settings(cls, settings: Settings, http: aiohttp.ClientSession) -> "EndpointsBackend":
+    def from_settings(cls, settings: Settings, http: aiohttp.ClientSession) -> EndpointsBackend:
         """The worker's backend: every configured endpoint by its kind, all over ``http``."""
         kinds = {e.url: e.kind for m in settings.models for e in m.endpoints}
         return cls({kind: BACKENDS[kind](http) for kind in ENDPOINT_KINDS}, kinds)

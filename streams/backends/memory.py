@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
 
 from schemas import InferenceOptions, InferenceRequest, ToolCall
 from streams.answering.clock import Clock, SystemClock
@@ -65,10 +64,10 @@ class Hold:
     """Wait for ``gate`` (``None``: forever) then do ``then``; the call's timeout may come first."""
 
     gate: asyncio.Event | None = None
-    then: Union[Reply, Failure] = Reply()
+    then: Reply | Failure = Reply()
 
 
-Step = Union[Reply, Failure, Hold]
+Step = Reply | Failure | Hold
 
 
 def server_error(status: int = 500, reason: str = "boom") -> Failure:

@@ -12,7 +12,6 @@ per call where aiohttp spends 0.2 ms, and that CPU was the worker's throughput l
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -23,6 +22,7 @@ import aiohttp
 
 from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
 from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
+from streams.backends.lines import MAX_LINE_BYTES, LineSplitter, lines_of
 from streams.backends.wire import (
     Unsendable, extra_options, function_tool, json_value, keep_alive_value, schema_of, tool_call, unsendable,
 )
@@ -36,8 +36,9 @@ __all__ = [
 class OllamaBackend:
     """:class:`streams.backends.base.Backend` over one aiohttp session shared by every endpoint."""
 
-    def __init__(self, http: aiohttp.ClientSession) -> None:
+    def __init__(self, http: aiohttp.ClientSession, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._http = http
+        self._max_line_bytes = max_line_bytes  # one streamed NDJSON line at most
 
     async def generate(
         self,
@@ -49,14 +50,15 @@ class OllamaBackend:
         on_chunk: OnChunk | None = None,
         on_sent: OnSent | None = None,
     ) -> Generation:
-        return await generate(self._http, endpoint, model, request, system, timeout_s, on_chunk, on_sent)
+        return await generate(self._http, endpoint, model, request, system, timeout_s, on_chunk, on_sent,
+                              max_line_bytes=self._max_line_bytes)
 
     async def probe(self, endpoint: str, timeout_s: float) -> bool:
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
             async with self._http.get(f"{endpoint}/api/version", timeout=timeout) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
@@ -75,7 +77,7 @@ class OllamaBackend:
                 if response.status != 200:
                     raise _status_error(endpoint, response.status, await response.read())
                 data = _object(endpoint, await response.read())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendError(f"{endpoint}{path} did not answer within {timeout_s:g}s", retryable=True) from None
         except aiohttp.ClientError as exc:
             raise BackendError(
@@ -223,12 +225,15 @@ async def generate(
     timeout_s: float,
     on_chunk: OnChunk | None = None,
     on_sent: OnSent | None = None,
+    *,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Generation:
     """One call to ``{endpoint}/api/generate`` (a prompt) or ``/api/chat`` (a conversation); with
     ``on_chunk``, streamed chunk by chunk.
 
     ``on_sent`` is called when the request's headers went on the wire (a session from
-    :func:`new_session` is needed for that).
+    :func:`new_session` is needed for that). A streamed line longer than ``max_line_bytes`` fails
+    the call with a :class:`BackendError` naming the cap.
     """
     try:
         path, body = request_body(model, request, system, stream=on_chunk is not None)
@@ -247,8 +252,8 @@ async def generate(
                 data = _object(endpoint, await response.read())
                 text, calls = _piece(data, chat)
                 return _generation(endpoint, data, text, calls, started, None)
-            return await _read_stream(endpoint, response, chat, on_chunk, started)
-    except asyncio.TimeoutError:
+            return await _read_stream(endpoint, response, chat, on_chunk, started, max_line_bytes)
+    except TimeoutError:
         raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
     except aiohttp.ClientError as exc:
         raise BackendError(
@@ -258,12 +263,14 @@ async def generate(
 
 
 async def _read_stream(
-    endpoint: str, response: aiohttp.ClientResponse, chat: bool, on_chunk: OnChunk, started: float
+    endpoint: str, response: aiohttp.ClientResponse, chat: bool, on_chunk: OnChunk, started: float,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Generation:
     parts: list[str] = []
     calls: list[ToolCall] = []
     ttft: float | None = None
-    async for line in response.content:  # NDJSON: one object per line
+    # NDJSON: one object per line, split here (streams/backends/lines.py: aiohttp's readline caps a line).
+    async for line in lines_of(response, LineSplitter(endpoint, max_line_bytes)):
         if not line.strip():
             continue
         data = _object(endpoint, line)

@@ -20,7 +20,6 @@ bad request, answered with the server's own message), except a 404 about the mod
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -32,6 +31,7 @@ import aiohttp
 
 from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
 from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
+from streams.backends.lines import MAX_LINE_BYTES, LineSplitter, lines_of
 from streams.backends.wire import (
     Unsendable, arguments_text, extra_options, function_tool, schema_of, tool_call, unsendable,
 )
@@ -42,8 +42,9 @@ __all__ = ["OpenAIBackend", "ToolCallJoiner", "chat_messages", "openai_options",
 class OpenAIBackend:
     """:class:`streams.backends.base.Backend` for OpenAI-compatible servers, over one shared aiohttp session."""
 
-    def __init__(self, http: aiohttp.ClientSession) -> None:
+    def __init__(self, http: aiohttp.ClientSession, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._http = http
+        self._max_line_bytes = max_line_bytes  # one streamed SSE line at most
 
     async def generate(
         self,
@@ -69,8 +70,8 @@ class OpenAIBackend:
                     raise status_error(endpoint, response.status, await response.read())
                 if on_chunk is None:
                     return _whole(endpoint, _object(endpoint, await response.read()), started)
-                return await _read_stream(endpoint, response, on_chunk, started)
-        except asyncio.TimeoutError:
+                return await _read_stream(endpoint, response, on_chunk, started, self._max_line_bytes)
+        except TimeoutError:
             raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
         except aiohttp.ClientError as exc:
             raise BackendError(
@@ -83,7 +84,7 @@ class OpenAIBackend:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
             async with self._http.get(f"{endpoint}/v1/models", timeout=timeout) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
@@ -94,7 +95,7 @@ class OpenAIBackend:
                 if response.status != 200:
                     raise status_error(endpoint, response.status, await response.read())
                 data = _object(endpoint, await response.read())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
         except aiohttp.ClientError as exc:
             raise BackendError(
@@ -347,7 +348,7 @@ class ToolCallJoiner:
             if not isinstance(delta, dict):
                 continue
             index = self._index_of(delta)
-            whole.extend(self._close(lambda i: i < index))
+            whole.extend(self._close(lambda i: i < index))  # noqa: B023 (_close calls it at once)
             parts = self._open.setdefault(index, _Fragments())
             if isinstance(delta.get("id"), str) and delta["id"] and parts.id is None:
                 parts.id = delta["id"]
@@ -381,7 +382,8 @@ class ToolCallJoiner:
 
 
 async def _read_stream(
-    endpoint: str, response: aiohttp.ClientResponse, on_chunk: OnChunk, started: float
+    endpoint: str, response: aiohttp.ClientResponse, on_chunk: OnChunk, started: float,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Generation:
     parts: list[str] = []
     calls: list[ToolCall] = []
@@ -390,7 +392,7 @@ async def _read_stream(
     done_reason: str | None = None
     usage: tuple[int, int] | None = None
     finished = False
-    async for data in _events(response):
+    async for data in _events(response, LineSplitter(endpoint, max_line_bytes)):
         if data == "[DONE]":
             finished = True
             break
@@ -437,11 +439,12 @@ async def _read_stream(
     )
 
 
-async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _events(response: aiohttp.ClientResponse, splitter: LineSplitter) -> AsyncIterator[str]:
     """The data of each server-sent event (its ``data:`` lines joined), and any bare JSON line;
-    comments and other fields are skipped."""
+    comments and other fields are skipped. Lines are split by ``splitter`` (streams/backends/lines.py:
+    aiohttp's readline caps a line)."""
     lines: list[str] = []
-    async for raw in response.content:
+    async for raw in lines_of(response, splitter):
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         if not line:
             if lines:

@@ -81,8 +81,8 @@ class RequestLedger(Generic[P]):
             if part is None:
                 continue
             dropped = [offset for offset, state in part.entries.items() if state is _State.QUEUED]
-            for offset in dropped:
-                del part.entries[offset]
+            for queued in dropped:
+                del part.entries[queued]
             if dropped and part.frontier is not None:
                 part.frontier = min(part.frontier, min(dropped))
             part.suspended = True

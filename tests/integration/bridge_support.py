@@ -35,7 +35,7 @@ class WsClient:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str, **kwargs: Any) -> "WsClient":
+    async def open(cls, url: str, **kwargs: Any) -> WsClient:
         return cls(await connect(url, **kwargs))
 
     async def _read(self) -> None:
@@ -65,7 +65,7 @@ class WsClient:
 
         try:
             await asyncio.wait_for(condition(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(f"condition not met in {timeout}s; {len(self.frames)} frames: {self._tail()}") from None
         return self.frames
 
@@ -94,7 +94,7 @@ class Publisher:
         self.tokens_topic = tokens_topic
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
 
-    async def __aenter__(self) -> "Publisher":
+    async def __aenter__(self) -> Publisher:
         await self.producer.start()
         return self
 

@@ -38,7 +38,7 @@ class Role:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self) -> "Role":
+    def start(self) -> Role:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nexus", *self.args],
@@ -137,7 +137,7 @@ class TopicReader:
         )
         self.records: list[ConsumerRecord] = []
 
-    async def start(self) -> "TopicReader":
+    async def start(self) -> TopicReader:
         await self._consumer.start()
         await read_from_end(self._consumer, [self.topic], timeout_s=30)
         return self
@@ -145,7 +145,7 @@ class TopicReader:
     async def stop(self) -> None:
         await self._consumer.stop()
 
-    async def __aenter__(self) -> "TopicReader":
+    async def __aenter__(self) -> TopicReader:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

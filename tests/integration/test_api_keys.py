@@ -340,3 +340,38 @@ async def test_the_page_asks_for_a_key_and_works_with_one(keyed: Keyed) -> None:
     assert errors == []
     assert answer == f"[simulated mistral] You said: {prompt}"
     assert BETA not in url
+
+
+@pytest.mark.parametrize("role", ["worker", "gateway", "bridge"])
+def test_the_compose_healthchecks_pass_with_keys_on(keyed: Keyed, role: str) -> None:
+    """docker-compose.yml's healthcheck of each role, run against these keyed roles: it asks /health,
+    which needs no key (asking /metrics, as the worker's once did, fails with 401)."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    kind, *command = compose["services"][role]["healthcheck"]["test"]
+    assert kind == "CMD" and command[:2] == ["python", "-c"], command
+    port = {"worker": keyed.worker.env["NEXUS_WORKER_WEB_PORT"], "gateway": keyed.gateway.url.rsplit(":", 1)[1],
+            "bridge": keyed.bridge.env["NEXUS_BRIDGE_PORT"]}[role]
+    code = re.sub(r"//localhost:\d+/", f"//127.0.0.1:{port}/", command[2])
+    if role == "worker":
+        keyed.worker.wait_http(f"http://127.0.0.1:{port}/health")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
+    metrics = subprocess.run([sys.executable, "-c", code.replace("/health", "/metrics")], capture_output=True,
+                             text=True, timeout=30)
+    assert metrics.returncode != 0 and "401" in metrics.stderr, "/metrics should need a key"
+
+
+async def test_the_bridges_metrics_need_a_token(keyed: Keyed) -> None:
+    web = f"http://127.0.0.1:{keyed.bridge.env['NEXUS_BRIDGE_PORT']}"
+    async with httpx.AsyncClient(base_url=web, timeout=30) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers=bearer(WRONG))).status_code == 401
+        allowed = await http.get("/metrics", headers=bearer(ALPHA))
+    assert allowed.status_code == 200 and "process_cpu_seconds_total" in allowed.text
+    assert ALPHA not in allowed.text

@@ -19,13 +19,19 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import CoordinatorNotAvailableError
 
 from localdev.cluster import LocalKafkaCluster
-from nexus.settings import KafkaSettings, load_settings
 from nexus.kafka.topics import topic_config
+from nexus.settings import KafkaSettings, load_settings
 from streams.app import cache_changelog_topic, cache_updates_topic
-from tests.integration.support import Role, TopicReader, stack_env, start_gateway, wait_for_responses
+from tests.eventually import eventually
+from tests.integration.support import (
+    Role,
+    TopicReader,
+    stack_env,
+    start_gateway,
+    wait_for_responses,
+)
 
 TOTAL = 240  # requests submitted during the fault run
 RATE = 30.0  # per second: a steady stream of 8 s, the failover in the middle of it
@@ -83,15 +89,12 @@ async def _place_leaders_on_the_coordinator(cluster: LocalKafkaCluster, kafka: K
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
     await admin.start()
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:  # the first lookup creates __consumer_offsets; it answers once that has a leader
-            try:
-                coordinator = await admin.find_coordinator(group)
-                break
-            except CoordinatorNotAvailableError:
-                assert loop.time() < deadline, "no group coordinator after 30 s"
-                await asyncio.sleep(0.2)  # poll interval while __consumer_offsets is created
+        # The first lookup creates __consumer_offsets; it answers once that has a leader
+        # (until then it raises CoordinatorNotAvailableError, which eventually() retries).
+        async def find() -> tuple[int]:  # a tuple: node 0 is a coordinator too
+            return (await admin.find_coordinator(group),)
+
+        (coordinator,) = await eventually(find, "a group coordinator", timeout=30, interval=0.2)
         replicas = [coordinator] + [n.node_id for n in cluster.nodes if n.node_id != coordinator]
         result = await admin.create_topics([
             NewTopic(topic, -1, -1, replica_assignments={0: replicas}, topic_configs=topic_config(kafka))
@@ -219,8 +222,11 @@ async def test_the_requests_leader_killed_mid_run_loses_no_accepted_request(
 
 
 async def _until_in_sync(cluster: LocalKafkaCluster, topic: str, node_id: int, timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while node_id not in (partition := await cluster.describe(topic, 0))["isr"]:
-        assert loop.time() < deadline, f"node {node_id} never rejoined the ISR of {topic}/0: {partition}"
-        await asyncio.sleep(0.2)  # poll interval while the replica catches up
+    seen: list = []
+
+    async def in_sync() -> bool:
+        seen[:] = [partition := await cluster.describe(topic, 0)]
+        return node_id in partition["isr"]
+
+    await eventually(in_sync, f"node {node_id} rejoins the ISR of {topic}/0", timeout=timeout,
+                     interval=0.2, context=lambda: str(seen))

@@ -98,7 +98,7 @@ async def test_workers_killed_repeatedly_mid_run_lose_nothing(bootstrap: str, lo
             async with RequestProducer(kafka) as producer:
                 await producer.submit_many(requests)
             for threshold in (30, 75, 120):  # SIGKILL three times, each with answers in flight
-                await responses.read_until(lambda records: len(answered(records)) >= threshold, timeout=90)
+                await responses.read_until(lambda records: len(answered(records)) >= threshold, timeout=90)  # noqa: B023
                 worker.kill()
                 # Everything the dead worker wrote is below the end offsets now: read all of it.
                 await responses.drain()
@@ -156,7 +156,7 @@ async def test_exactly_once_read_committed_readers_see_each_request_answered_onc
             async with RequestProducer(kafka) as producer:
                 await producer.submit_many(requests)
             for threshold in (30, 75, 120):
-                await uncommitted.read_until(lambda records: answered(records) >= threshold, timeout=90)
+                await uncommitted.read_until(lambda records: answered(records) >= threshold, timeout=90)  # noqa: B023
                 worker.kill()
                 # The successor starts at once: its transactional producers abort what the dead
                 # one left open, which read_committed readers wait for.

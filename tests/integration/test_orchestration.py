@@ -46,15 +46,15 @@ class Simulator:
         self.url = f"http://127.0.0.1:{self.port}"
         self.role = Role("simulator", ["simulate-ollama", "--port", str(self.port), *args], dict(os.environ), logs_dir)
 
-    def start(self) -> "Simulator":
+    def start(self) -> Simulator:
         self.role.start()
         return self
 
-    def ready(self) -> "Simulator":
+    def ready(self) -> Simulator:
         self.role.wait_http(self.url)
         return self
 
-    def restart(self) -> "Simulator":
+    def restart(self) -> Simulator:
         self.role = Role("simulator", self.role.args, self.role.env, self.role.log_path.parent)
         return self.start().ready()
 

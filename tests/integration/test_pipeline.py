@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
@@ -10,10 +9,11 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from nexus.settings import KafkaSettings
 from nexus.kafka.topics import partitions_of
+from nexus.settings import KafkaSettings
 from producers.client import RequestProducer
 from schemas import InferenceRequest, ModelContext, decode_request
+from tests.eventually import eventually
 from tests.integration.support import CODEC, TopicReader, wait_for_responses
 
 SEED_BODY = {
@@ -176,12 +176,14 @@ async def test_health_metrics_and_models(stack: dict[str, str], gateway_url: str
     assert 'nexus_gateway_requests_total{code="404",model=""}' in metrics.text
     async with httpx.AsyncClient() as http:
         worker = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/metrics")
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:  # the worker joins its group a few seconds after it starts
-            worker_health = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/health")
-            if worker_health.json().get("partitions") or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.2)
+
+        async def health_with_partitions() -> httpx.Response | None:
+            reply = await http.get(f"http://127.0.0.1:{stack['NEXUS_WORKER_WEB_PORT']}/health")
+            return reply if reply.json().get("partitions") else None
+
+        # The worker joins its group a few seconds after it starts.
+        worker_health = await eventually(health_with_partitions, "the worker's /health lists its partitions",
+                                         timeout=60, interval=0.2)
     assert worker.status_code == 200
     assert "nexus_worker_batch_size_bucket" in worker.text
     assert "nexus_worker_task_failures_total 0.0" in worker.text
@@ -204,15 +206,16 @@ async def test_models_show_each_endpoints_live_state_from_the_workers(
         async with RequestProducer(KafkaSettings(bootstrap=bootstrap)) as producer:
             await producer.submit(request)
         await wait_for_responses(responses, {request.id})
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
     async with httpx.AsyncClient() as http:
-        while True:  # workers publish their state every 2 s
+
+        async def models_once_served() -> list[dict] | None:
             models = (await http.get(f"{gateway_url}/models")).json()["models"]
-            live = models[0]["endpoints"][0]["live"]
-            if live.get("served", 0) >= 1 or loop.time() > deadline:
-                break
-            await asyncio.sleep(0.2)
+            return models if models[0]["endpoints"][0]["live"].get("served", 0) >= 1 else None
+
+        # Workers publish their state every 2 s.
+        models = await eventually(models_once_served, "/models shows the endpoint served a request",
+                                  timeout=30, interval=0.2)
+        live = models[0]["endpoints"][0]["live"]
     assert models[0]["id"] == "llama3.1"
     assert models[0]["endpoints"][0]["url"] == stack["OLLAMA_HOST"]
     assert live["workers_reporting"] == 1
@@ -240,19 +243,21 @@ async def test_offsets_are_committed_once_the_answers_are_durable(stack: dict[st
     try:
         tps = [TopicPartition("inference.requests", p) for p in await partitions_of(admin, "inference.requests")]
         ends = await consumer.end_offsets(tps)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:  # Faust commits acked offsets every commit_interval_s
+        behind: dict = {}
+
+        async def caught_up() -> bool:
+            nonlocal behind
             committed = await admin.list_consumer_group_offsets("nexus-worker")
             behind = {tp: ends[tp] - committed[tp].offset for tp in tps if ends[tp] and
                       (tp not in committed or committed[tp].offset < ends[tp])}
-            if not behind or loop.time() > deadline:
-                break
-            await asyncio.sleep(0.2)
+            return not behind
+
+        # The worker commits answered offsets every commit_interval_s.
+        await eventually(caught_up, "the worker group's commits reach the end of every partition",
+                         timeout=30, interval=0.2, context=lambda: f"behind: {behind}")
     finally:
         await consumer.stop()
         await admin.close()
-    assert behind == {}
 
 
 async def test_consumer_lag_is_measured_per_partition(stack: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, Literal
 
@@ -260,7 +260,7 @@ def generate_calls(log: Path) -> list[tuple[datetime, float]]:
     """(when it ended, how long it took in seconds) of each /api/generate call in an Ollama log."""
     units = {"µs": 1e-6, "ms": 1e-3, "s": 1.0}
     return [
-        (datetime.strptime(m[1], "%Y/%m/%d - %H:%M:%S").replace(tzinfo=timezone.utc), float(m[3]) * units[m[4]])
+        (datetime.strptime(m[1], "%Y/%m/%d - %H:%M:%S").replace(tzinfo=UTC), float(m[3]) * units[m[4]])
         for m in GIN_LINE.finditer(log.read_text(errors="replace"))
     ]
 
@@ -298,7 +298,7 @@ async def test_cancelling_a_streamed_answer_stops_the_real_models_generation(
             assert reply.status_code == 202, reply.text
             await tokens.read_until(lambda records: any(decode_token(CODEC, r.value).id == long
                                                         for r in records), timeout=180)
-            cancelled_at = datetime.now(timezone.utc)
+            cancelled_at = datetime.now(UTC)
             await producer.cancel(long, reason="the user closed the tab")
             reply = await http.post("/infer", json={
                 "id": short, "model_id": MODEL_NAME, "input": "Say yes.",

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.consumer import AIOKafkaConsumer
 
-import dataclasses
-
 from consumers.replay.audit import RecordFilter, iso
 from consumers.replay.reader import ReplayOptions, join_report, replay_records, resubmit
 from localdev.broker import free_port
+from nexus.kafka.topics import ensure_topics, partitions_of
 from nexus.settings import KafkaSettings
-from nexus.kafka.topics import partitions_of, ensure_topics
 from producers.client import RequestProducer
 from schemas import InferenceCancel, InferenceRequest, InferenceResponse, ModelContext
+from tests.eventually import eventually
 from tests.integration.support import CODEC, REPO, TopicReader, wait_for_responses
 
 WORKER_GROUP = "nexus-worker"
@@ -44,7 +44,7 @@ def _request(i: str, model: str = "llama3.1", session: str = "s-a", **kw: object
 def _response(i: str, latency: int, model: str = "llama3.1", session: str = "s-a", status: str = "ok") -> InferenceResponse:
     return InferenceResponse(
         id=i, model_id=model, status=status, context=ModelContext(session, {"n": i}),  # type: ignore[arg-type]
-        latency_ms=latency, completed_at=datetime.now(timezone.utc).replace(microsecond=0),
+        latency_ms=latency, completed_at=datetime.now(UTC).replace(microsecond=0),
         output=f"answer {i}" if status == "ok" else "", error=None if status == "ok" else "endpoint down",
     )
 
@@ -231,14 +231,16 @@ async def _wait_worker_caught_up(admin: AIOKafkaAdminClient, bootstrap: str, top
         # A fresh consumer knows no partitions yet: ask the cluster.
         tps = [TopicPartition(topic, p) for p in await partitions_of(admin, topic)]
         assert tps, f"{topic} has no partitions"
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:
+        seen: dict = {}
+
+        async def caught_up() -> dict | None:
             ends = await consumer.end_offsets(tps)
             committed = await _worker_offsets(admin, topic)
-            if all(committed.get(tp, 0) >= ends[tp] for tp in tps if ends[tp]):
-                return committed
-            assert asyncio.get_running_loop().time() < deadline, (committed, ends)
-            await asyncio.sleep(0.2)
+            seen.update(committed=committed, ends=ends)
+            return committed if all(committed.get(tp, 0) >= ends[tp] for tp in tps if ends[tp]) else None
+
+        return await eventually(caught_up, f"the worker's commits reach the end of {topic}",
+                                timeout=60, interval=0.2, context=lambda: str(seen))
     finally:
         await consumer.stop()
 

@@ -574,7 +574,7 @@ class Torture:
                 posts.append(asyncio.ensure_future(self._post(self._next_body(cycle), record, gate)))
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=self.trickle_interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             await asyncio.gather(*posts)
@@ -984,7 +984,7 @@ class Torture:
         )
         try:
             stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             return None, None, "nexus replay --join did not finish within 120s"

@@ -4,8 +4,7 @@ clock; no I/O, microseconds each."""
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any
 
 import pytest
@@ -30,7 +29,7 @@ class Clock:
 def request(request_id: str = "r", *, tenant: str | None = "a", text: str = "", max_tokens: int | None = 10,
             model: str = "m", priority: str = "interactive", timeout_s: float | None = None,
             messages: tuple[Message, ...] = (), session: str = "s") -> InferenceRequest:
-    created = datetime.fromtimestamp(T0, timezone.utc)
+    created = datetime.fromtimestamp(T0, UTC)
     return InferenceRequest(
         id=request_id, model_id=model, input=text, context=ModelContext(session),
         options=InferenceOptions(max_tokens=max_tokens), created_at=created, messages=messages,
@@ -199,16 +198,17 @@ def test_a_deadline_shorter_than_the_estimated_wait_is_refused() -> None:
     assert gate.admit(request("m2", model="unknown", timeout_s=1)) is None  # no estimate: taken
 
 
-def test_admission_decides_in_microseconds() -> None:
+def test_a_big_queue_within_the_limits_admits_everyone() -> None:
     clock, board = Clock(), QueueBoard()
     board.ingest(report(*(queued(f"q{i}", f"t{i % 10}", i) for i in range(1000)), rate=100.0))
     gate = admission(clock, board, **{"*": TenantSettings(requests_per_minute=10**6, tokens_per_minute=10**9,
                                                           max_concurrent=10**6)})
-    started = time.perf_counter()
+    refused = []
     for i in range(2000):
         clock.now += 0.001
-        gate.admit(request(f"r{i}", tenant=f"t{i % 10}", timeout_s=60))
-    assert (time.perf_counter() - started) / 2000 < 0.002  # well under 2 ms each, even with a big queue
+        if (refusal := gate.admit(request(f"r{i}", tenant=f"t{i % 10}", timeout_s=60))) is not None:
+            refused.append(refusal)
+    assert refused == []
 
 
 @pytest.mark.parametrize("limit", ["requests_per_minute", "tokens_per_minute", "max_concurrent", "deadline"])

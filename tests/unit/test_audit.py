@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 
@@ -38,7 +38,7 @@ def _response(i: str, model: str = "llama3.1", session: str = "s1", latency: int
               output: str | None = None) -> InferenceResponse:
     return InferenceResponse(
         id=i, model_id=model, status=status, context=ModelContext(session), latency_ms=latency,  # type: ignore[arg-type]
-        completed_at=datetime.fromtimestamp(T0 / 1000, timezone.utc),
+        completed_at=datetime.fromtimestamp(T0 / 1000, UTC),
         output=f"a {i}" if output is None else output, error=None if status == "ok" else "boom",
     )
 
@@ -63,7 +63,7 @@ def test_parse_time_forms() -> None:
     assert parse_time("2023-11-14T23:13:20+01:00") == T0
     assert parse_time("2023-11-14T22:13:20") == T0  # no offset: UTC, not the machine's zone
     assert parse_time("2023-11-14T22:13:20.250Z") == T0 + 250
-    now = datetime.fromtimestamp(T0 / 1000, timezone.utc)
+    now = datetime.fromtimestamp(T0 / 1000, UTC)
     assert parse_time("-1h", now) == T0 - 3_600_000
     assert parse_time("-90s", now) == T0 - 90_000
     assert parse_time("-2d", now) == T0 - 2 * 86_400_000
@@ -172,7 +172,7 @@ def test_filter_fields_and_range() -> None:
 
 
 def test_resubmission_links_back_and_skips_the_cache() -> None:
-    original = _request("old", deadline=datetime.now(timezone.utc) - timedelta(hours=1), reply_to="gw-1")
+    original = _request("old", deadline=datetime.now(UTC) - timedelta(hours=1), reply_to="gw-1")
     copy = resubmission(original, "new")
     assert (copy.id, copy.original_id, copy.model_id, copy.input) == ("new", "old", "llama3.1", original.input)
     assert copy.context == original.context and copy.options == original.options
@@ -375,7 +375,7 @@ def test_expired_and_cancelled_answers_filter_by_status() -> None:
 def test_a_cancel_decodes_and_shows_its_reason() -> None:
     from schemas import InferenceCancel, encode_cancel
 
-    cancel = InferenceCancel("r1", datetime.fromtimestamp(T0 / 1000, timezone.utc), "client disconnected", "team-a")
+    cancel = InferenceCancel("r1", datetime.fromtimestamp(T0 / 1000, UTC), "client disconnected", "team-a")
     record = decode_record(CODEC, "cancel", topic="inference.cancels", partition=0, offset=0, timestamp=T0,
                            key=b"r1", value=encode_cancel(CODEC, cancel))
     assert record.value == cancel

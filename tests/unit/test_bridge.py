@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -77,7 +77,7 @@ def test_too_many_request_ids_in_one_frame_is_refused() -> None:
 
 
 def test_since_accepts_iso_8601_and_epoch_milliseconds() -> None:
-    when = datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=timezone.utc)
+    when = datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC)
     ms = int(when.timestamp() * 1000)
     assert parse_since("2024-05-01T12:00:00.250Z") == ms
     assert parse_since("2024-05-01T12:00:00.250+00:00") == ms
@@ -93,7 +93,7 @@ def test_server_frames_carry_the_protocol_fields() -> None:
     assert json.loads(token_frame(token)) == {"type": "token", "id": "r1", "seq": 3, "text": "wor"}
     response = InferenceResponse(
         id="r1", model_id="m", status="ok", context=ModelContext("s1", {"u": "a"}),
-        latency_ms=12, completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output="hello",
+        latency_ms=12, completed_at=datetime(2024, 5, 1, tzinfo=UTC), output="hello",
         endpoint="http://e",
     )
     frame = json.loads(result_frame(response))

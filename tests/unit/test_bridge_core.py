@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -53,7 +53,7 @@ class Log:
     def result(self, request_id: str, session_id: str, owner: str | None = None, partition: int = 0) -> Rec:
         response = InferenceResponse(
             id=request_id, model_id="llama3.1", status="ok", context=ModelContext(session_id),
-            latency_ms=1, completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output=f"answer {request_id}",
+            latency_ms=1, completed_at=datetime(2024, 5, 1, tzinfo=UTC), output=f"answer {request_id}",
             key_name=owner,
         )
         return self._at(RESPONSES, partition, encode_response(CODEC, response))

@@ -6,7 +6,7 @@ import io
 import json
 import shutil
 import struct
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, UTC
 from pathlib import Path
 
 import fastavro
@@ -75,7 +75,6 @@ def _expanded_schema(name: str) -> dict:
 
 # --- fixtures -------------------------------------------------------------------------
 
-UTC = timezone.utc
 T0 = datetime(2024, 5, 17, 12, 34, 56, 789000, tzinfo=UTC)
 
 

@@ -179,17 +179,18 @@ async def test_an_expired_or_cancelled_answer_is_an_error_with_its_reason(dropin
 async def disconnect_while(gw: DropInGateway, path: str, body: dict[str, Any], read_first_line: bool) -> None:
     """Call ``path`` with a client that goes away: at once, or after the first streamed line."""
     async with aiohttp.ClientSession() as session:
+        first_line = asyncio.Event()
+
         async def call() -> None:
             async with session.post(gw.client.make_url(path), json=body) as reply:
                 if read_first_line:
                     await reply.content.readline()
+                    first_line.set()
                 await asyncio.Event().wait()  # until cancelled: then the connection is closed
 
         task = asyncio.create_task(call())
-        await eventually(lambda: len(gw.exchange.submitted) == 1 and (not read_first_line or gw.exchange._given),
-                         "the call is submitted (and streaming)")
-        if read_first_line:
-            await asyncio.sleep(0.05)  # the first line reached the client
+        await eventually(lambda: len(gw.exchange.submitted) == 1 and (not read_first_line or first_line.is_set()),
+                         "the call is submitted (and its first line reached the client)")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -217,19 +218,23 @@ async def test_a_client_that_disconnects_from_a_stream_cancels_it(dropin_for, ca
                           access=AccessSettings(keys=(MISTRAL_ONLY,)), cancel_handlers=cancel_handlers)
     body = {"model": "mistral", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        first_line = asyncio.Event()
+
         async def call() -> None:
             async with session.post(gw.client.make_url("/api/chat"), json=body) as reply:
                 assert json.loads(await reply.content.readline())["message"]["content"] == "first"
+                first_line.set()
                 await asyncio.Event().wait()
 
         task = asyncio.create_task(call())
-        await eventually(lambda: gw.exchange._given >= 1, "the first chunk is out")
-        await asyncio.sleep(0.05)
+        await eventually(first_line.is_set, "the first chunk reached the client")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     (request,) = gw.exchange.submitted
     if not cancel_handlers:  # the handler notices only when its next write fails
-        await asyncio.sleep(0.05)
+        server = gw.client.server.runner.server
+        await eventually(lambda: all(handler.transport is None for handler in server.connections),
+                         "the server saw the connection close")
         hold.set()
     await eventually(lambda: gw.exchange.cancels == [(request.id, "client disconnected", "team")], "the cancel")
 
@@ -240,5 +245,5 @@ async def test_a_client_that_stays_to_the_end_cancels_nothing(dropin_for) -> Non
     assert reply.status == 200 and len((await reply.text()).splitlines()) == 3
     reply = await gw.client.post("/api/generate", json=GENERATE)
     assert reply.status == 200
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(gw.exchange.released) == 2, "both calls are released")
     assert gw.exchange.cancels == []

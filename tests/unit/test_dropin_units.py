@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 from aiohttp import web
@@ -73,7 +73,7 @@ def on_the_wire(request: InferenceRequest | None) -> InferenceRequest:
 def response(request_id: str = "r1", output: str = "hello world", **fields: object) -> InferenceResponse:
     values: dict[str, object] = dict(
         id=request_id, model_id="llama3.1", status="ok", context=ModelContext("s1"), latency_ms=120,
-        completed_at=datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc), output=output, backend_latency_ms=100,
+        completed_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC), output=output, backend_latency_ms=100,
         prompt_tokens=7, completion_tokens=3, done_reason="stop", time_to_first_token_ms=30,
     )
     values.update(fields)
@@ -326,7 +326,7 @@ def test_final_objects_have_ollamas_shape() -> None:
     assert final["created_at"] == "2024-05-01T12:00:00.000000Z" and final["model"] == "llama3.1"
     chat = parse_chat({"model": "llama3.1", "messages": [{"role": "user", "content": "Hi"}]}, KNOWN, CALL)
     assert final_object(chat, response(), "")["message"] == {"role": "assistant", "content": ""}
-    tags = tags_object(KNOWN, datetime(2024, 1, 1, tzinfo=timezone.utc))
+    tags = tags_object(KNOWN, datetime(2024, 1, 1, tzinfo=UTC))
     assert [m["name"] for m in tags["models"]] == list(KNOWN)
 
 
@@ -338,7 +338,7 @@ def test_ollama_answers_carry_tool_calls_with_object_arguments() -> None:
         {"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}}},
         {"id": "call_7", "function": {"index": 1, "name": "weather", "arguments": {"city": "Rome"}}}]}
     assert whole["done_reason"] == "stop"
-    chunk = ollama_chunk(chat, "", datetime(2024, 5, 1, tzinfo=timezone.utc), calls[1:], start=1)
+    chunk = ollama_chunk(chat, "", datetime(2024, 5, 1, tzinfo=UTC), calls[1:], start=1)
     assert chunk["done"] is False and chunk["message"]["tool_calls"][0]["function"]["index"] == 1
     assert "tool_calls" not in OllamaApi().whole(chat, response())["message"]  # none: no key, as Ollama
 

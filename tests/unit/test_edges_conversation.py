@@ -11,7 +11,7 @@ import argparse
 import base64
 import io
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import pytest
@@ -143,7 +143,7 @@ def test_an_answers_message_is_the_next_requests_turn() -> None:
     """The result's ``message`` (tool call ids null from Ollama) appends to the conversation as it is."""
     answer = InferenceResponse(
         id="r1", model_id="llama3.1", status="ok", context=ModelContext("s"), latency_ms=1,
-        completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output="",
+        completed_at=datetime(2024, 5, 1, tzinfo=UTC), output="",
         tool_calls=(ToolCall("get_weather", '{"city":"Paris"}'),),
     )
     turn = json.loads(json.dumps(answer.to_json()["message"]))
@@ -326,7 +326,7 @@ def test_result_and_token_frames_carry_tool_calls_and_the_message() -> None:
     call = ToolCall("get_weather", '{"city":"Paris"}', "call_1")
     response = InferenceResponse(
         id="r1", model_id="llama3.1", status="ok", context=ModelContext("s"), latency_ms=5,
-        completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output="", tool_calls=(call,), done_reason="stop")
+        completed_at=datetime(2024, 5, 1, tzinfo=UTC), output="", tool_calls=(call,), done_reason="stop")
     result = json.loads(result_frame(response))
     shown = {"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}
     assert result["type"] == "result" and result["tool_calls"] == [shown]
@@ -371,7 +371,7 @@ def test_nexus_submit_refuses_a_too_large_prompt_before_connecting() -> None:
 def test_nexus_submit_prints_tool_calls_with_the_answer() -> None:
     def answer(output: str, *calls: ToolCall) -> InferenceResponse:
         return InferenceResponse(id="r", model_id="llama3.1", status="ok", context=ModelContext("s"), latency_ms=1,
-                                 completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output=output,
+                                 completed_at=datetime(2024, 5, 1, tzinfo=UTC), output=output,
                                  tool_calls=calls)
 
     weather = ToolCall("get_weather", '{"city":"Paris"}')
@@ -395,7 +395,7 @@ def test_replay_tables_show_conversations_and_tool_calls() -> None:
     assert "[chat, 4 turns, tools get_weather] What is in this picture" in row(request, "request")
     response = InferenceResponse(
         id="q", model_id="llama3.1", status="ok", context=ModelContext("s"), latency_ms=1,
-        completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output="",
+        completed_at=datetime(2024, 5, 1, tzinfo=UTC), output="",
         tool_calls=(ToolCall("get_weather", '{"city":"Paris"}'),))
     assert row(response, "response").endswith('[tool call] get_weather({"city":"Paris"})')
     token = InferenceToken(id="q", model_id="llama3.1", session_id="s", seq=2, text="",
@@ -454,7 +454,7 @@ def test_the_openapi_request_schema_documents_the_conversation() -> None:
 class FakeProducer:
     """The gateway's producer, without Kafka: keeps what it was given, or refuses it as too large."""
 
-    instances: list["FakeProducer"] = []
+    instances: list[FakeProducer] = []
 
     def __init__(self, kafka: KafkaSettings, codec: Codec | None = None) -> None:
         self.submitted: list[InferenceRequest] = []

@@ -7,7 +7,7 @@ queued (records, or an exception that kills the reader).
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -19,7 +19,6 @@ from nexus.kafka import readers
 from nexus.settings import KafkaSettings, Settings
 from nexus.tasks import Background, TaskState
 from producers import replies
-from producers.gateway import models
 from producers.gateway.app import reader_checks
 from producers.gateway.models import EndpointStateReader
 from producers.replies import REPLY_HEADER, ReplyIndex, ReplyReader, ReplyReaderError
@@ -95,7 +94,7 @@ def consumers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FakeConsumer]]:
 
 def answer(request_id: str, to: bytes) -> SimpleNamespace:
     response = InferenceResponse(id=request_id, model_id="llama3.1", status="ok", context=ModelContext("s"),
-                                 latency_ms=1, completed_at=datetime(2024, 5, 1, tzinfo=timezone.utc), output="hi")
+                                 latency_ms=1, completed_at=datetime(2024, 5, 1, tzinfo=UTC), output="hi")
     return SimpleNamespace(headers=[(REPLY_TO, to)], value=encode_response(CODEC, response))
 
 

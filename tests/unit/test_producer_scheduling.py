@@ -12,6 +12,7 @@ from nexus.settings import EndpointSettings, KafkaSettings, ModelSettings, Setti
 from producers import submit as submit_command
 from producers.client import RequestProducer, SubmitError, SyncRequestProducer
 from schemas import Codec, InferenceRequest, InvalidValueError, ModelContext, decode_cancel, decode_request
+from datetime import UTC
 
 CODEC = Codec.from_directory()
 MODELS = ("llama3.1", "mistral")
@@ -24,7 +25,7 @@ class _Recorder:
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.fail = fail
 
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> None:
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: object = None) -> None:
         if self.fail is not None:
             raise self.fail
         self.sent.append((topic, key, value))
@@ -138,7 +139,7 @@ def test_a_bad_priority_on_a_line_names_the_line() -> None:
 
 @pytest.mark.parametrize("status", ["expired", "cancelled"])
 def test_an_expired_or_cancelled_answer_is_printed_as_such(monkeypatch: pytest.MonkeyPatch, status: str) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import producers.client
     from schemas import InferenceResponse
@@ -147,15 +148,18 @@ def test_an_expired_or_cancelled_answer_is_printed_as_such(monkeypatch: pytest.M
         def __init__(self, kafka: KafkaSettings) -> None:
             pass
 
-        async def __aenter__(self) -> "FakeProducer":
+        async def __aenter__(self) -> FakeProducer:
             return self
 
         async def __aexit__(self, *exc: object) -> None:
             pass
 
         async def submit_many_and_wait(self, requests: list[InferenceRequest], timeout_s: float) -> list[InferenceResponse]:
-            return [InferenceResponse(r.id, r.model_id, status, r.context, 1, datetime.now(timezone.utc),  # type: ignore[arg-type]
+            return [InferenceResponse(r.id, r.model_id, status, r.context, 1, datetime.now(UTC),  # type: ignore[arg-type]
                                       error=f"it was {status}") for r in requests]
+
+        async def submit_and_wait(self, request: InferenceRequest, timeout_s: float) -> InferenceResponse:
+            return (await self.submit_many_and_wait([request], timeout_s))[0]  # what nexus submit calls
 
     monkeypatch.setattr(producers.client, "RequestProducer", FakeProducer)
     settings = Settings(kafka=KafkaSettings(bootstrap="127.0.0.1:9"),

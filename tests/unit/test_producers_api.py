@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +15,9 @@ import producers
 import producers.client
 import producers.gateway
 from nexus.errors import NexusError
+
+if TYPE_CHECKING:  # imported lazily below: the tests check what importing loads
+    from schemas import InferenceRequest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,11 +84,11 @@ class _Recorder:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> None:
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: object = None) -> None:
         self.sent.append(value)
 
 
-def _request(**fields: object) -> "InferenceRequest":
+def _request(**fields: object) -> InferenceRequest:
     from schemas import InferenceRequest, ModelContext
 
     return InferenceRequest("r-big", "llama3.1", "hi", ModelContext("s"), **fields)  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ from aiokafka import TopicPartition
 from nexus.kafka import readers
 from nexus.settings import Settings
 from nexus.tasks import Background
-from producers import queue as queue_module
 from producers.gateway.app import reader_checks
 from producers.queue import STALE_AFTER_S, QueueBoard, QueueReader
 from schemas.queue_state import QueueReport

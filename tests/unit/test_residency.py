@@ -10,10 +10,9 @@ endpoint, tries the model's other endpoints and its fallback, and answers
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 
@@ -280,7 +279,7 @@ async def test_the_ollama_backend_cannot_ask_a_closed_port() -> None:
 def _response(**changes: object) -> InferenceResponse:
     fields: dict[str, object] = dict(
         id="r", model_id="m", status="error", context=ModelContext("s"), latency_ms=1,
-        completed_at=datetime(2024, 1, 1, tzinfo=timezone.utc), error="model 'm' is not on any endpoint of 'm': x",
+        completed_at=datetime(2024, 1, 1, tzinfo=UTC), error="model 'm' is not on any endpoint of 'm': x",
         error_kind=MODEL_NOT_FOUND,
     )
     fields.update(changes)

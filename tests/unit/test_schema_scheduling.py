@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ from schemas.codec import SCHEMA_DIR
 from schemas.queue_state import MAX_REPORTED, QUEUED_FIELDS, RUNNING_FIELDS
 
 CODEC = Codec.from_directory()
-AT = datetime(2025, 1, 31, 14, 0, tzinfo=timezone.utc)
+AT = datetime(2025, 1, 31, 14, 0, tzinfo=UTC)
 
 
 def _request(**fields: object) -> InferenceRequest:

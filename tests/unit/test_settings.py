@@ -40,16 +40,16 @@ def test_defaults_without_file_or_environment(tmp_path: Path, monkeypatch: pytes
     assert settings.kafka.requests_topic == "inference.requests"
     assert settings.kafka.responses_topic == "inference.responses"
     assert settings.gateway.port == 3000
-    assert settings.ollama_host == "http://localhost:11434"
+    assert settings.ollama_host == "http://127.0.0.1:11434"  # as Ollama's clients read an unset OLLAMA_HOST
     assert settings.model_ids == ("llama3.1", "mistral")
     for model in settings.models:
-        assert model.urls == ("http://localhost:11434",)
+        assert model.urls == ("http://127.0.0.1:11434",)
         assert model.timeout_s == 120.0
     assert settings.worker.prompt_template == DEFAULT_PROMPT_TEMPLATE
     assert settings == Settings(
         models=(
-            ModelSettings("llama3.1", (EndpointSettings("http://localhost:11434"),)),
-            ModelSettings("mistral", (EndpointSettings("http://localhost:11434"),)),
+            ModelSettings("llama3.1", (EndpointSettings("http://127.0.0.1:11434"),)),
+            ModelSettings("mistral", (EndpointSettings("http://127.0.0.1:11434"),)),
         )
     )
 
@@ -119,7 +119,8 @@ def test_float_field_accepts_toml_integer(tmp_path: Path) -> None:
     [
         ("gpu1:11434", "http://gpu1:11434"),
         ("10.0.0.5:11434/", "http://10.0.0.5:11434"),
-        ("https://ollama.example.com/", "https://ollama.example.com"),
+        ("https://ollama.example.com/", "https://ollama.example.com:443"),  # the scheme's port, as Ollama's client
+        ("0.0.0.0", "http://0.0.0.0:11434"),  # Ollama's port, not 80 (tests/unit/test_ollama_host.py has the rest)
     ],
 )
 def test_ollama_host_normalised(tmp_path: Path, host: str, expected: str) -> None:
@@ -132,7 +133,7 @@ def test_ollama_host_normalised(tmp_path: Path, host: str, expected: str) -> Non
 def test_ollama_host_env_beats_file(tmp_path: Path) -> None:
     path = _toml(tmp_path, 'ollama_host = "file-host:11434"\n')
     assert load_settings(path, environ={}).ollama_host == "http://file-host:11434"
-    assert load_settings(path, environ={"OLLAMA_HOST": "env-host"}).ollama_host == "http://env-host"
+    assert load_settings(path, environ={"OLLAMA_HOST": "env-host"}).ollama_host == "http://env-host:11434"
 
 
 def test_models_tables(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import httpx
@@ -167,7 +167,7 @@ def test_should_fail_is_seeded() -> None:
 
 
 def test_response_builders_have_documented_shape() -> None:
-    created = rfc3339(datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc))
+    created = rfc3339(datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
     assert created == "2024-01-02T03:04:05.000006Z"
     stats = compute_stats(SimulatorConfig(), 2, 3)
     assert generate_chunk("m", created, "hi") == {
@@ -182,7 +182,7 @@ def test_response_builders_have_documented_shape() -> None:
     assert chat_chunk("m", created, "x")["message"] == {"role": "assistant", "content": "x"}
     chat = chat_final("m", created, "", "length", stats)
     assert "context" not in chat and chat["done_reason"] == "length"
-    tags = tags_response(SimulatorConfig(models=("a", "b:7b")), datetime.now(timezone.utc))
+    tags = tags_response(SimulatorConfig(models=("a", "b:7b")), datetime.now(UTC))
     assert [m["name"] for m in tags["models"]] == ["a", "b:7b"]
 
 

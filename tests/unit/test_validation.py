@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 from aiohttp import web
@@ -54,9 +54,9 @@ def _rejected(body: bytes, models=MODELS) -> RejectedRequest:
 
 
 def test_readme_seed_body() -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     request = parse_infer_body(SEED_BODY, MODELS)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert isinstance(request, InferenceRequest)
     assert request.id == "test1"
     assert request.model_id == "llama3.1"

@@ -20,6 +20,7 @@ answers, chunks and errors look; each describes that as a :class:`DropInApi` and
   aborts its model call. The gateway runs with aiohttp's handler cancellation, so a disconnect
   cancels the waiting handler; a failed write while streaming says the same;
 - an unstreamed answer carries ``X-Nexus-Queue-Ms``: how long it waited in the worker's schedule;
+- the call's ``traceparent``/``tracestate`` headers go with the request record (:mod:`nexus.tracing`);
 - streamed: the status line waits for the first chunk, so an early failure keeps its status;
   a later failure ends the stream with the API's error chunk. Tool calls are streamed as they
   come (each whole); those the chunks did not bring are sent before the stream's end.
@@ -41,6 +42,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from nexus import tracing
 from nexus.access import AccessPolicy, Forbidden
 from nexus.settings import Settings
 from schemas import BAD_REQUEST, MODEL_NOT_FOUND, InferenceRequest, InferenceResponse, ToolCall
@@ -272,7 +274,7 @@ def call_handler(
             if rejection is not None:
                 if dropin.on_rejected is not None:
                     dropin.on_rejected(request, rejection)
-                answer = api.rate_limited(rejection, headers)
+                answer: web.StreamResponse = api.rate_limited(rejection, headers)
                 dropin.metrics.count(api.name, route, request.model_id, answer.status)
                 return answer
         try:
@@ -297,7 +299,7 @@ async def _exchange(
     """
     exchange, metrics, clock = dropin.exchange, dropin.metrics, dropin.clock
     try:
-        waiter = await exchange.submit(request)
+        waiter = await exchange.submit(request, **tracing.call_trace(http.headers))  # the call's traceparent
     except asyncio.CancelledError:  # gone while Kafka was taking it: it may be written
         metrics.disconnected(api.name)
         dropin.cancel_later(request, DISCONNECTED)

@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas import INTERACTIVE, Message, ModelContext, Tool, new_id
 from schemas import validation
+from schemas.records import CachePolicy
 from schemas.headers import PRIORITY_HEADER, QUEUE_MS_HEADER, TENANT_HEADER
 from schemas.limits import MAX_SEED, MAX_TIMEOUT_MS, MIN_SEED
 from schemas.validation import RejectedRequest, cache_policy, flag, number, session_id, timeout_ms
@@ -50,7 +51,7 @@ class CallContext:
 
     context: ModelContext
     timeout_s: float  # how long the gateway waits for the answer
-    cache: str
+    cache: CachePolicy
     priority: str = INTERACTIVE  # X-Nexus-Priority
     tenant: str | None = None  # X-Nexus-Tenant, as given (the edge applies effective_tenant)
 
@@ -67,7 +68,7 @@ def call_context(headers: Iterable[tuple[str, str]], default_timeout_s: float) -
     session: str | None = None
     metadata: dict[str, str] = {}
     timeout_s = default_timeout_s
-    cache = "default"
+    cache: CachePolicy = "default"
     priority = INTERACTIVE
     tenant: str | None = None
     prefix = META_PREFIX.lower()

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from aiohttp import web
@@ -220,7 +220,7 @@ def _request(
 ) -> InferenceRequest:
     return InferenceRequest(
         id=new_id(), model_id=model_id, input=text, context=call.context, options=options,
-        stream=stream, cache=call.cache, priority=call.priority, tenant=call.tenant,  # type: ignore[arg-type]
+        stream=stream, cache=call.cache, priority=call.priority, tenant=call.tenant,
         format=_format(body.get("format")), keep_alive=keep_alive(body.get("keep_alive")), **conversation,
     )
 
@@ -230,7 +230,7 @@ def _request(
 
 def rfc3339(moment: datetime) -> str:
     """Ollama's created_at format: UTC, microseconds, trailing Z."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def ollama_stats(response: InferenceResponse) -> dict[str, int]:
@@ -347,10 +347,10 @@ class OllamaApi(DropInApi[OllamaCall]):
         return final_object(call, response, response.output, response.tool_calls)
 
     def stream_chunk(self, call: OllamaCall, text: str) -> bytes:
-        return _line(chunk_object(call, text, datetime.now(timezone.utc)))
+        return _line(chunk_object(call, text, datetime.now(UTC)))
 
     def stream_tool_calls(self, call: OllamaCall, calls: tuple[ToolCall, ...], start: int) -> bytes:
-        return _line(chunk_object(call, "", datetime.now(timezone.utc), calls, start))
+        return _line(chunk_object(call, "", datetime.now(UTC), calls, start))
 
     def stream_end(self, call: OllamaCall, response: InferenceResponse) -> bytes:
         return _line(final_object(call, response, ""))

@@ -261,7 +261,7 @@ def _call(
     request = InferenceRequest(
         id=new_id(), model_id=model_id, input=text, context=context, options=options,
         stream=stream, cache=call.cache, priority=call.priority, tenant=call.tenant,
-        **conversation,  # type: ignore[arg-type]
+        **conversation,
     )
     ignored = tuple(k for k in _IGNORED if body.get(k) is not None)
     return OpenAICall(model, chat, stream, include_usage, request, ignored)

@@ -68,7 +68,7 @@ def _answers(ok: str, stream_type: str, stream_text: str, error: str) -> dict[st
 
 
 def _headers() -> list[dict[str, str]]:
-    names = ("NexusSession", "NexusTimeout", "NexusCache", "NexusPriority", "NexusTenant")
+    names = ("NexusSession", "NexusTimeout", "NexusCache", "NexusPriority", "NexusTenant", "TraceParent", "TraceState")
     return [{"$ref": _PARAMS + name} for name in names]
 
 
