@@ -39,6 +39,7 @@ from nexus.kafka.topics import (
 from nexus.settings import KafkaSettings, Settings
 from nexus.startup import StartError, ensure_can_listen
 from streams.answering.prompt import PromptTemplate
+from streams.consumer import SameLoopConsumer
 from streams.worker import Worker, WorkerTopics
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class RewindingApp(faust.App):
         await super().on_stop()
 
     def _new_consumer(self) -> Any:
+        # aiokafka on the app's own loop, not in a thread of its own (streams/consumer.py).
+        self.transport.Consumer = SameLoopConsumer  # type: ignore[misc]
         consumer: Any = super()._new_consumer()  # Faust internals, patched below
         seek_to_committed = consumer.seek_to_committed
         thread: Any = getattr(consumer, "_thread", None)

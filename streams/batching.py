@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Turns of the event loop with no new arrival after which the stream counts as having nothing
-# more ready. Faust hands the records of one fetch over one by one, four or five turns apart (its
-# consumer's callback runs in a task of its own per record), so a few empty turns are not yet the
-# end of a fetch; a turn of an idle loop costs microseconds.
-IDLE_TURNS = 8
+# more ready. The worker's consumer delivers the records of one fetch in one go
+# (streams/consumer.py), and the lane's reader takes them from the stream a turn or two apart at
+# most; a turn of an idle loop costs microseconds.
+IDLE_TURNS = 3
 
 
 @dataclass(frozen=True)

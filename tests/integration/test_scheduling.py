@@ -162,6 +162,20 @@ class Stack:
         await self.until(f"all {len(ids)} requests answered", all_answered, timeout)
         return {i: self.seen.first(i) for i in ids}
 
+    async def read(self, requests: list[InferenceRequest], timeout: float = 30.0) -> None:
+        """Wait until the worker has read every one of ``requests`` (a queue report lists it waiting
+        or running, or it is answered). The worker reads its two lanes side by side: a request sent
+        after a backlog on the other lane can reach the schedule first, while the backlog is still
+        being read, and take a free slot; a test that needs it behind the backlog waits for this."""
+        ids = {r.id for r in requests}
+
+        def all_read() -> bool:
+            answered = {i for i in ids if self.seen.answers.get(i)}
+            return any(ids <= answered | {e["id"] for e in r.waiting} | {e["id"] for e in r.running}
+                       for r in self.seen.reports)
+
+        await self.until(f"all {len(ids)} requests read by the worker", all_read, timeout)
+
     async def sim_stats(self) -> dict[str, Any]:
         async with httpx.AsyncClient() as http:
             return (await http.get(f"{self.sim.url}/simulator/stats", timeout=10)).json()
@@ -269,6 +283,7 @@ async def test_three_backlogged_tenants_share_the_model_by_their_weights(sched: 
     backlog = [sched.request("fs", f"{t}-{i}", tenant=t, priority="batch")
                for t, n in demand.items() for i in range(n)]  # in blocks: arrival order favours fair-a
     await sched.producer.submit_many(ahead)
+    await sched.read(ahead)
     await sched.producer.submit_many(backlog)
     prefix = f"{sched.run}-fs-fair-"
 
@@ -306,6 +321,7 @@ async def test_within_a_tenant_the_earliest_deadline_starts_first_then_arrival_o
     due = [sched.request("edf", f"d{i}", tenant="edf", priority="batch",
                          deadline=utcnow() + timedelta(seconds=120 - 10 * i)) for i in range(5)]
     await sched.producer.submit_many(ahead)
+    await sched.read(ahead)
     for request in plain + due:  # one at a time: their order in the log is the order sent
         await sched.producer.submit(request)
     prefix = f"{sched.run}-edf-"
@@ -326,6 +342,7 @@ async def test_within_a_tenant_the_earliest_deadline_starts_first_then_arrival_o
 async def test_a_deadline_that_passes_in_the_queue_is_answered_expired_without_a_model_call(sched: Stack) -> None:
     backlog = [sched.request("dl-bulk", i, tenant="dl-bulk") for i in range(80)]
     await sched.producer.submit_many(backlog)
+    await sched.read(backlog)
     late = sched.request("dl-late", 0, tenant="dl-late", priority="batch", deadline=utcnow() + timedelta(seconds=1.5))
     await sched.producer.submit(late)
     await sched.until("the short-deadline request waiting behind the backlog",
@@ -346,6 +363,7 @@ async def test_a_deadline_that_passes_in_the_queue_is_answered_expired_without_a
 async def test_a_queued_request_cancelled_is_answered_cancelled_and_never_reaches_the_model(sched: Stack) -> None:
     backlog = [sched.request("cq-bulk", i, tenant="cq-bulk") for i in range(60)]
     await sched.producer.submit_many(backlog)
+    await sched.read(backlog)
     victim = sched.request("cq-victim", 0, tenant="cq-victim", priority="batch")
     await sched.producer.submit(victim)
     await sched.until("the victim waiting in the schedule", lambda: sched.seen.waiting_in_reports(victim.id))
