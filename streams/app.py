@@ -26,6 +26,7 @@ import faust
 from faust.types.auth import CredentialsT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from nexus import heap
 from nexus.access import AccessPolicy, Unauthenticated
 from nexus.home import worker_data_dir
 from nexus.kafka.clients import ssl_context
@@ -305,6 +306,7 @@ def run_worker(settings: Settings) -> None:
 
         async def on_startup_finished(self) -> None:
             await super().on_startup_finished()
+            heap.settle()  # what the started app holds is out of every later collection (nexus/heap.py)
             log.info("worker %s started: answering %s; web on http://%s:%d (/health, /metrics, /models)",
                      config.app_id, ", ".join(settings.kafka.request_topics), WEB_HOST, config.web_port)
 

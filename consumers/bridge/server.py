@@ -37,7 +37,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from nexus import tracing
+from nexus import heap, tracing
 from nexus.access import AccessPolicy, Unauthenticated
 from nexus.kafka.readers import TopicMissingError, read_from_end, read_from_time, reader
 from nexus.kafka.topics import KafkaUnavailableError, ensure_topics
@@ -492,6 +492,7 @@ async def serve_bridge(settings: Settings) -> None:
     tracing.setup("nexus-bridge")  # its submits' produce spans, with an OTLP endpoint configured
     bridge = Bridge(settings)
     await bridge.start()
+    heap.settle()  # what the started bridge holds is out of every later collection (nexus/heap.py)
     try:
         await bridge.wait_closed()
     finally:

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from nexus import tracing
+from nexus import heap, tracing
 from nexus.access import AccessPolicy, Forbidden
 from nexus.metrics import role_registry
 from nexus.kafka.topics import KafkaUnavailableError, TopicCreationError, ensure_topics
@@ -348,6 +348,7 @@ async def serve(settings: Settings) -> None:
     except OSError as exc:  # taken since ensure_can_listen looked
         await runner.cleanup()
         raise StartError(f"cannot listen on {host}:{port} (gateway.port): {exc.strerror or exc}") from None
+    heap.settle()  # what the started gateway holds is out of every later collection (nexus/heap.py)
     log.info("gateway listening on http://%s:%d", host, port)
     try:
         await asyncio.Event().wait()

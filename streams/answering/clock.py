@@ -42,8 +42,11 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
     async def wait_for(self, event: asyncio.Event, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(event.wait(), timeout=timeout)
+        if event.is_set():
+            return True
+        try:  # a timeout scope, not asyncio.wait_for: no task per wait (a waiting request's each turn)
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             return False
         return True

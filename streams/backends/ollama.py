@@ -15,13 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 
 from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
 from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
+from streams.backends.http import Sessions, new_session
 from streams.backends.lines import MAX_LINE_BYTES, LineSplitter, lines_of
 from streams.backends.wire import (
     Unsendable, extra_options, function_tool, json_value, keep_alive_value, schema_of, tool_call, unsendable,
@@ -38,6 +38,7 @@ class OllamaBackend:
 
     def __init__(self, http: aiohttp.ClientSession, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._http = http
+        self._sessions = Sessions(http)
         self._max_line_bytes = max_line_bytes  # one streamed NDJSON line at most
 
     async def generate(
@@ -50,8 +51,8 @@ class OllamaBackend:
         on_chunk: OnChunk | None = None,
         on_sent: OnSent | None = None,
     ) -> Generation:
-        return await generate(self._http, endpoint, model, request, system, timeout_s, on_chunk, on_sent,
-                              max_line_bytes=self._max_line_bytes)
+        return await generate(self._sessions.for_call(on_sent), endpoint, model, request, system, timeout_s,
+                              on_chunk, on_sent, max_line_bytes=self._max_line_bytes)
 
     async def probe(self, endpoint: str, timeout_s: float) -> bool:
         try:
@@ -203,19 +204,6 @@ def _piece(data: dict[str, Any], chat: bool) -> tuple[Any, tuple[ToolCall, ...]]
     return text, tool_calls_of(message)
 
 
-def new_session() -> aiohttp.ClientSession:
-    """The worker's one HTTP session to every endpoint, able to report when a call is sent."""
-    trace = aiohttp.TraceConfig()
-
-    async def headers_sent(session: Any, context: SimpleNamespace, params: Any) -> None:
-        on_sent = context.trace_request_ctx
-        if callable(on_sent):
-            on_sent()
-
-    trace.on_request_headers_sent.append(headers_sent)
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trace_configs=[trace])
-
-
 async def generate(
     http: aiohttp.ClientSession,
     endpoint: str,
@@ -231,9 +219,9 @@ async def generate(
     """One call to ``{endpoint}/api/generate`` (a prompt) or ``/api/chat`` (a conversation); with
     ``on_chunk``, streamed chunk by chunk.
 
-    ``on_sent`` is called when the request's headers went on the wire (a session from
-    :func:`new_session` is needed for that). A streamed line longer than ``max_line_bytes`` fails
-    the call with a :class:`BackendError` naming the cap.
+    ``on_sent`` is called when the request's headers went on the wire (``http`` from
+    :meth:`Sessions.for_call <streams.backends.http.Sessions.for_call>` with it). A streamed line
+    longer than ``max_line_bytes`` fails the call with a :class:`BackendError` naming the cap.
     """
     try:
         path, body = request_body(model, request, system, stream=on_chunk is not None)

@@ -31,6 +31,7 @@ import aiohttp
 
 from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
 from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
+from streams.backends.http import Sessions
 from streams.backends.lines import MAX_LINE_BYTES, LineSplitter, lines_of
 from streams.backends.wire import (
     Unsendable, arguments_text, extra_options, function_tool, schema_of, tool_call, unsendable,
@@ -44,6 +45,7 @@ class OpenAIBackend:
 
     def __init__(self, http: aiohttp.ClientSession, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._http = http
+        self._sessions = Sessions(http)
         self._max_line_bytes = max_line_bytes  # one streamed SSE line at most
 
     async def generate(
@@ -62,7 +64,7 @@ class OpenAIBackend:
             raise unsendable(endpoint, exc) from None
         started = time.perf_counter()
         try:
-            async with self._http.post(
+            async with self._sessions.for_call(on_sent).post(
                 f"{endpoint}/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s),
                 trace_request_ctx=on_sent,
             ) as response:
