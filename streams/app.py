@@ -1,18 +1,15 @@
 """The worker's Faust shell: the app, its topics, agents, timers and pages, given to a Worker.
 
 The worker answers ``inference.requests`` and its batch lane ``inference.requests.batch`` in batches (streams/worker.py says how, and how it
-commits). This module only wires it into Faust: the requests agent (``nexus.infer``), the cache
-agent (``nexus.cache``), the commit, endpoint-state, lag and cache-sweep timers, the rebalance signals, the
-``/health``, ``/metrics`` and ``/models`` pages, and the topics created before Faust starts.
+commits). This module only wires it into Faust: the requests agents (``nexus.infer``,
+``nexus.infer-batch``), the commit, endpoint-state, lag and cache-sweep timers, the rebalance
+signals, the ``/health``, ``/metrics`` and ``/models`` pages, and the topics created before Faust starts.
 
-The response cache is a Faust table. Tables cannot be written from inside a ``take()`` batch
-(there is no current event to tie the changelog to), so the batch sends each new entry to
-``<app_id>-cache-updates``, keyed by model like the requests (so co-partitioned with them), and
-a second agent writes the table one event at a time. The entry lands on the changelog partition
-of the requests partition it serves, so the worker that owns a model's partition owns its cache
-entries, and a restarted worker recovers them from the changelog. Expired entries (and those over
-``worker.cache_max_entries``) are deleted with a tombstone each, from the cache agent and a timer
-(streams/sinks.py, ``CacheKeeper``).
+The response cache is a Faust table. An answer's entry is written into memory and onto the
+changelog partition of the requests partition it serves (its model's), so the worker that owns a
+model's partition owns its cache entries, and a restarted worker recovers them from the changelog
+(streams/sinks.py, ``TableCache``). Expired entries (and those over ``worker.cache_max_entries``)
+are deleted with a tombstone each, as entries are written and from a timer (``CacheKeeper``).
 """
 
 from __future__ import annotations
@@ -150,7 +147,7 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         # larger than this is still fetched whole.
         consumer_max_fetch_size=64 * 1024,
     )
-    app.rewind_topics = frozenset({*kafka.request_topics, cache_updates_topic(config.app_id)})
+    app.rewind_topics = frozenset(kafka.request_topics)
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     # One agent per lane, interactive and batch; no Faust acks: the worker commits these topics
     # itself, from its ledger, and bounds each lane's read-ahead (streams/worker.py).
@@ -160,7 +157,6 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
         responses=app.topic(kafka.responses_topic, **raw),
         tokens=app.topic(kafka.tokens_topic, **raw),
         dead_letters=app.topic(kafka.dlq_topic, **raw),
-        cache_updates=app.topic(cache_updates_topic(config.app_id), partitions=kafka.partitions, internal=True, **raw),
         endpoint_state=app.topic(kafka.state_topic, **raw),
         queue=app.topic(kafka.queue_topic, **raw),
     )
@@ -185,11 +181,6 @@ def create_app(settings: Settings, data_dir: Path | None = None) -> faust.App:
     @app.agent(batch, name="nexus.infer-batch")
     async def infer_batch(stream: faust.StreamT) -> None:
         await worker.answer(stream)
-
-    @app.agent(topics.cache_updates, name="nexus.cache")
-    async def store_cache(stream: faust.StreamT) -> None:
-        async for event in stream.events():  # one event at a time: table writes need their event
-            worker.store_cache_update(event.value, event.message.partition)
 
     @app.timer(config.cache_sweep_interval_s)
     async def sweep_cache() -> None:  # expired entries deleted, tombstoned, while no entry is written too
@@ -255,29 +246,22 @@ def faust_credentials(kafka: KafkaSettings) -> CredentialsT | None:
     return None
 
 
-def cache_updates_topic(app_id: str) -> str:
-    return f"{app_id}-cache-updates"
-
-
 def cache_changelog_topic(app_id: str) -> str:
     """Faust's name for the changelog of the ``cache`` table."""
     return f"{app_id}-cache-changelog"
 
 
 def internal_topics(settings: Settings) -> list[TopicSpec]:
-    """The cache agent's topic and the cache table's changelog, to create before Faust starts.
+    """The cache table's changelog, to create before Faust starts.
 
-    Faust declares them too, but a first start's partition assignment can run on metadata
-    from before they existed ("Ignoring missing topic"). Without the updates topic the cache
-    agent gets no partition until a later rebalance and no answer is cached for minutes;
-    without the changelog, the rebalance that adds it comes seconds later, mid-run (seen on
-    a 3-broker cluster, where a new topic reaches the brokers one by one).
+    Faust declares it too, but a first start's partition assignment can run on metadata from
+    before it existed ("Ignoring missing topic"), and the rebalance that adds it comes seconds
+    later, mid-run (seen on a 3-broker cluster, where a new topic reaches the brokers one by one).
     """
     kafka = settings.kafka
     app_id = settings.worker.app_id
     replication = replication_config(kafka)
     return [
-        TopicSpec(cache_updates_topic(app_id), kafka.partitions, replication),
         # As Faust makes it.
         TopicSpec(cache_changelog_topic(app_id), kafka.partitions, {"cleanup.policy": "compact", **replication}),
     ]

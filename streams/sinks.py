@@ -7,17 +7,18 @@ two adapters, which publish through callables it gives them (streams/worker.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import faust
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import Codec, InferenceRequest, InferenceToken, ToolCall, encode_token, headers
 from streams.answering import cache
 
 TOKEN_FLUSH_S = 0.025
+_PARTITIONER = DefaultPartitioner()  # murmur2, as every Kafka producer's default (the producer API's too)
 
 # Queues one record (key, value, headers); returns the future of its acknowledgement.
 SendRecord = Callable[[bytes | None, bytes, Any], Awaitable[Any]]
@@ -104,35 +105,40 @@ class KafkaTokenSink:
         await asyncio.gather(*self._acks)
 
 
-class TableCache:
-    """The response cache: reads the Faust table, writes through the updates topic.
+# Writes one cache entry (partition, key, value) to the table's changelog.
+WriteEntry = Callable[[int, bytes, bytes], Awaitable[None]]
 
-    Tables cannot be written from inside a ``take()`` batch (there is no current event to tie
-    the changelog to), so an entry goes to the updates topic and the ``nexus.cache`` agent
-    writes it into the table (streams/app.py).
+
+class TableCache:
+    """The response cache: the Faust table in this worker's memory, and its changelog.
+
+    An answer's entry is written into memory at once, and onto the changelog partition of the
+    requests it answers: its model's partition, as requests are keyed by model, so the worker
+    that owns a model's requests owns its entries and recovers them after a restart. Faust's
+    own table write asks the current event for that partition, and the answers of a batch have
+    none; the partition is computed instead, as the producers' partitioner places the model's
+    requests. (Entries used to go through an updates topic to an agent that wrote them with an
+    event: two more records per answer, and the response waited for the first one's ack.)
     """
 
-    def __init__(self, table: faust.Table, send_update: Callable[[bytes, bytes], Awaitable[None]]) -> None:
-        self._table = table
-        self._send_update = send_update
+    def __init__(self, keeper: CacheKeeper, partitions: int, write: WriteEntry) -> None:
+        self._keeper = keeper
+        self._partitions = list(range(partitions))
+        self._write = write
 
     def get(self, key: bytes) -> cache.CacheEntry | None:
-        raw = self._table.get(key)
+        raw = self._keeper.get(key)
         return cache.CacheEntry.from_bytes(raw) if raw else None
 
     async def put(self, request: InferenceRequest, key: bytes, entry: cache.CacheEntry) -> None:
-        await self._send_update(request.model_id.encode(), cache_update(key, entry))
+        value = entry.to_bytes()
+        partition = self.partition_of(request.model_id)
+        self._keeper.store(key, value, partition)
+        await self._write(partition, key, value)
 
-
-def cache_update(key: bytes, entry: cache.CacheEntry) -> bytes:
-    """The updates topic's record value for one cache entry; :func:`read_cache_update` reads it."""
-    return json.dumps({"key": key.decode(), "entry": entry.to_bytes().decode()}).encode()
-
-
-def read_cache_update(value: bytes) -> tuple[bytes, bytes]:
-    """The table key and value of an updates-topic record."""
-    update = json.loads(value)
-    return update["key"].encode(), update["entry"].encode()
+    def partition_of(self, model_id: str) -> int:
+        """The partition of the requests of ``model_id``, as Kafka's default partitioner puts them."""
+        return cast(int, _PARTITIONER(model_id.encode(), self._partitions, self._partitions))
 
 
 class CacheKeeper:
@@ -167,9 +173,13 @@ class CacheKeeper:
     def __len__(self) -> int:
         return len(self._table)
 
+    def get(self, key: bytes) -> bytes | None:
+        return cast(bytes | None, self._table.get(key))
+
     def store(self, key: bytes, value: bytes, partition: int) -> None:
-        """Write an entry (from the cache agent: a table write needs its event), then sweep."""
-        self._table[key] = value
+        """Hold an entry of changelog ``partition`` in memory (its changelog record is the
+        caller's: :class:`TableCache`), then sweep."""
+        self._table.data[key] = value
         self.index.add(key, partition, _expires_at(value))
         self.sweep()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -27,7 +28,8 @@ from typing import Any, Generic, TypeVar
 import aiohttp
 import faust
 from aiokafka import TopicPartition
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
+from faust.exceptions import ProducerSendError
 from faust.types import TP, EventT
 
 from nexus import tracing
@@ -50,7 +52,7 @@ from streams.health import WorkerHealth
 from streams.intake import ReadyBatches
 from streams.lag import consumer_lag
 from streams.metrics import WorkerMetrics
-from streams.sinks import CacheKeeper, KafkaTokenSink, TableCache, read_cache_update
+from streams.sinks import CacheKeeper, KafkaTokenSink, TableCache
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,6 @@ class WorkerTopics:
     responses: faust.TopicT
     tokens: faust.TopicT
     dead_letters: faust.TopicT
-    cache_updates: faust.TopicT
     endpoint_state: faust.TopicT
     queue: faust.TopicT
 
@@ -191,7 +192,7 @@ class Worker:
     async def send(self, topic: faust.TopicT, key: bytes | None, value: bytes, record_headers: Any = None) -> Any:
         """Queue one record outside any transaction; return the future of its acknowledgement.
 
-        Token chunks, cache updates and endpoint state go this way under exactly once too: chunks
+        Token chunks, cache entries and endpoint state go this way under exactly once too: chunks
         must stream before the commit, and the other two are idempotent.
         """
         return await self._app.producer.send(topic.get_topic_name(), key, value, None, None, record_headers)
@@ -338,7 +339,7 @@ class Worker:
         self._http = new_session()
         self.inference = Inference(
             self._settings, self._http, self.metrics,
-            TableCache(self._cache_table, self.send_cache_update),
+            TableCache(self.cache, self._kafka.partitions, self.write_cache_entry),
         )
         self.inference.watch()  # which endpoint has which model: known before the first request
         self._background.start("cancels", lambda: follow_cancels(
@@ -613,27 +614,26 @@ class Worker:
 
     # -- the response cache ---------------------------------------------------------------
 
-    def store_cache_update(self, value: bytes, partition: int) -> None:
-        """Write one updates-topic record (of ``partition``) into the cache table (from its agent:
-        table writes need their event), deleting what is due meanwhile."""
-        key, entry = read_cache_update(value)
-        self.cache.store(key, entry, partition)
-
     def sweep_cache(self) -> None:
         """The cache timer: delete the expired entries (and those over the bound), tombstoned."""
         self.cache.sweep()
 
-    async def send_cache_update(self, key: bytes, value: bytes) -> None:
-        """A new entry to the updates topic; one Kafka refuses for good (too large) is not cached."""
+    async def write_cache_entry(self, partition: int, key: bytes, value: bytes) -> None:
+        """A cache entry onto its changelog partition (its memory copy is written already), not
+        waited for: the answer's response goes out now, and an entry lost (Kafka refused it,
+        too large) costs a later miss, not an answer. The broker being away is aiokafka's to retry."""
+        topic = self._cache_table.changelog_topic_name
         try:
-            await self.produce(self._topics.cache_updates, key, value)
-        except Undeliverable as exc:
-            log.warning("an answer was not cached: %s", exc)
+            ack: Any = await self._app.producer.send(topic, key, value, partition, None, None)  # a future
+        except (ProducerSendError, KafkaError) as exc:  # refused before it left: too large
+            log.warning("an answer is cached in this worker's memory only, not on %s: %s", topic, exc)
+            return
+        ack.add_done_callback(functools.partial(_unwritten, topic))
 
     def _owned_cache_partitions(self) -> set[int]:
         """The cache partitions this worker owns (actively): it writes their tombstones."""
-        topics = {self._topics.cache_updates.get_topic_name(), self._cache_table.changelog_topic_name}
-        return {tp.partition for tp in self._app.assignor.assigned_actives() if tp.topic in topics}
+        topic = self._cache_table.changelog_topic_name
+        return {tp.partition for tp in self._app.assignor.assigned_actives() if tp.topic == topic}
 
     # -- ownership and commits ------------------------------------------------------------
 
@@ -787,3 +787,9 @@ class Worker:
     def models(self) -> dict[str, list[dict[str, object]]]:
         """Every endpoint's live state (``/models``); empty until the requests agent runs."""
         return self.inference.snapshot() if self.inference is not None else {}
+
+
+def _unwritten(topic: str, ack: asyncio.Future[Any]) -> None:
+    """A cache entry's acknowledgement came: say so if Kafka did not take it."""
+    if not ack.cancelled() and ack.exception() is not None:
+        log.warning("a cache entry was not written to %s: %r", topic, ack.exception())

@@ -1,12 +1,14 @@
-"""Expired response-cache entries are deleted on the real broker: from the worker's memory, and from
-Kafka, as a tombstone on the cache table's compacted changelog; a worker restarted afterwards
-recovers no expired entry."""
+"""The response cache on the real broker: entries a worker wrote are recovered from the changelog
+and served after a restart; expired entries are deleted, from the worker's memory and from Kafka
+as a tombstone on the cache table's compacted changelog, and a worker restarted afterwards recovers
+no expired entry."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from schemas import ModelContext
 from streams.answering.cache import cache_key
 from streams.app import cache_changelog_topic
 from tests.eventually import eventually
@@ -70,3 +72,28 @@ async def test_an_entry_that_expired_while_no_worker_ran_is_tombstoned_by_the_ne
             await nx.until("the restarted worker holds no entry",
                            lambda: _equals(nx.metric("nexus_worker_cache_entries"), 0), timeout=60)
     assert first.status == "ok" and not first.cached
+
+
+async def test_an_answer_cached_before_a_restart_is_served_from_the_cache_after_it(
+    bootstrap: str, logs_dir: Path, tmp_path: Path
+) -> None:
+    """The entry the worker wrote to the changelog partition of the model's requests is the one the
+    restarted worker recovers for that partition, and serves."""
+    [sim] = simulators(logs_dir, ["--models", "m", "--ttft-ms", "0", "--tokens-per-s", "0"])
+    config = endpoint_toml("m", endpoint(sim), cache_ttl_s=3600.0)
+    async with nexus(bootstrap, logs_dir, tmp_path, config, [sim]) as nx:
+        changelog = cache_changelog_topic(f"nexus-orch-{nx.run}")
+        same = {"input": "what is four plus four?", "options": DETERMINISTIC, "context": ModelContext("c")}
+        async with TopicReader(bootstrap, changelog) as records:
+            first_request = nx.request("before", **same)
+            [first] = (await nx.ask([first_request])).values()
+            await records.read_until(lambda rs: any(r.key == cache_key(first_request) and r.value for r in rs), 30)
+        nx.worker.stop()
+        nx.worker.start()
+        served = (await sim.stats())["served_by_model"]["m"]
+        [again] = (await nx.ask([nx.request("after", **same)], timeout=90)).values()
+        served_after = (await sim.stats())["served_by_model"]["m"]
+    assert first.status == again.status == "ok"
+    assert (first.cached, again.cached) == (False, True) and again.output == first.output
+    assert served == served_after == 1, "the restarted worker did not call the model again"
+

@@ -23,7 +23,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from localdev.cluster import LocalKafkaCluster
 from nexus.kafka.topics import topic_config
 from nexus.settings import KafkaSettings, load_settings
-from streams.app import cache_changelog_topic, cache_updates_topic
+from streams.app import cache_changelog_topic
 from tests.eventually import eventually
 from tests.integration.support import (
     Role,
@@ -124,7 +124,7 @@ async def test_every_topic_is_replicated_three_ways_with_min_isr_two(
     await _warm_up(replicated_stack)  # the worker has created its Faust topics by now
     app_id = replicated_stack["NEXUS_WORKER_APP_ID"]
     ours = [replicated_stack[f"NEXUS_KAFKA_{name}_TOPIC"] for name in ("REQUESTS", "RESPONSES", "DLQ", "TOKENS", "STATE")]
-    ours += [cache_updates_topic(app_id), cache_changelog_topic(app_id)]
+    ours.append(cache_changelog_topic(app_id))
     topics = [*ours, f"{app_id}-__assignor-__leader"]  # Faust's own: replicas from topic_replication_factor
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
     await admin.start()

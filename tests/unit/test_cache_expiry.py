@@ -1,17 +1,20 @@
-"""The response cache stays bounded: expired entries are deleted (from memory, and from Kafka with a
-tombstone on their changelog partition), and past ``worker.cache_max_entries`` the entries closest
-to expiry go first."""
+"""The response cache: an answer's entry is held in memory and written to the changelog partition of
+its model's requests; the cache stays bounded: expired entries are deleted (from memory, and from
+Kafka with a tombstone on their changelog partition), and past ``worker.cache_max_entries`` the
+entries closest to expiry go first."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
+from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas import InferenceRequest, ModelContext
 from streams.answering.cache import CacheEntry, CacheIndex, Doomed
-from streams.sinks import CacheKeeper
+from streams.sinks import CacheKeeper, TableCache
 
 # ----------------------------------------------------------------------------- the index (pure)
 
@@ -173,3 +176,24 @@ async def test_an_unreadable_entry_is_deleted_at_once() -> None:
     keeper = CacheKeeper(table, 100, owned=lambda: {0}, clock=Clock())  # type: ignore[arg-type]
     keeper.store(b"junk", b"not json", partition=0)
     assert b"junk" not in table and table.changelog == [(0, b"junk", None)]
+
+
+async def test_an_answer_is_cached_in_memory_at_once_and_on_the_changelog_partition_of_its_models_requests() -> None:
+    table, written = FakeTable(), []
+    keeper = CacheKeeper(table, 100, owned=lambda: {0}, clock=Clock())  # type: ignore[arg-type]
+
+    async def write(partition: int, key: bytes, value: bytes) -> None:
+        written.append((partition, key, value))
+
+    cache = TableCache(keeper, 8, write)
+    answers = {model: CacheEntry(f"answer of {model}", 1, 1, "stop", None, 100.0) for model in ("llama3.1", "mistral", "m")}
+    for model, answer in answers.items():
+        await cache.put(InferenceRequest(f"r-{model}", model, "hi", ModelContext("s")), model.encode(), answer)
+    # Where the producer API's producer (aiokafka, Kafka's default partitioner) puts each model's requests.
+    placed = {model: DefaultPartitioner()(model.encode(), list(range(8)), list(range(8))) for model in answers}
+    assert written == [(placed[m], m.encode(), a.to_bytes()) for m, a in answers.items()]
+    assert len(set(placed.values())) > 1, "the models' partitions differ: the test tells them apart"
+    assert all(cache.get(m.encode()) == a for m, a in answers.items()), "served from memory before any ack"
+    assert table.changelog == [], "the changelog record is the writer's, once"
+    assert sorted(keeper.index) == sorted(m.encode() for m in answers)
+

@@ -169,7 +169,7 @@ class Table(dict):  # type: ignore[type-arg]
 
 
 def worker_with(out: RefusingOutbox) -> Worker:
-    topics = WorkerTopics(*(Topic(n) for n in ("responses", "tokens", "dlq", "cache-updates", "state", "queue")))
+    topics = WorkerTopics(*(Topic(n) for n in ("responses", "tokens", "dlq", "state", "queue")))
     worker = Worker(SimpleNamespace(), Settings(), topics, Table())  # type: ignore[arg-type]
     worker._outbox = out
     return worker

@@ -10,16 +10,15 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from nexus.kafka.topics import TopicSpec, nexus_topics, topic_names
+from nexus.kafka.topics import nexus_topics, topic_names
 from nexus.settings import KafkaSettings, Settings
 from schemas import (
     Codec, InferenceCancel, InferenceOptions, InferenceRequest, ModelContext, ToolCall, decode_token, headers,
 )
-from streams.answering.cache import CacheEntry
-from streams.app import cache_changelog_topic, cache_updates_topic, internal_topics
+from streams.app import cache_changelog_topic, internal_topics
 from streams.lag import lag_per_partition
 from streams.cancels import CancelBook
-from streams.sinks import KafkaTokenSink, cache_update, read_cache_update
+from streams.sinks import KafkaTokenSink
 from streams.worker import Answering, share_groups, waiting
 
 CODEC = Codec.from_directory()
@@ -57,12 +56,12 @@ def test_lag_is_end_minus_committed_and_the_whole_log_when_never_committed() -> 
     assert lag_per_partition(ends, {p0: Meta(4, ""), p2: Meta(-1, "")}) == {0: 6, 1: 5, 2: 7}
 
 
-def test_the_worker_creates_its_cache_topics_with_the_shared_ones() -> None:
+def test_the_worker_creates_its_cache_changelog_with_the_shared_topics() -> None:
     settings = Settings()
     kafka = settings.kafka
     specs = {spec.name: spec for spec in internal_topics(settings)}
     app_id = settings.worker.app_id
-    assert specs[cache_updates_topic(app_id)] == TopicSpec(cache_updates_topic(app_id), kafka.partitions, {})
+    assert list(specs) == [cache_changelog_topic(app_id)]
     changelog = specs[cache_changelog_topic(app_id)]
     assert changelog.partitions == kafka.partitions and changelog.config == {"cleanup.policy": "compact"}
     shared = {spec.name: spec for spec in nexus_topics(KafkaSettings(replication_factor=3))}
@@ -70,12 +69,6 @@ def test_the_worker_creates_its_cache_topics_with_the_shared_ones() -> None:
     assert shared[kafka.state_topic].partitions == 1
     assert shared[kafka.state_topic].config == {"cleanup.policy": "compact", "min.insync.replicas": "2"}
     assert shared[kafka.requests_topic].config["cleanup.policy"] == "delete"
-
-
-def test_a_cache_update_round_trips() -> None:
-    entry = CacheEntry("answer", 3, 1, "stop", "http://e1", 123.0)
-    key, value = read_cache_update(cache_update(b"k" * 64, entry))
-    assert key == b"k" * 64 and CacheEntry.from_bytes(value) == entry
 
 
 async def test_token_chunks_go_out_in_order_with_the_reply_header_and_close_waits_for_acks() -> None:
