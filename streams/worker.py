@@ -123,6 +123,16 @@ class WorkerTopics:
     queue: faust.TopicT
 
 
+@dataclass
+class _Call:
+    """A model call in progress: the answer's task it runs in, the requests it answers, and
+    whether a cancel of theirs stopped it."""
+
+    task: asyncio.Task[Any]
+    requests: list[InferenceRequest]
+    cancelled: bool = False
+
+
 async def read_into(stream: faust.StreamT, batches: ReadyBatches[EventT]) -> None:
     """Put every event of a lane's stream into ``batches``, unacked (the worker commits these
     topics itself, from its ledger); the stream's failure ends the batches with it."""
@@ -175,7 +185,7 @@ class Worker:
         self._resuming: set[str] = set()
         self.cancels = CancelBook()
         # Request id: the call answering it, and every request that call answers.
-        self._calls: dict[str, tuple[asyncio.Future[Answer], list[InferenceRequest]]] = {}
+        self._calls: dict[str, _Call] = {}
         self._background = Background()
         self._reported: set[str] = set()  # models whose last queue report was not empty
         self._stopping = asyncio.Event()
@@ -485,36 +495,41 @@ class Worker:
     async def _call(self, group: Group, sink: KafkaTokenSink | None, calling: Callable[[], None] | None) -> Answer:
         """The answer of the group's first request, from a call a cancel of every request of the
         group can stop (:meth:`on_cancel`): dropped if it waits its turn, aborted if it runs (closing
-        the backend's stream stops its generation)."""
+        the backend's stream stops its generation).
+
+        The call runs in this answer's own task, not one of its own (a task per request costs):
+        :meth:`on_cancel` cancels the task while it is in the call, and the cancellation is taken
+        back here, unless the task is being stopped too (revoked, stopping)."""
         assert self.inference is not None
         request = group[0][1]
-        call = asyncio.ensure_future(self.inference.answer(request, sink, calling))
-        requests = [r for _, r in group]
-        for r in requests:
-            self._calls[r.id] = (call, requests)
+        task = asyncio.current_task()
+        assert task is not None
+        call = _Call(task, [r for _, r in group])
+        for r in call.requests:
+            self._calls[r.id] = call
         try:
-            return await call
+            return await self.inference.answer(request, sink, calling)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if (task is not None and task.cancelling()) or not call.cancelled():
+            if not call.cancelled or task.cancelling() > 1:
                 raise  # this answer is being stopped (revoked, stopping), not the request cancelled
+            task.uncancel()
             reason = self.cancels.reason(request) or "cancelled"
             return self.inference.cancelled(request, reason, sink.text if sink is not None else "")
         finally:
-            for r in requests:
+            for r in call.requests:
                 self._calls.pop(r.id, None)
 
     def on_cancel(self, cancel: InferenceCancel) -> None:
         """A cancel was read: remember it (the request may come later), and stop the request's call
         if every request sharing it is cancelled."""
         self.cancels.add(cancel, time.monotonic())
-        found = self._calls.get(cancel.id)
-        if found is None:
+        call = self._calls.get(cancel.id)
+        if call is None or call.cancelled:
             return
-        call, requests = found
-        if all(self.cancels.reason(r) for r in requests):
+        if all(self.cancels.reason(r) for r in call.requests):
             log.info("request %s cancelled by its sender: stopping its call", cancel.id)
-            call.cancel()
+            call.cancelled = True
+            call.task.cancel()
 
     async def _dead_letter_cancel(self, record: Any, reason: str) -> None:
         record_headers = [
