@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
 
 from localdev.broker import LocalKafka, free_port
 from nexus.settings import KafkaSettings
@@ -98,9 +100,41 @@ def broker(bootstrap: str | None) -> Iterator[str]:
 
 
 def run_on_broker(measure: Callable[[str], Awaitable[None]], bootstrap: str | None) -> None:
-    """Run ``measure(bootstrap)`` on --bootstrap or on a local broker started for it."""
+    """Run ``measure(bootstrap)`` on --bootstrap or on a local broker started for it.
+
+    On --bootstrap the run's own topics (:func:`isolated_env`'s, and its workers' Faust topics)
+    are deleted afterwards: they would pile up run after run, and every client's metadata and the
+    broker's own work grow with them, skewing the next runs' numbers."""
     with broker(bootstrap) as address:
-        asyncio.run(measure(address))  # type: ignore[arg-type]
+        before = asyncio.run(_bench_topics(address)) if bootstrap else set()
+        try:
+            asyncio.run(measure(address))  # type: ignore[arg-type]
+        finally:
+            if bootstrap:
+                asyncio.run(_delete_topics(address, asyncio.run(_bench_topics(address)) - before))
+
+
+_BENCH_TOPIC = re.compile(r"^bench(-?)[0-9a-f]{6}[.-]")  # isolated_env's names and its app ids'
+
+
+async def _bench_topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return {t for t in await admin.list_topics() if _BENCH_TOPIC.match(t)}
+    finally:
+        await admin.close()
+
+
+async def _delete_topics(bootstrap: str, topics: set[str]) -> None:
+    if not topics:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(sorted(topics))
+    finally:
+        await admin.close()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -220,8 +220,7 @@ class InCommittedPrefix:
 
     async def commit(self, offsets: dict[TP, int]) -> dict[TP, int]:
         """Write the held records of the requests below ``offsets`` into their partitions'
-        transactions, then commit those with the offsets (and Faust's own acked offsets, of the
-        cache agent: its commit timer is off under exactly once).
+        transactions, then commit those with the offsets.
 
         A partition whose transactional producer was fenced (another worker owns it now, this one
         was out of the group) is left to its new owner: its held records are dropped, its offset
@@ -235,7 +234,6 @@ class InCommittedPrefix:
                 if not await self._write(tp, records):
                     self._held.pop(tp, None)
                     del offsets[tp]
-            await self._app.consumer.commit()
             return offsets if offsets and await commit_offsets(self._app, offsets) else {}
 
     async def _write(self, tp: TP, records: list[tuple[str, bytes | None, bytes, Headers]]) -> bool:
