@@ -1,6 +1,7 @@
 """Requests/s through the whole pipeline, against the raw ceilings of Kafka on the same broker.
 
     .venv/bin/python bench/throughput.py [-n 5000] [--quick] [--bootstrap HOST:PORT] [--profile FILE]
+                                         [--deterministic]
 
 Starts (unless --bootstrap) a local broker and a zero-latency simulator (``--ttft-ms 0
 --tokens-per-s 0 --parallel 64``). Two runs, each on topics of its own (8 partitions), each
@@ -21,6 +22,8 @@ Prints the rates, Nexus against both ceilings (targets: issue 6, at least 0.5 of
 issue 17, at least 0.5 of the raw loop with HTTP) and each consumer's CPU seconds per request
 (issue 17: the worker's halved from 0.37 ms). --quick: 1000 requests. With --profile FILE the
 worker runs under pyinstrument and its text report goes to FILE (pip install pyinstrument).
+With --deterministic every request has temperature 0 and a prompt of its own: each answer is
+stored in the response cache (none is a hit), so the run measures what caching costs the worker.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from nexus.settings import KafkaSettings
 from nexus.kafka.readers import read_from_end
 from nexus.kafka.topics import ensure_topics
 from producers.client import RequestProducer
-from schemas import InferenceRequest, ModelContext
+from schemas import InferenceOptions, InferenceRequest, ModelContext
 
 
 CONCURRENCY = 64  # the simulator's slots, and each model's max_concurrency in the worker's config
@@ -89,7 +92,8 @@ async def raw_worker(bootstrap: str, requests_topic: str, responses_topic: str, 
 
 
 async def drive(
-    kafka: KafkaSettings, n: int, pids: list[int], models: tuple[str, ...] = ("llama3.1", "mistral")
+    kafka: KafkaSettings, n: int, pids: list[int], models: tuple[str, ...] = ("llama3.1", "mistral"),
+    options: InferenceOptions | None = None,
 ) -> tuple[float, list[float]]:
     """Submit N requests (round-robin over ``models``, the record key) as fast as acks allow; return
     requests/s until the N-th response is read, and the CPU seconds each of ``pids`` used meanwhile
@@ -109,7 +113,8 @@ async def drive(
                 warm += sum(len(records) for records in (await reader.getmany(timeout_ms=1000)).values())
             await read_from_end(reader, [kafka.responses_topic])
             requests = [InferenceRequest(f"{run}-{i}", models[i % len(models)], f"question {i}",
-                                         ModelContext(f"{run}-s{i % 100}")) for i in range(n)]
+                                         ModelContext(f"{run}-s{i % 100}"), options=options or InferenceOptions())
+                        for i in range(n)]
 
             async def produce() -> None:
                 for chunk in range(0, n, 1000):
@@ -130,7 +135,7 @@ async def drive(
         await reader.stop()
 
 
-async def measure(bootstrap: str, n: int, profile: Path | None) -> None:
+async def measure(bootstrap: str, n: int, profile: Path | None, deterministic: bool = False) -> None:
     sim_port = free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,14 +170,17 @@ async def measure(bootstrap: str, n: int, profile: Path | None) -> None:
                     [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile), "-m", "nexus", "worker"],
                     env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(worker)
-            nexus_rate, (worker_cpu, sim_cpu) = await drive(nexus_kafka, n, [worker.pid, procs[0].pid])
+            nexus_rate, (worker_cpu, sim_cpu) = await drive(
+                nexus_kafka, n, [worker.pid, procs[0].pid],
+                options=InferenceOptions(temperature=0) if deterministic else None)
             if profile is not None:  # SIGINT: a clean stop, so pyinstrument writes its report
                 worker.send_signal(signal.SIGINT)
                 worker.wait(timeout=60)
         finally:
             stop_all(procs)
 
-    print(f"{n} requests (two models), 8 partitions, simulator --ttft-ms 0 --tokens-per-s 0 --parallel {CONCURRENCY}")
+    print(f"{n} requests (two models), 8 partitions, simulator --ttft-ms 0 --tokens-per-s 0 --parallel {CONCURRENCY}"
+          + ("; Nexus's requests deterministic, each answer cached" if deterministic else ""))
     print(f"  raw aiokafka consume -> produce (acks=all) -> commit: {raw_rate:8.0f} requests/s")
     print(f"  raw loop + one aiohttp call per record ({CONCURRENCY} at a time): {http_rate:8.0f} requests/s")
     print(f"  Nexus (producer API -> worker -> simulator -> Kafka): {nexus_rate:8.0f} requests/s")
@@ -189,6 +197,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1000 requests")
     parser.add_argument("--bootstrap")
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--deterministic", action="store_true", help="temperature 0: every answer is cached")
     parser.add_argument("--raw-worker", nargs=3, metavar=("REQUESTS", "RESPONSES", "GROUP"), help=argparse.SUPPRESS)
     parser.add_argument("--model-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,7 +209,7 @@ def main() -> None:
             pass
         return
     n = 1000 if args.quick else args.n
-    run_on_broker(lambda b: measure(b, n, args.profile), args.bootstrap)
+    run_on_broker(lambda b: measure(b, n, args.profile, args.deterministic), args.bootstrap)
 
 
 if __name__ == "__main__":
