@@ -112,6 +112,8 @@ class GatewaySettings:
 class WorkerSettings:
     app_id: str = "nexus-worker"
     max_batch: int = 32
+    # No longer used: a batch is what a lane's queue holds now (streams/intake.py) and never waits.
+    # Accepted so that configs which set it still load.
     max_wait_ms: int = 5
     # Requests one worker reads ahead PER LANE (interactive, batch), queued in its schedule or
     # running; over it the lane's partitions are paused and the rest wait in Kafka (back-pressure).

@@ -47,9 +47,8 @@ from streams.cancels import CancelBook, follow_cancels
 from streams.commits.ledger import RequestLedger, Verdict
 from streams.commits.offsets import PartitionOffsets
 from streams.commits.outbox import AtOnce, InCommittedPrefix, Outbox, Undeliverable, undeliverable_reason, until_sent
-from streams.batching import BatchWindow
 from streams.health import WorkerHealth
-from streams.intake import ReadyBatches
+from streams.intake import LaneBatches, channel_queue
 from streams.lag import consumer_lag
 from streams.metrics import WorkerMetrics
 from streams.sinks import CacheKeeper, KafkaTokenSink, TableCache
@@ -131,21 +130,6 @@ class _Call:
     task: asyncio.Task[Any]
     requests: list[InferenceRequest]
     cancelled: bool = False
-
-
-async def read_into(stream: faust.StreamT, batches: ReadyBatches[EventT]) -> None:
-    """Put every event of a lane's stream into ``batches``, unacked (the worker commits these
-    topics itself, from its ledger); the stream's failure ends the batches with it."""
-    stream.enable_acks = False
-    try:
-        async for event in stream.events():
-            await batches.put(event)
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:
-        batches.fail(exc)
-        return
-    batches.close()
 
 
 class Worker:
@@ -329,17 +313,19 @@ class Worker:
         self._start_answering()
         # Batches overlap: a slow answer holds neither the next batch nor the commits of
         # the answers before it; the ledger commits each partition's answered prefix. A batch
-        # goes as soon as the stream has nothing more ready (streams/batching.py): a lone
-        # request is not held for worker.max_wait_ms, which only bounds a steady trickle.
-        batches: ReadyBatches[EventT] = ReadyBatches(
-            BatchWindow(self._config.max_batch, self._config.max_wait_ms / 1000))
-        reading = asyncio.ensure_future(read_into(stream, batches))
-        try:
-            async for batch in batches:
-                await self.catch_up_generation()
-                await self._start(batch)
-        finally:
-            reading.cancel()
+        # is what the lane's queue holds now (streams/intake.py): nothing waits for company.
+        # The stream itself is not iterated: no Faust acks (the worker commits these topics
+        # itself, from its ledger), no per-event turn of the loop.
+        batches: LaneBatches[EventT] = LaneBatches(channel_queue(stream), self._config.max_batch, self._current)
+        async for batch in batches:
+            await self.catch_up_generation()
+            await self._start(batch)
+
+    def _current(self, event: EventT) -> bool:
+        """Whether a lane's event is of the consumer's current generation, read while the flow
+        runs: Faust's stream dropped the others (fetched before a rebalance, they are read again)."""
+        app: Any = self._app
+        return bool(app.flow_control.is_active()) and event.message.generation_id == app.consumer_generation_id
 
     def _start_answering(self) -> None:
         """What every lane's agent needs, made by the first to run (no await: agents cannot race)."""

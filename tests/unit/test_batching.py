@@ -1,106 +1,83 @@
-"""The worker's batches: handed over as soon as the stream has nothing more ready (a lone request
-is never held for the window), full ones at once, a steady trickle at most the window after its
-first request; the reader waits while a full batch is not taken; its failure reaches the agent.
+"""The worker's batches: what a lane's queue holds when the worker asks (a lone request goes at once,
+what arrived together goes together, at most ``max_batch``), events of an earlier consumer
+generation dropped, an error thrown into the channel raised after what came before it.
 
-No timing: the window is an hour unless a test moves the fake clock, so a batch that waited for it
-would never come (each test is bounded by ``asyncio.wait_for`` only as a guard)."""
+The queue is mode's ``ThrowableQueue``, the one Faust's conductor fills; no timing (each test is
+bounded by ``asyncio.wait_for`` only as a guard)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from schemas import headers
-from streams.batching import IDLE_TURNS, BatchWindow
-from streams.intake import ReadyBatches
-from streams.worker import Answering, read_into
+from streams.intake import LaneBatches
+from streams.worker import Answering
 
-HOUR = 3600.0
 GUARD_S = 30.0
 
 
-def test_the_rule_hands_over_when_full_idle_or_the_window_is_out() -> None:
-    window = BatchWindow(max_batch=4, within_s=0.005, idle_turns=2)
-    assert not window.hand_over(0, idle_turns=10, since_first_s=1.0)  # nothing to hand over
-    assert not window.hand_over(1, idle_turns=1, since_first_s=0.0)  # something may still be on its way
-    assert window.hand_over(1, idle_turns=2, since_first_s=0.0)  # nothing more ready: no window for it
-    assert window.hand_over(3, idle_turns=0, since_first_s=0.005)  # a trickle: held at most the window
-    assert window.hand_over(4, idle_turns=0, since_first_s=0.0)  # full
-    assert window.full(4) and not window.full(3)
+def queue_of(*items: object) -> ThrowableQueue:
+    queue: ThrowableQueue = ThrowableQueue(maxsize=100, flow_control=FlowControlEvent(initially_suspended=False))
+    for item in items:
+        queue.put_nowait(item)
+    return queue
 
 
-async def test_a_lone_request_goes_at_once_not_after_the_window() -> None:
-    batches: ReadyBatches[str] = ReadyBatches(BatchWindow(32, HOUR), wall=lambda: 12.5)
-    await batches.put("r1")
+async def test_a_lone_request_goes_at_once_stamped_when_taken() -> None:
+    batches: LaneBatches[str] = LaneBatches(queue_of("r1"), 32, wall=lambda: 12.5)
     assert await asyncio.wait_for(batches.get(), GUARD_S) == [("r1", 12.5)]
 
 
-async def test_what_arrives_together_goes_together() -> None:
-    batches: ReadyBatches[int] = ReadyBatches(BatchWindow(32, HOUR))
+async def test_what_arrived_together_goes_together_and_a_full_batch_leaves_the_rest_queued() -> None:
+    queue = queue_of(*range(5))
+    batches: LaneBatches[int] = LaneBatches(queue, 2)
+    sizes = [len(await asyncio.wait_for(batches.get(), GUARD_S)) for _ in range(3)]
+    assert sizes == [2, 2, 1] and queue.empty()
+    whole: LaneBatches[int] = LaneBatches(queue_of(*range(10)), 32)
+    assert [item for item, _ in await whole.get()] == list(range(10))
 
-    async def burst() -> None:  # one fetch handed over a record per turn of the loop or two
-        for i in range(10):
-            await batches.put(i)
-            for _ in range(i % 2 + 1):
-                await asyncio.sleep(0)
 
+async def test_the_worker_waits_for_the_first_request_and_takes_it_when_put() -> None:
+    queue = queue_of()
+    batches: LaneBatches[str] = LaneBatches(queue, 32)
     getting = asyncio.ensure_future(batches.get())
-    await burst()
-    batch = await asyncio.wait_for(getting, GUARD_S)
-    assert [item for item, _ in batch] == list(range(10))
-
-
-async def test_a_full_batch_goes_at_once_and_holds_the_reader_until_taken() -> None:
-    batches: ReadyBatches[int] = ReadyBatches(BatchWindow(2, HOUR))
-    putting = asyncio.ensure_future(asyncio.gather(*(batches.put(i) for i in range(5))))
-    for _ in range(IDLE_TURNS * 4):
+    for _ in range(10):
         await asyncio.sleep(0)
-    assert not putting.done()  # 2 held, the third waits for the batch to be taken
-    sizes: list[int] = []
-    while sum(sizes) < 5:
-        sizes.append(len(await asyncio.wait_for(batches.get(), GUARD_S)))
-    await putting
-    assert sizes == [2, 2, 1]
+    assert not getting.done()
+    queue.put_nowait("late")
+    assert [item for item, _ in await asyncio.wait_for(getting, GUARD_S)] == ["late"]
 
 
-async def test_a_steady_trickle_is_held_no_longer_than_the_window() -> None:
-    now = [0.0]
-    batches: ReadyBatches[int] = ReadyBatches(BatchWindow(1000, 0.005), clock=lambda: now[0])
-    stop = asyncio.Event()
-
-    async def trickle() -> None:  # a record every turn, each 1 ms later: never idle
-        i = 0
-        while not stop.is_set():
-            await batches.put(i)
-            i += 1
-            now[0] += 0.001
-            await asyncio.sleep(0)
-
-    feeding = asyncio.ensure_future(trickle())
-    try:
-        batch = await asyncio.wait_for(batches.get(), GUARD_S)
-    finally:
-        stop.set()
-        await feeding
-    assert 1 < len(batch) <= 7  # handed over once the first had waited the 5 ms window
+async def test_events_of_an_earlier_generation_are_dropped_and_a_batch_of_only_those_is_none() -> None:
+    queue = queue_of("old-1", "old-2")
+    batches: LaneBatches[str] = LaneBatches(queue, 32, current=lambda e: not e.startswith("old"))
+    getting = asyncio.ensure_future(batches.get())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not getting.done() and queue.empty(), "the stale ones were taken and dropped; it waits on"
+    queue.put_nowait("new")
+    queue.put_nowait("old-3")
+    queue.put_nowait("newer")
+    assert [item for item, _ in await asyncio.wait_for(getting, GUARD_S)] == ["new", "newer"]
 
 
-async def test_the_readers_failure_ends_the_batches_after_what_was_read() -> None:
-    batches: ReadyBatches[str] = ReadyBatches(BatchWindow(32, HOUR))
-    await batches.put("read")
-    batches.fail(RuntimeError("consumer crashed"))
-    assert [item for item, _ in await batches.get()] == ["read"]
+async def test_an_error_thrown_into_the_channel_comes_after_the_events_before_it() -> None:
+    queue = queue_of("read")
+    batches: LaneBatches[str] = LaneBatches(queue, 32)
+    getting = asyncio.ensure_future(batches.get())
+    await asyncio.sleep(0)
+    queue._throw(RuntimeError("consumer crashed"))
+    assert [item for item, _ in await asyncio.wait_for(getting, GUARD_S)] == ["read"]
     with pytest.raises(RuntimeError, match="consumer crashed"):
         await batches.get()
-
-
-async def test_closed_batches_end_the_iteration() -> None:
-    batches: ReadyBatches[str] = ReadyBatches(BatchWindow(32, HOUR))
-    await batches.put("last")
-    batches.close()
-    assert [[item for item, _ in batch] async for batch in batches] == [["last"]]
+    queue2 = queue_of("a", "b")
+    queue2._throw(RuntimeError("later"))
+    mixed: LaneBatches[str] = LaneBatches(queue2, 32)
+    with pytest.raises(RuntimeError, match="later"):  # mode's queue raises a thrown error first
+        await mixed.get()
 
 
 def test_an_answers_stages_go_into_the_stages_header_in_order() -> None:
@@ -118,34 +95,3 @@ def test_an_answers_stages_go_into_the_stages_header_in_order() -> None:
     assert read["fetched"] == pytest.approx(100.0015) and read["sent"] == pytest.approx(100.501)
     cached = Answering(["p0:2"], fetched=1.0, batched=1.0).stages(None, 2.0)  # no model call, no timestamp
     assert list(cached) == ["fetched", "batched", "answered"]
-
-
-class _Stream:
-    """What read_into uses of a Faust stream: ``enable_acks`` and ``events()``."""
-
-    def __init__(self, events: list[str], error: Exception | None = None) -> None:
-        self.enable_acks = True
-        self._events = events
-        self._error = error
-
-    async def events(self) -> Any:
-        for event in self._events:
-            yield event
-        if self._error is not None:
-            raise self._error
-
-
-async def test_the_lanes_reader_puts_its_events_unacked_and_ends_with_its_stream() -> None:
-    stream = _Stream(["e1", "e2"])
-    batches: ReadyBatches[str] = ReadyBatches(BatchWindow(32, HOUR))
-    await read_into(stream, batches)  # type: ignore[arg-type]
-    assert stream.enable_acks is False  # the worker commits from its ledger, not Faust's acks
-    assert [[e for e, _ in batch] async for batch in batches] == [["e1", "e2"]]
-
-
-async def test_the_lanes_reader_hands_its_failure_to_the_agent() -> None:
-    batches: ReadyBatches[str] = ReadyBatches(BatchWindow(32, HOUR))
-    await read_into(_Stream(["e1"], RuntimeError("fetch failed")), batches)  # type: ignore[arg-type]
-    assert [e for e, _ in await batches.get()] == ["e1"]
-    with pytest.raises(RuntimeError, match="fetch failed"):
-        await batches.get()

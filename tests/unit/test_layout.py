@@ -39,7 +39,7 @@ PURE = {
     "consumers.bridge.owners", "consumers.bridge.core", "consumers.bridge.frames", "consumers.replay.audit",
     "consumers.replay.join", "consumers.replay.render", "producers.gateway.dropin.conversation",
     "localdev.simulator.model", "nexus.access", "streams.answering.scheduling", "schemas.queue_state",
-    "producers.admission", "streams.batching",
+    "producers.admission",
 }
 IO_MODULES = ("asyncio", "socket", "aiokafka", "aiohttp", "faust", "httpx", "websockets", "subprocess")
 
