@@ -22,6 +22,9 @@ Catch :class:`NexusError` to catch them all; each role's errors derive from it::
     ├── RejectedRequest (also ValueError)          schemas.validation: a request breaks the contract (400)
     │   └── FrameError                             consumers.bridge.frames: a websocket frame does
     ├── BackendError                               streams.backends: a model endpoint failed a call
+    ├── HttpError                                  streams.backends.http: an exchange with an endpoint failed
+    │   ├── ConnectError                           no connection was made: the request reached no server
+    │   └── Disconnected                           the connection broke before the answer was whole
     ├── Unsendable (also ValueError)               streams.backends.wire: a request's JSON text cannot go in a body
     ├── Expired                                    streams.answering: a request's deadline passed
     ├── Unavailable                                streams.answering: no endpoint of the model can answer

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import aiohttp
 import faust
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -42,7 +41,7 @@ from schemas.endpoint_state import WorkerReport
 from schemas.queue_state import MAX_REPORTED
 from streams.answering import cache
 from streams.answering.inference import Answer, Inference
-from streams.backends.ollama import new_session
+from streams.backends.http import HttpClient, new_session
 from streams.cancels import CancelBook, follow_cancels
 from streams.commits.ledger import RequestLedger, Verdict
 from streams.commits.offsets import PartitionOffsets
@@ -161,7 +160,7 @@ class Worker:
         self.exactly_once = self._kafka.processing_guarantee == "exactly_once"
         self._outbox: Outbox = InCommittedPrefix(app) if self.exactly_once else AtOnce(app, self.send)
         self.inference: Inference | None = None  # once a requests agent runs
-        self._http: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None
         self._running: dict[asyncio.Task[None], Answering[EventT]] = {}
         # Read-ahead: requests held (queued or running) per lane topic; a lane at its bound is paused.
         self._held: dict[str, int] = dict.fromkeys(self._kafka.request_topics, 0)

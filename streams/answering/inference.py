@@ -24,7 +24,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
-import aiohttp
 
 from nexus.settings import ModelSettings, Settings
 from schemas import BAD_REQUEST, MODEL_NOT_FOUND, InferenceRequest, utcnow
@@ -40,6 +39,7 @@ from streams.answering.routing import ModelRouter
 from streams.answering.waiting import Expired, Unavailable, WaitingLine
 from streams.backends.base import Backend, BackendError, Generation
 from streams.backends.endpoints import EndpointsBackend
+from streams.backends.http import HttpClient
 from streams.metrics import WorkerMetrics
 
 __all__ = [
@@ -67,7 +67,7 @@ class Inference:
     def __init__(
         self,
         settings: Settings,
-        http: aiohttp.ClientSession | None,
+        http: HttpClient | None,
         metrics: WorkerMetrics,
         store: CacheStore,
         clock: Callable[[], float] | Clock = time.monotonic,
@@ -77,7 +77,7 @@ class Inference:
     ) -> None:
         if backend is None:
             if http is None:
-                raise TypeError("Inference needs an HTTP session for Ollama, or a backend")
+                raise TypeError("Inference needs an HTTP client for Ollama, or a backend")
             backend = EndpointsBackend.from_settings(settings, http)
         self._settings = settings
         self._metrics = metrics

@@ -2,7 +2,7 @@
 
 The worker's answering path talks to endpoints only through a :class:`Backend`, as
 httpx talks to the network only through a transport: :mod:`streams.backends.ollama`
-is the real one (aiohttp), :mod:`streams.backends.memory` a scripted one, so retries,
+is the real one (over :mod:`streams.backends.http`), :mod:`streams.backends.memory` a scripted one, so retries,
 fallbacks, circuits and deadlines are tested in-process in milliseconds.
 
 A call carries the whole request: a prompt (``request.input``) or a conversation

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import aiohttp
-
 from nexus.settings import ENDPOINT_KINDS, Settings
 from schemas import InferenceRequest
 from streams.backends.base import Backend, Generation, Inventory, OnChunk, OnSent
+from streams.backends.http import HttpClient
 from streams.backends.ollama import OllamaBackend
 from streams.backends.openai import OpenAIBackend
 
 __all__ = ["BACKENDS", "EndpointsBackend"]
 
-# How each kind of endpoint is called, over the worker's one HTTP session.
-BACKENDS: dict[str, Callable[[aiohttp.ClientSession], Backend]] = {
+# How each kind of endpoint is called, over the worker's one HTTP client.
+BACKENDS: dict[str, Callable[[HttpClient], Backend]] = {
     "ollama": OllamaBackend,
     "openai": OpenAIBackend,
 }
@@ -42,7 +41,7 @@ class EndpointsBackend:
         self._default = default
 
     @classmethod
-    def from_settings(cls, settings: Settings, http: aiohttp.ClientSession) -> EndpointsBackend:
+    def from_settings(cls, settings: Settings, http: HttpClient) -> EndpointsBackend:
         """The worker's backend: every configured endpoint by its kind, all over ``http``."""
         kinds = {e.url: e.kind for m in settings.models for e in m.endpoints}
         return cls({kind: BACKENDS[kind](http) for kind in ENDPOINT_KINDS}, kinds)

@@ -1,20 +1,17 @@
-"""A streamed body split into lines here, not by aiohttp: NDJSON (Ollama) and SSE (OpenAI).
+"""A streamed body split into lines: NDJSON (Ollama) and SSE (OpenAI).
 
-aiohttp's ``readline`` (what ``async for line in response.content`` uses) refuses a line longer
-than its buffer limit (512 KiB with aiohttp 3.14, 128 KiB with older versions) with
-``LineTooLong``, which is not a ``ClientError``: a backend that sends one long answer, tool call
-or base64 image as a single line ended the request as an internal error. The body is read in
-chunks as they come and split by :class:`LineSplitter`, up to a generous cap per line; past it
-the call fails with a :class:`~streams.backends.base.BackendError` that names the cap.
+The body is read in chunks as they come and split by :class:`LineSplitter`, up to a generous cap
+per line (one long answer, tool call or base64 image may come as a single line; aiohttp's
+``readline``, used before, refused lines over 512 KiB as an internal error); past the cap the
+call fails with a :class:`~streams.backends.base.BackendError` that names it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
-
 from streams.backends.base import BackendError
+from streams.backends.http import Response
 
 __all__ = ["MAX_LINE_BYTES", "LineSplitter", "lines_of"]
 
@@ -73,9 +70,9 @@ class LineSplitter:
         )
 
 
-async def lines_of(response: aiohttp.ClientResponse, splitter: LineSplitter) -> AsyncIterator[bytes]:
+async def lines_of(response: Response, splitter: LineSplitter) -> AsyncIterator[bytes]:
     """The lines of ``response``'s body as its chunks arrive."""
-    async for data in response.content.iter_any():
+    async for data in response.chunks():
         for line in splitter.feed(data):
             yield line
     last = splitter.finish()

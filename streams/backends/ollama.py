@@ -5,9 +5,9 @@ the endpoint's inventory from ``GET /api/tags`` (models it has) and ``GET /api/p
 A conversation's tool calls come back in ``message.tool_calls``, each whole (streamed: in a chunk
 of its own); they pass on as :class:`~schemas.ToolCall` with their arguments as JSON text.
 
-It runs on aiohttp: with many calls in flight, httpx's pool spent about 3 ms of CPU
-per call where aiohttp spends 0.2 ms, and that CPU was the worker's throughput limit
-(``docs/performance.md``).
+It runs on the worker's own HTTP client (:mod:`streams.backends.http`): with many calls in
+flight httpx's pool spent about 3 ms of CPU per call, aiohttp's client about 0.15 ms and that
+client 0.06 ms, and that CPU is what limits a worker's throughput (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import json
 import time
 from typing import Any
 
-import aiohttp
-
 from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
 from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
-from streams.backends.http import Sessions, new_session
+from streams.backends.http import HttpClient, HttpError, Response, new_session
 from streams.backends.lines import MAX_LINE_BYTES, LineSplitter, lines_of
 from streams.backends.wire import (
-    Unsendable, extra_options, function_tool, json_value, keep_alive_value, schema_of, tool_call, unsendable,
+    Unsendable, extra_options, function_tool, json_value, keep_alive_value, schema_of, tool_call, unreachable,
+    unsendable,
 )
 
 __all__ = [
@@ -34,11 +33,10 @@ __all__ = [
 
 
 class OllamaBackend:
-    """:class:`streams.backends.base.Backend` over one aiohttp session shared by every endpoint."""
+    """:class:`streams.backends.base.Backend` over one HTTP client shared by every endpoint."""
 
-    def __init__(self, http: aiohttp.ClientSession, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+    def __init__(self, http: HttpClient, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._http = http
-        self._sessions = Sessions(http)
         self._max_line_bytes = max_line_bytes  # one streamed NDJSON line at most
 
     async def generate(
@@ -51,15 +49,15 @@ class OllamaBackend:
         on_chunk: OnChunk | None = None,
         on_sent: OnSent | None = None,
     ) -> Generation:
-        return await generate(self._sessions.for_call(on_sent), endpoint, model, request, system, timeout_s,
+        return await generate(self._http, endpoint, model, request, system, timeout_s,
                               on_chunk, on_sent, max_line_bytes=self._max_line_bytes)
 
     async def probe(self, endpoint: str, timeout_s: float) -> bool:
         try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._http.get(f"{endpoint}/api/version", timeout=timeout) as response:
+            async with self._http.get(f"{endpoint}/api/version", timeout_s) as response:
+                await response.read()
                 return response.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, HttpError):
             return False
 
     async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
@@ -74,18 +72,16 @@ class OllamaBackend:
 
     async def _names(self, endpoint: str, path: str, timeout_s: float) -> frozenset[str]:
         try:
-            async with self._http.get(f"{endpoint}{path}", timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            async with self._http.get(f"{endpoint}{path}", timeout_s) as response:
                 if response.status != 200:
                     raise _status_error(endpoint, response.status, await response.read())
                 data = _object(endpoint, await response.read())
         except TimeoutError:
             raise BackendError(f"{endpoint}{path} did not answer within {timeout_s:g}s", retryable=True) from None
-        except aiohttp.ClientError as exc:
-            raise BackendError(
-                f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
-                reached=not isinstance(exc, aiohttp.ClientConnectorError),
-            ) from None
+        except HttpError as exc:
+            raise unreachable(endpoint, exc) from None
         return model_names(data)
+
 
 
 def model_names(data: dict[str, Any]) -> frozenset[str]:
@@ -205,7 +201,7 @@ def _piece(data: dict[str, Any], chat: bool) -> tuple[Any, tuple[ToolCall, ...]]
 
 
 async def generate(
-    http: aiohttp.ClientSession,
+    http: HttpClient,
     endpoint: str,
     model: str,
     request: InferenceRequest,
@@ -219,8 +215,7 @@ async def generate(
     """One call to ``{endpoint}/api/generate`` (a prompt) or ``/api/chat`` (a conversation); with
     ``on_chunk``, streamed chunk by chunk.
 
-    ``on_sent`` is called when the request's headers went on the wire (``http`` from
-    :meth:`Sessions.for_call <streams.backends.http.Sessions.for_call>` with it). A streamed line
+    ``on_sent`` is called when the request went on the wire. A streamed line
     longer than ``max_line_bytes`` fails the call with a :class:`BackendError` naming the cap.
     """
     try:
@@ -230,10 +225,7 @@ async def generate(
     chat = path == "/api/chat"
     started = time.perf_counter()
     try:
-        async with http.post(
-            f"{endpoint}{path}", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s),
-            trace_request_ctx=on_sent,
-        ) as response:
+        async with http.post(f"{endpoint}{path}", body, timeout_s, on_sent) as response:
             if response.status != 200:
                 raise _status_error(endpoint, response.status, await response.read())
             if on_chunk is None:
@@ -243,21 +235,18 @@ async def generate(
             return await _read_stream(endpoint, response, chat, on_chunk, started, max_line_bytes)
     except TimeoutError:
         raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
-    except aiohttp.ClientError as exc:
-        raise BackendError(
-            f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
-            reached=not isinstance(exc, aiohttp.ClientConnectorError),
-        ) from None
+    except HttpError as exc:
+        raise unreachable(endpoint, exc) from None
 
 
 async def _read_stream(
-    endpoint: str, response: aiohttp.ClientResponse, chat: bool, on_chunk: OnChunk, started: float,
+    endpoint: str, response: Response, chat: bool, on_chunk: OnChunk, started: float,
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Generation:
     parts: list[str] = []
     calls: list[ToolCall] = []
     ttft: float | None = None
-    # NDJSON: one object per line, split here (streams/backends/lines.py: aiohttp's readline caps a line).
+    # NDJSON: one object per line (streams/backends/lines.py caps a line).
     async for line in lines_of(response, LineSplitter(endpoint, max_line_bytes)):
         if not line.strip():
             continue

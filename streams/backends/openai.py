@@ -27,25 +27,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from schemas import InferenceOptions, InferenceRequest, Message, ToolCall
 from streams.backends.base import BackendError, Generation, Inventory, OnChunk, OnSent, is_bad_request
-from streams.backends.http import Sessions
+from streams.backends.http import HttpClient, HttpError, Response
 from streams.backends.lines import MAX_LINE_BYTES, LineSplitter, lines_of
 from streams.backends.wire import (
-    Unsendable, arguments_text, extra_options, function_tool, schema_of, tool_call, unsendable,
+    Unsendable, arguments_text, extra_options, function_tool, schema_of, tool_call, unreachable, unsendable,
 )
 
 __all__ = ["OpenAIBackend", "ToolCallJoiner", "chat_messages", "openai_options", "request_body", "status_error"]
 
 
 class OpenAIBackend:
-    """:class:`streams.backends.base.Backend` for OpenAI-compatible servers, over one shared aiohttp session."""
+    """:class:`streams.backends.base.Backend` for OpenAI-compatible servers, over one shared HTTP client."""
 
-    def __init__(self, http: aiohttp.ClientSession, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+    def __init__(self, http: HttpClient, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self._http = http
-        self._sessions = Sessions(http)
         self._max_line_bytes = max_line_bytes  # one streamed SSE line at most
 
     async def generate(
@@ -64,10 +61,7 @@ class OpenAIBackend:
             raise unsendable(endpoint, exc) from None
         started = time.perf_counter()
         try:
-            async with self._sessions.for_call(on_sent).post(
-                f"{endpoint}/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s),
-                trace_request_ctx=on_sent,
-            ) as response:
+            async with self._http.post(f"{endpoint}/v1/chat/completions", body, timeout_s, on_sent) as response:
                 if response.status != 200:
                     raise status_error(endpoint, response.status, await response.read())
                 if on_chunk is None:
@@ -75,35 +69,28 @@ class OpenAIBackend:
                 return await _read_stream(endpoint, response, on_chunk, started, self._max_line_bytes)
         except TimeoutError:
             raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
-        except aiohttp.ClientError as exc:
-            raise BackendError(
-                f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
-                reached=not isinstance(exc, aiohttp.ClientConnectorError),
-            ) from None
+        except HttpError as exc:
+            raise unreachable(endpoint, exc) from None
 
     async def probe(self, endpoint: str, timeout_s: float) -> bool:
         try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._http.get(f"{endpoint}/v1/models", timeout=timeout) as response:
+            async with self._http.get(f"{endpoint}/v1/models", timeout_s) as response:
+                await response.read()
                 return response.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, HttpError):
             return False
 
     async def inventory(self, endpoint: str, timeout_s: float) -> Inventory:
         """``GET /v1/models``: the models it serves; which are loaded it cannot say (``loaded`` is None)."""
         try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._http.get(f"{endpoint}/v1/models", timeout=timeout) as response:
+            async with self._http.get(f"{endpoint}/v1/models", timeout_s) as response:
                 if response.status != 200:
                     raise status_error(endpoint, response.status, await response.read())
                 data = _object(endpoint, await response.read())
         except TimeoutError:
             raise BackendError(f"{endpoint} did not answer within {timeout_s:g}s", retryable=True) from None
-        except aiohttp.ClientError as exc:
-            raise BackendError(
-                f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
-                reached=not isinstance(exc, aiohttp.ClientConnectorError),
-            ) from None
+        except HttpError as exc:
+            raise unreachable(endpoint, exc) from None
         listed = data.get("data")
         if not isinstance(listed, list):
             raise BackendError(f"{endpoint} listed its models without a 'data' list", retryable=True)
@@ -384,7 +371,7 @@ class ToolCallJoiner:
 
 
 async def _read_stream(
-    endpoint: str, response: aiohttp.ClientResponse, on_chunk: OnChunk, started: float,
+    endpoint: str, response: Response, on_chunk: OnChunk, started: float,
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Generation:
     parts: list[str] = []
@@ -441,10 +428,9 @@ async def _read_stream(
     )
 
 
-async def _events(response: aiohttp.ClientResponse, splitter: LineSplitter) -> AsyncIterator[str]:
+async def _events(response: Response, splitter: LineSplitter) -> AsyncIterator[str]:
     """The data of each server-sent event (its ``data:`` lines joined), and any bare JSON line;
-    comments and other fields are skipped. Lines are split by ``splitter`` (streams/backends/lines.py:
-    aiohttp's readline caps a line)."""
+    comments and other fields are skipped. Lines are split by ``splitter`` (streams/backends/lines.py)."""
     lines: list[str] = []
     async for raw in lines_of(response, splitter):
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")

@@ -14,10 +14,11 @@ from typing import Any
 from nexus.errors import NexusError
 from schemas import InferenceOptions, Tool, ToolCall
 from streams.backends.base import BackendError
+from streams.backends.http import ConnectError, HttpError
 
 __all__ = [
     "Unsendable", "arguments_text", "extra_options", "json_object", "json_value", "keep_alive_value", "schema_of",
-    "function_tool", "tool_call", "unsendable",
+    "function_tool", "tool_call", "unreachable", "unsendable",
 ]
 
 
@@ -94,3 +95,10 @@ def unsendable(endpoint: str, exc: Unsendable) -> BackendError:
     return BackendError(
         f"{endpoint} not called: {exc}", retryable=False, reached=False, bad_request=True, reason=str(exc)
     )
+
+
+def unreachable(endpoint: str, exc: HttpError) -> BackendError:
+    """A failed exchange (:mod:`streams.backends.http`): retryable; ``reached`` unless no
+    connection was made, so the request reached no server."""
+    return BackendError(f"{endpoint} unreachable: {type(exc).__name__}: {exc}", retryable=True,
+                        reached=not isinstance(exc, ConnectError))

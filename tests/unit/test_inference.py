@@ -379,6 +379,6 @@ async def test_an_unknown_model_is_answered_with_the_models_served(make: Callabl
     assert w.sample("nexus_worker_requests_total", model="unknown", status="error") == 1
 
 
-def test_inference_needs_a_session_or_a_backend() -> None:
-    with pytest.raises(TypeError, match="HTTP session"):
+def test_inference_needs_an_http_client_or_a_backend() -> None:
+    with pytest.raises(TypeError, match="HTTP client"):
         Inference(Settings(), None, WorkerMetrics(), DictCache())
