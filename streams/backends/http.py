@@ -358,8 +358,13 @@ class HttpClient:
     def _release(self, connection: _Connection, response: Response) -> None:
         self._busy.discard(connection)
         if connection.done_with(response) and not self._closed:
-            connection.idle_since = time.monotonic()
-            self._idle.setdefault(connection.origin, []).append(connection)
+            now = connection.idle_since = time.monotonic()
+            idle = self._idle.setdefault(connection.origin, [])
+            idle.append(connection)
+            # The least recently used first: once past their time, they are closed, not kept
+            # open for a burst that is over (LIFO reuse never reaches them).
+            while idle and (now - idle[0].idle_since >= self._idle_s or idle[0].closed):
+                idle.pop(0).close()
         else:
             connection.close()
 

@@ -275,3 +275,23 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: H
                 assert await response.read() == b"{}"
             await asyncio.sleep(0.05)  # the server's close reaches the client
         assert server.connections == 3
+
+
+async def test_connections_idle_past_their_time_are_closed_not_kept() -> None:
+    async def slow_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, _, body = await read_request(reader)
+            await asyncio.sleep(0.01)
+            writer.write(answer(body))
+
+    async def call(http: HttpClient, url: str) -> None:
+        async with http.post(url, {}, 5.0) as response:
+            await response.read()
+
+    async with Server(slow_echo) as server, HttpClient(idle_s=0.2) as http:
+        await asyncio.gather(*(call(http, server.url) for _ in range(4)))  # a burst: four connections
+        assert server.connections == 4
+        await asyncio.sleep(0.3)
+        await call(http, server.url)  # after the burst's connections' time: a new one, the four closed
+        assert server.connections == 5
+        assert sum(len(idle) for idle in http._idle.values()) == 1
