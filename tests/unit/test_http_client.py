@@ -74,6 +74,14 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         await writer.drain()
 
 
+async def slow_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request with its body, a little later: calls sent at once overlap."""
+    while True:
+        _, _, body = await read_request(reader)
+        await asyncio.sleep(0.01)
+        writer.write(answer(body))
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[HttpClient]:
     async with HttpClient() as http:
@@ -91,12 +99,6 @@ async def test_a_post_sends_json_and_a_kept_alive_connection_carries_the_next_ca
 
 
 async def test_calls_in_flight_at_once_each_get_their_own_connection_and_their_own_answer(client: HttpClient) -> None:
-    async def slow_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            _, _, body = await read_request(reader)
-            await asyncio.sleep(0.01)
-            writer.write(answer(body))
-
     async def call(url: str, n: int) -> object:
         async with client.post(url, {"n": n}, 5.0) as response:
             return json.loads(await response.read())
@@ -278,12 +280,6 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: H
 
 
 async def test_connections_idle_past_their_time_are_closed_not_kept() -> None:
-    async def slow_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            _, _, body = await read_request(reader)
-            await asyncio.sleep(0.01)
-            writer.write(answer(body))
-
     async def call(http: HttpClient, url: str) -> None:
         async with http.post(url, {}, 5.0) as response:
             await response.read()
