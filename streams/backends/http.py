@@ -2,8 +2,9 @@
 body out, the answer's body whole or chunk by chunk as it arrives.
 
 Why not aiohttp's client: every model call crosses it, and its layers (session, connector, trace
-signals, cookie jar, payload objects, stream reader) spent about 95 µs of CPU per call against
-~25 µs here, a fifth of the worker's CPU per request (issue 17, ``docs/performance.md``).
+signals, cookie jar, payload objects, stream reader) cost 40–80 µs of CPU per call more than this
+client, which costs what a bare asyncio protocol does; with the rest of the worker trimmed, that
+was its largest single piece (issue 17, ``docs/performance.md``).
 A model endpoint's exchange is narrow: ``POST`` a JSON object, read a JSON object or an NDJSON /
 SSE stream; ``GET`` a listing. Parsing is httptools' (llhttp, the parser of Node.js): content
 length, chunked bodies, keep-alive and a body read to the connection's end all as HTTP/1.1 says.

@@ -6,8 +6,9 @@ A conversation's tool calls come back in ``message.tool_calls``, each whole (str
 of its own); they pass on as :class:`~schemas.ToolCall` with their arguments as JSON text.
 
 It runs on the worker's own HTTP client (:mod:`streams.backends.http`): with many calls in
-flight httpx's pool spent about 3 ms of CPU per call, aiohttp's client about 0.15 ms and that
-client 0.06 ms, and that CPU is what limits a worker's throughput (``docs/performance.md``).
+flight httpx's pool spent about 3 ms of CPU per call, aiohttp's client 0.12–0.16 ms and that
+client 0.08–0.10 ms (the kernel's share included), and that CPU is what limits a worker's
+throughput (``docs/performance.md``).
 """
 
 from __future__ import annotations
