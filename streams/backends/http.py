@@ -160,6 +160,7 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool | None:
+        self.closed = True  # not to be taken from the pool in the turns before connection_lost
         return None  # close: a half-closed connection is of no use
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -335,7 +336,9 @@ class HttpClient:
         now = time.monotonic()
         while connections:
             connection = connections.pop()  # the most recently used: the least likely to be closing
-            if not connection.closed and now - connection.idle_since < self._idle_s:
+            transport = connection.transport
+            if (not connection.closed and transport is not None and not transport.is_closing()
+                    and now - connection.idle_since < self._idle_s):
                 return connection
             connection.close()
         return None

@@ -271,11 +271,16 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(client: H
         writer.write(answer(b"{}"))  # keep-alive by default, then closed anyway
         await writer.drain()
 
+    async def until_the_client_saw_the_close() -> None:
+        async with asyncio.timeout(5):
+            while not all(c.closed for idle in client._idle.values() for c in idle):
+                await asyncio.sleep(0.001)
+
     async with Server(one_per_connection) as server:
         for _ in range(3):
             async with client.post(server.url, {}, 5.0) as response:
                 assert await response.read() == b"{}"
-            await asyncio.sleep(0.05)  # the server's close reaches the client
+            await until_the_client_saw_the_close()
         assert server.connections == 3
 
 
