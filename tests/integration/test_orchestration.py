@@ -89,7 +89,10 @@ class Nexus:
     async def ask(self, requests: list[InferenceRequest], timeout: float = 30.0) -> dict[str, InferenceResponse]:
         """Submit and wait for every answer; return the first answer of each request."""
         await self.producer.submit_many(requests)
-        answers = await wait_for_responses(self.responses, {r.id for r in requests}, timeout)
+        try:
+            answers = await wait_for_responses(self.responses, {r.id for r in requests}, timeout)
+        except TimeoutError as exc:  # what the worker was doing is what tells why
+            raise TimeoutError(f"{exc}\nthe worker's log ends with:\n{self.worker.log_tail(80)}") from None
         return {rid: rs[0] for rid, rs in answers.by_id.items()}
 
     async def models(self) -> dict[str, dict[str, dict[str, Any]]]:
